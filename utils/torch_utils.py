@@ -1,0 +1,73 @@
+"""Torch run-time helpers: device choice, unwrapping DDP/DataParallel, seeding, model size."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.log import LOGGER
+
+
+def select_device(device: str = "", batch_size: int = 0) -> torch.device:
+    """Turn a '--device' string ('' auto, 'cpu', '0', 'cuda:0') into a torch.device, with a clear error.
+
+    Under torchrun, LOCAL_RANK picks the GPU of this process.
+    """
+    spec = str(device).strip().lower().replace("cuda:", "")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec in ("", "auto"):
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "0"
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    ids = [int(s) for s in spec.split(",") if s != ""]
+    for i in ids:
+        if i >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+    local_rank = int(os.getenv("LOCAL_RANK", -1))
+    index = ids[local_rank] if 0 <= local_rank < len(ids) else ids[0]
+    if batch_size and len(ids) > 1 and batch_size % len(ids):
+        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {len(ids)} devices")
+    return torch.device(f"cuda:{index}")
+
+
+def is_parallel(model: nn.Module) -> bool:
+    return isinstance(model, (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel))
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The module inside a DataParallel/DistributedDataParallel wrapper, or the model itself."""
+    return model.module if is_parallel(model) else model
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with deterministic, also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(model: nn.Module, name: str = "Model") -> str:
+    """One summary line: layers, parameters, gradients."""
+    n_layers = len(list(model.modules()))
+    n_params = count_parameters(model)
+    n_grads = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    line = f"{name} summary: {n_layers} layers, {n_params:,} parameters, {n_grads:,} gradients"
+    LOGGER.info(line)
+    return line
