@@ -1,0 +1,203 @@
+"""Dataset yaml files: find the yaml, validate its keys, and resolve the dataset root and image folders.
+
+A dataset yaml holds `path` (the dataset root), `train` and `val` (image folders, .txt lists of image
+paths, or lists of either, relative to `path`), optional `test`, `names` (a list or an {id: name} map),
+an optional `nc` that must agree with `names`, and an optional `download` URL of a .zip/.tar archive.
+
+A relative `path` is looked up, in order, under $DATASETS_DIR, ROOT.parent/'datasets' and
+ROOT.parent/'shared'/'datasets' (ROOT is this repository); an absolute `path` is used as it is; a yaml
+without `path` takes the folder that holds the yaml. When the root is found nowhere and the yaml has a
+`download` URL, the archive is fetched into the first writable candidate folder and unpacked there.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from utils.log import LOGGER
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "data"
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class DatasetError(ValueError):
+    """A dataset yaml or dataset that cannot be used; the message says which key or paths are at fault."""
+
+
+def dataset_search_dirs() -> list[Path]:
+    """Folders a relative dataset `path` is looked up in, in priority order."""
+    dirs = []
+    env = os.environ.get("DATASETS_DIR")
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs += [ROOT.parent / "datasets", ROOT.parent / "shared" / "datasets"]
+    return dirs
+
+
+def find_data_yaml(data: str | Path) -> Path:
+    """The yaml file named by `data`: a path as given, or a bare name ('coco128', 'coco128.yaml') in data/."""
+    p = Path(data).expanduser()
+    candidates = [p]
+    if not p.is_absolute() and len(p.parts) == 1:
+        candidates += [DATA_DIR / p.name]
+        if p.suffix not in (".yaml", ".yml"):
+            candidates += [DATA_DIR / f"{p.name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise DatasetError(f"dataset yaml '{data}' not found; looked for: {', '.join(str(c) for c in candidates)}")
+
+
+def _load_yaml(file: Path) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise DatasetError(f"dataset yaml {file} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"dataset yaml {file} must hold a mapping of keys (path, train, val, names)")
+    return d
+
+
+def _names_list(names, nc, where: str) -> list[str]:
+    """names as a list indexed by class id; a dict must have the keys 0..nc-1."""
+    if isinstance(names, dict):
+        try:
+            keyed = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: 'names' keys must be integer class ids, got {list(names)}") from None
+        if sorted(keyed) != list(range(len(keyed))):
+            raise DatasetError(f"{where}: 'names' keys must be the class ids 0..{len(keyed) - 1} without gaps, "
+                               f"got {sorted(keyed)}")
+        out = [keyed[i] for i in range(len(keyed))]
+    elif isinstance(names, (list, tuple)):
+        out = [str(n) for n in names]
+    else:
+        raise DatasetError(f"{where}: 'names' must be a list or a {{id: name}} mapping, got {type(names).__name__}")
+    if not out:
+        raise DatasetError(f"{where}: 'names' is empty")
+    if nc is not None and int(nc) != len(out):
+        raise DatasetError(f"{where}: nc={nc} disagrees with the {len(out)} entries of 'names'")
+    return out
+
+
+def _fetch_and_unpack(url: str, dest_dir: Path) -> None:
+    """Download an archive into dest_dir and unpack it there; raises OSError/ValueError on failure."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(url.split("?")[0]).name or "dataset.zip"
+    LOGGER.info(f"Downloading {url} to {dest_dir} ...")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+            shutil.copyfileobj(r, f)
+        if zipfile.is_zipfile(tmp):
+            with zipfile.ZipFile(tmp) as z:
+                z.extractall(dest_dir)  # zipfile drops absolute and '..' member paths
+        elif tarfile.is_tarfile(tmp):
+            with tarfile.open(tmp) as t:
+                t.extractall(dest_dir, filter="data")
+        else:
+            raise ValueError(f"{url} is neither a zip nor a tar archive")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _writable_dir(d: Path) -> bool:
+    """True when d (or its nearest existing ancestor) can be written to; mode bits are checked too, since
+    os.access answers yes for root on a dr-xr-xr-x folder."""
+    while not d.exists():
+        if d.parent == d:
+            return False
+        d = d.parent
+    return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
+
+
+def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | None, autodownload: bool) -> Path:
+    """The absolute dataset root for a yaml `path` value, downloading it when allowed and needed."""
+    where = yaml_file or "dataset dict"
+    if path_value in (None, ""):
+        if yaml_file is None:
+            raise DatasetError("dataset dict has no 'path' key and no yaml file to take the root from")
+        return yaml_file.parent
+    p = Path(str(path_value)).expanduser()
+    if p.is_absolute():
+        searched = [p]
+    else:
+        searched = [d / p for d in dataset_search_dirs()]
+    for c in searched:
+        if c.is_dir():
+            return c.resolve()
+
+    failure = ""
+    if download and autodownload:
+        targets = [c for c in searched if _writable_dir(c.parent)]
+        if not targets:
+            failure = f"; download of {download} not attempted: no writable folder among the candidates"
+        else:
+            target = targets[0]
+            try:
+                _fetch_and_unpack(str(download), target.parent)
+            except Exception as e:  # any network, disk or archive problem is reported in one line
+                failure = f"; download of {download} into {target.parent} failed: {type(e).__name__}: {e}"
+            else:
+                if target.is_dir():
+                    LOGGER.info(f"Dataset downloaded to {target}")
+                    return target.resolve()
+                failure = f"; download of {download} into {target.parent} did not produce {target}"
+    elif download:
+        failure = f"; automatic download from {download} is disabled"
+    raise DatasetError(f"{where}: dataset path '{path_value}' not found; searched: "
+                       f"{', '.join(str(c) for c in searched)}{failure}")
+
+
+def _resolve_images(value, root: Path, key: str, where) -> str | list[str]:
+    """Absolute image source(s) for train/val/test; every folder or list file must exist."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        p = Path(str(item)).expanduser()
+        p = p if p.is_absolute() else root / p
+        if not p.exists():
+            raise DatasetError(f"{where}: '{key}' images not found: {p} does not exist")
+        out.append(str(p.resolve()))
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
+    """Load and validate a dataset yaml (path, bare name or dict); return it with absolute paths.
+
+    The returned dict has path (absolute str), train, val (absolute str or list of str), test (when
+    given), names (list[str]), nc (int), yaml_file (str or None) and any other keys of the yaml.
+    Raises DatasetError naming the missing key, or every folder searched for the dataset.
+    """
+    if isinstance(data, dict):
+        d, yaml_file = dict(data), (Path(data["yaml_file"]) if data.get("yaml_file") else None)
+    else:
+        yaml_file = find_data_yaml(data)
+        d = _load_yaml(yaml_file)
+    where = yaml_file or "dataset dict"
+
+    missing = [k for k in ("train", "val", "names") if d.get(k) in (None, "", [])]
+    if missing:
+        raise DatasetError(f"{where}: missing required key{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(repr(k) for k in missing)}")
+    names = _names_list(d["names"], d.get("nc"), where)
+
+    root = resolve_dataset_root(d.get("path"), yaml_file, d.get("download"), autodownload)
+    d["path"] = str(root)
+    for key in ("train", "val", "test"):
+        if d.get(key) not in (None, "", []):
+            d[key] = _resolve_images(d[key], root, key, where)
+        elif key == "test":
+            d.pop("test", None)
+    d["names"], d["nc"] = names, len(names)
+    d["yaml_file"] = str(yaml_file) if yaml_file else None
+    return d
