@@ -1,0 +1,529 @@
+"""Exponential moving average (EMA) of a model's weights.
+
+The EMA is kept in FP32 whatever the model's precision. By default the model's floating-point parameters and
+persistent buffers are moved, at construction, into one contiguous buffer per (device, dtype): every tensor
+becomes a view into it with the same values, shape, strides and name, and the EMA lives in a second buffer
+with the same layout. An update is then a single ``lerp_`` over the whole model, the memory-bandwidth floor
+(12 bytes per parameter) instead of hundreds of small kernels plus a ``state_dict()`` rebuild.
+
+When the model's tensors are replaced after that (``.to(dtype)``, ``.half()``, a memory-format change,
+``load_state_dict(assign=True)``, ``p.data = ...``) the views are gone; each update notices this from the
+tensors' addresses and falls back to cached per-tensor lists with ``torch._foreach_lerp_`` (``ema.path``
+says which is in use; ``ema.attach(model)`` flattens again).
+
+Tensors are paired with the EMA's by registration order, never by name, so a ``torch.compile``d model
+(keys prefixed ``_orig_mod.``) or a DDP/DataParallel wrapper works the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from utils.log import LOGGER
+from utils.torch_utils import de_parallel
+
+ScheduleFn = Callable[..., float]
+
+# name -> (function(decay, step, total_steps, **params), names of the ModelEMA settings it takes as params)
+_SCHEDULES: dict[str, tuple[ScheduleFn, tuple[str, ...]]] = {}
+_BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp")
+
+# Every view starts on a 64-byte boundary so vectorised and cuDNN kernels on the model see aligned weights.
+_ALIGN_BYTES = 64
+
+# hyp-yaml keys understood by ModelEMA.from_hyp, with the constructor argument each one sets.
+HYP_KEYS = {
+    "ema_decay": "decay",
+    "ema_tau": "tau",
+    "ema_schedule": "schedule",
+    "ema_beta": "beta",
+    "ema_update_every": "update_every",
+    "ema_update_after_step": "update_after_step",
+    "ema_flat": "flat",
+}
+
+
+def register_schedule(name: str, fn: ScheduleFn, params: tuple[str, ...] = (), overwrite: bool = False) -> None:
+    """Make ``fn(decay, step, total_steps) -> float`` selectable as ``ModelEMA(schedule=name)`` or in the hyp yaml.
+
+    ``step`` counts optimizer steps since averaging began (1 on the first averaged step); ``total_steps`` is
+    what the EMA was given (may be None). ``params`` names further ModelEMA settings passed as keywords
+    (``'tau'``, ``'beta'``), as the built-in ``ramp`` and ``exp`` use.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"schedule name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"schedule {name!r}: {fn!r} is not callable")
+    if name in _SCHEDULES and not overwrite:
+        raise ValueError(f"EMA schedule {name!r} is already registered (pass overwrite=True to replace it)")
+    if name in _BUILTIN_SCHEDULES and _SCHEDULES.get(name, (fn,))[0] is not fn:
+        raise ValueError(f"EMA schedule {name!r} is built in and cannot be replaced")
+    unknown = set(params) - {"tau", "beta"}
+    if unknown:
+        raise ValueError(f"schedule {name!r}: unknown params {sorted(unknown)}; a schedule can take 'tau', 'beta'")
+    _SCHEDULES[name] = (fn, tuple(params))
+
+
+def available_schedules() -> list[str]:
+    return sorted(_SCHEDULES)
+
+
+def _ramp(decay: float, step: int, total_steps: int | None, tau: float) -> float:
+    # YOLOv5's warm-up: the average forgets its random start quickly, then settles at `decay`.
+    return decay * (1.0 - math.exp(-step / tau))
+
+
+def _constant(decay: float, step: int, total_steps: int | None) -> float:
+    return decay
+
+
+def _threshold(decay: float, step: int, total_steps: int | None) -> float:
+    # TensorFlow's ExponentialMovingAverage(num_updates=...) rule.
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def _exp(decay: float, step: int, total_steps: int | None, beta: float) -> float:
+    # Ramp measured in fractions of the run, so its shape does not depend on the dataset size.
+    if not total_steps or total_steps <= 0:
+        raise ValueError("EMA schedule 'exp' needs total_steps (the number of optimizer steps of the run)")
+    return decay * (1.0 - math.exp(-beta * step / total_steps))
+
+
+register_schedule("ramp", _ramp, params=("tau",))
+register_schedule("constant", _constant)
+register_schedule("threshold", _threshold)
+register_schedule("exp", _exp, params=("beta",))
+
+
+def copy_attr(a: object, b: object, include: tuple | list = (), exclude: tuple | list = ()) -> None:
+    """Copy b's public attributes onto a: only those in ``include`` when it is given, never those in ``exclude``."""
+    for key, value in vars(b).items():
+        if (include and key not in include) or key.startswith("_") or key in exclude:
+            continue
+        setattr(a, key, value)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP/DataParallel and torch.compile wrappers."""
+    while True:
+        inner = de_parallel(model)
+        orig = getattr(inner, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(orig, nn.Module):
+            inner = orig
+        if inner is model:
+            return model
+        model = inner
+
+
+@dataclass
+class _Entry:
+    """One distinct tensor of a module's state dict and every (dict, key) slot that holds it."""
+
+    name: str
+    tensor: torch.Tensor
+    is_param: bool
+    slots: list[tuple[dict, str]] = field(default_factory=list)
+
+
+def _scan(module: nn.Module) -> list[_Entry]:
+    """Parameters and persistent buffers in state-dict order, shared tensors once."""
+    entries: dict[int, _Entry] = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for key, t in store.items():
+                if t is None or (not is_param and key in mod._non_persistent_buffers_set):
+                    continue
+                entry = entries.get(id(t))
+                if entry is None:
+                    entry = entries[id(t)] = _Entry(dot + key, t, is_param)
+                if not any(d is store and k == key for d, k in entry.slots):
+                    entry.slots.append((store, key))
+    return list(entries.values())
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when t covers exactly numel() consecutive elements in some dimension order (contiguous,
+    channels_last, any permutation): then a same-strided view into a flat buffer can replace it."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _put(entry: _Entry, new: torch.Tensor) -> None:
+    """Make every slot of entry use `new`; a parameter keeps its identity so optimizers and hooks still see it."""
+    if entry.is_param:
+        entry.tensor.data = new
+    else:
+        for store, key in entry.slots:
+            store[key] = new
+        entry.tensor = new
+
+
+@dataclass
+class _Group:
+    """Model tensors of one (device, dtype) laid out in `model_flat`; the EMA's copy in `ema_flat`."""
+
+    model_flat: torch.Tensor
+    ema_flat: torch.Tensor
+    is_float: bool
+    same_dtype: bool  # model_flat already FP32: no cast in the update
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Aligned start offsets (in elements) and the total length of a flat buffer holding these tensors."""
+    align = max(1, _ALIGN_BYTES // tensors[0].element_size())
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // align) * align
+    return offsets, total
+
+
+def _existing_flat(tensors: list[torch.Tensor], offsets: list[int], total: int) -> torch.Tensor | None:
+    """The flat buffer these tensors already live in with exactly this layout (a second ModelEMA on the same
+    model, or one re-attached), so it is shared rather than rebuilt."""
+    storage = tensors[0].untyped_storage()
+    if storage.nbytes() != total * tensors[0].element_size():
+        return None
+    for t, off in zip(tensors, offsets):
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != off:
+            return None
+    return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device).set_(storage, 0, (total,), (1,))
+
+
+class ModelEMA:
+    """Exponential moving average of a model's state dict, FP32, updated with one fused ``lerp_``.
+
+    ``ema = d * ema + (1 - d) * model`` for every floating-point parameter and persistent buffer (BatchNorm
+    statistics included); integer buffers (``num_batches_tracked``) are copied. ``d`` comes from the
+    schedule: ``ramp`` (default, ``decay * (1 - exp(-step / tau))``), ``constant``, ``threshold``
+    (``min(decay, (1 + step) / (10 + step))``), ``exp`` (``decay * (1 - exp(-beta * step / total_steps))``)
+    or a function added with :func:`register_schedule`.
+
+    Args:
+        model: the model being trained (DDP/DataParallel/torch.compile wrappers are looked through).
+        decay, tau: the ramp's final decay and time constant in optimizer steps.
+        updates: optimizer steps already counted (resume).
+        schedule, beta, total_steps: schedule name and the settings some schedules need.
+        update_every: average only every k-th call; the decay over the k steps is compounded (``d ** k`` for a
+            constant schedule) so the averaging horizon in optimizer steps does not change.
+        update_after_step: copy the weights instead of averaging for the first n steps.
+        flat: move the model's tensors into one flat buffer (default) so an update is a single kernel;
+            ``False`` keeps the model untouched and uses per-tensor ``torch._foreach_lerp_``.
+
+    Attributes: ``ema`` (the averaged nn.Module, eval mode, FP32, no gradients), ``updates``, ``skipped``
+    (updates refused by ``check_finite``), ``path`` ('flat' or 'foreach').
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        tau: float = 2000,
+        updates: int = 0,
+        schedule: str = "ramp",
+        beta: float = 15.0,
+        total_steps: int | None = None,
+        update_every: int = 1,
+        update_after_step: int = 0,
+        flat: bool = True,
+    ):
+        self.decay = float(decay)
+        self.tau = float(tau)
+        self.schedule = schedule
+        self.beta = float(beta)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.update_every = int(update_every)
+        self.update_after_step = int(update_after_step)
+        self.updates = int(updates)
+        self.skipped = 0
+        self.flat = bool(flat)
+        self._check_settings()
+
+        source = _unwrap(model)
+        self.ema = copy.deepcopy(source).float().eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        self.path = "foreach"
+        self._bind(source, self.flat, "flat=False")
+
+    @classmethod
+    def from_hyp(cls, model: nn.Module, hyp: dict, updates: int = 0, total_steps: int | None = None, **kwargs):
+        """Build from a hyp dict: ``ema_decay, ema_tau, ema_schedule, ema_beta, ema_update_every,
+        ema_update_after_step, ema_flat`` (all optional; keyword arguments win)."""
+        unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in HYP_KEYS)
+        if unknown:
+            raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(HYP_KEYS)}")
+        settings = {arg: hyp[key] for key, arg in HYP_KEYS.items() if key in hyp}
+        settings.update(kwargs)
+        return cls(model, updates=updates, total_steps=total_steps, **settings)
+
+    # ---------------------------------------------------------------- settings and the decay schedule
+    def _check_settings(self) -> None:
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"unknown EMA schedule {self.schedule!r}; available: {available_schedules()}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {self.decay}")
+        if self.tau <= 0:
+            raise ValueError(f"EMA tau must be positive, got {self.tau}")
+        if self.update_every < 1:
+            raise ValueError(f"EMA update_every must be >= 1, got {self.update_every}")
+        if self.update_after_step < 0:
+            raise ValueError(f"EMA update_after_step must be >= 0, got {self.update_after_step}")
+        if self.schedule == "exp" and not self.total_steps:
+            raise ValueError("EMA schedule 'exp' needs total_steps (optimizer steps in the whole run)")
+
+    def decay_at(self, step: int) -> float:
+        """The schedule's decay at averaging step ``step`` (1 = first averaged step); 0 before that (a copy)."""
+        if step <= 0:
+            return 0.0
+        fn, params = _SCHEDULES[self.schedule]
+        d = float(fn(self.decay, step, self.total_steps, **{p: getattr(self, p) for p in params}))
+        if not 0.0 <= d <= 1.0:  # also rejects NaN
+            raise ValueError(f"EMA schedule {self.schedule!r} returned decay {d} at step {step}; must be in [0, 1]")
+        return d
+
+    def _window_decay(self, step: int) -> float:
+        # Averaging once for the last k steps with the product of their decays equals averaging at each of
+        # them while the model stays put: the horizon in optimizer steps is that of update_every=1.
+        d = 1.0
+        for s in range(step - self.update_every + 1, step + 1):
+            d *= self.decay_at(s)
+        return d
+
+    # ---------------------------------------------------------------- pairing model and EMA tensors
+    def attach(self, model: nn.Module, flat: bool | None = None) -> None:
+        """Pair the EMA with ``model``'s current tensors; with ``flat`` (default: the constructor's choice)
+        move them into flat buffers. Call again after replacing the model's tensors to get the flat path
+        back; the EMA's values are kept."""
+        flat = self.flat if flat is None else bool(flat)
+        self._bind(_unwrap(model), flat, "flat=False")
+
+    def _bind(self, model: nn.Module, flat: bool, reason: str) -> None:
+        model_entries, ema_entries = self._paired_entries(model)
+        if flat:
+            reason = self._unflattenable(model_entries)
+        if reason is None:
+            self._flatten(model_entries, ema_entries)
+            self.path = "flat"
+            n = sum(g.model_flat.numel() for g in self._groups)
+            LOGGER.info(f"ModelEMA: flat path, {len(model_entries)} tensors in {len(self._groups)} buffer(s) "
+                        f"of {n:,} values")
+        else:
+            self._groups = []
+            self.path = "foreach"
+            LOGGER.info(f"ModelEMA: per-tensor foreach path ({reason})")
+        self._cache_lists(model_entries, ema_entries)
+        self._model_ref = weakref.ref(model)
+        self._slots = [slot for e in model_entries for slot in e.slots]
+        self._ptrs = [store[key].data_ptr() for store, key in self._slots]
+
+    def _paired_entries(self, model: nn.Module) -> tuple[list[_Entry], list[_Entry]]:
+        model_entries, ema_entries = _scan(model), _scan(self.ema)
+        if len(model_entries) != len(ema_entries):
+            raise RuntimeError(f"model has {len(model_entries)} parameters/buffers but the EMA has {len(ema_entries)}: "
+                               "not the architecture this ModelEMA was built from")
+        for m, e in zip(model_entries, ema_entries):
+            if m.tensor.shape != e.tensor.shape:
+                raise RuntimeError(f"model tensor {m.name} {tuple(m.tensor.shape)} does not match EMA tensor "
+                                   f"{e.name} {tuple(e.tensor.shape)}: not the architecture this ModelEMA was built from")
+        return model_entries, ema_entries
+
+    @staticmethod
+    def _unflattenable(entries: list[_Entry]) -> str | None:
+        for e in entries:
+            t = e.tensor
+            if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.is_quantized:
+                return f"{e.name} is a {type(t).__name__} with layout {t.layout}"
+            if not _is_dense(t):
+                return f"{e.name} has overlapping or gapped strides {t.stride()}"
+        return None
+
+    def _flatten(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
+        by_key: dict[tuple, list[int]] = {}
+        for i, e in enumerate(model_entries):
+            by_key.setdefault((e.tensor.device, e.tensor.dtype), []).append(i)
+        self._groups = []
+        with torch.no_grad():
+            for (device, dtype), idx in by_key.items():
+                tensors = [model_entries[i].tensor for i in idx]
+                offsets, total = _layout(tensors)
+                model_flat = _existing_flat(tensors, offsets, total)
+                if model_flat is None:
+                    # zeros: the alignment gaps then stay 0 in both buffers and the lerp leaves them alone
+                    model_flat = torch.zeros(total, dtype=dtype, device=device)
+                    for i, off in zip(idx, offsets):
+                        t = model_entries[i].tensor
+                        view = model_flat.as_strided(t.shape, t.stride(), off)
+                        view.copy_(t)
+                        _put(model_entries[i], view)
+                is_float = dtype.is_floating_point
+                ema_dtype = torch.float32 if is_float else dtype
+                ema_flat = torch.zeros(total, dtype=ema_dtype, device=device)
+                for i, off in zip(idx, offsets):
+                    t = model_entries[i].tensor
+                    view = ema_flat.as_strided(t.shape, t.stride(), off)
+                    view.copy_(ema_entries[i].tensor)
+                    _put(ema_entries[i], view)
+                self._groups.append(_Group(model_flat, ema_flat, is_float, dtype == torch.float32))
+
+    def _cache_lists(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
+        """Per-tensor lists for the foreach path, split by whether the update needs a cast or a device move."""
+        self._lerp_ema, self._lerp_model = [], []
+        self._cast_ema, self._cast_model = [], []
+        self._copy_ema, self._copy_model = [], []
+        for m, e in zip(model_entries, ema_entries):
+            mt, et = m.tensor.detach(), e.tensor.detach()
+            if not et.is_floating_point():
+                self._copy_ema.append(et)
+                self._copy_model.append(mt)
+            elif mt.dtype == et.dtype and mt.device == et.device:
+                self._lerp_ema.append(et)
+                self._lerp_model.append(mt)
+            else:
+                self._cast_ema.append(et)
+                self._cast_model.append(mt)
+
+    def _model_changed(self, model: nn.Module) -> bool:
+        """Cheap per-update check that the lists/views still are the model's tensors: same module, and every
+        slot still holds a tensor at the recorded address (replacement or `.data =` both move it)."""
+        if model is not self._model_ref():
+            return True
+        try:
+            return [store[key].data_ptr() for store, key in self._slots] != self._ptrs
+        except (KeyError, AttributeError):  # a slot was removed or set to None
+            return True
+
+    def _repair(self, model: nn.Module) -> None:
+        was = self.path
+        self._bind(model, False, "the model's tensors were replaced")
+        if was == "flat":
+            LOGGER.warning("ModelEMA: the model's tensors were replaced after the EMA was built (.to(), .half(), "
+                           "memory format, load_state_dict(assign=True)...); using the slower per-tensor foreach "
+                           "path from now on. Call ema.attach(model) to flatten again.")
+
+    # ---------------------------------------------------------------- the update
+    @torch.no_grad()
+    def update(self, model: nn.Module, check_finite: bool = False) -> bool:
+        """Count one optimizer step and fold ``model`` into the average. Returns whether the EMA changed.
+
+        With ``check_finite`` a model holding NaN/inf is not averaged in: the step is not counted and
+        ``skipped`` goes up, so one bad step cannot poison the average (it costs one read of the model).
+        """
+        self.updates += 1
+        if self.updates % self.update_every:
+            return False
+        model = _unwrap(model)
+        if self._model_changed(model):
+            self._repair(model)
+        if check_finite and not self._model_is_finite():
+            self.updates -= 1
+            self.skipped += 1
+            LOGGER.warning(f"ModelEMA: model has non-finite values; update skipped ({self.skipped} so far)")
+            return False
+        d = self._window_decay(self.updates - self.update_after_step)
+        if self.path == "flat":
+            for g in self._groups:
+                if not g.is_float or d == 0.0:
+                    g.ema_flat.copy_(g.model_flat)
+                else:
+                    g.ema_flat.lerp_(g.model_flat if g.same_dtype else g.model_flat.float(), 1.0 - d)
+        else:
+            if d == 0.0:
+                torch._foreach_copy_(self._lerp_ema + self._cast_ema, self._lerp_model + self._cast_model)
+            else:
+                if self._lerp_ema:
+                    torch._foreach_lerp_(self._lerp_ema, self._lerp_model, 1.0 - d)
+                if self._cast_ema:
+                    converted = [m.to(e.device, torch.float32) for e, m in zip(self._cast_ema, self._cast_model)]
+                    torch._foreach_lerp_(self._cast_ema, converted, 1.0 - d)
+            if self._copy_ema:
+                torch._foreach_copy_(self._copy_ema, self._copy_model)
+        return True
+
+    def _model_is_finite(self) -> bool:
+        if self.path == "flat":
+            checks = [torch.isfinite(g.model_flat).all() for g in self._groups if g.is_float]
+        else:
+            checks = [torch.isfinite(t).all() for t in self._lerp_model + self._cast_model]
+        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+
+    def update_attr(self, model: nn.Module, include: tuple | list = ("yaml", "nc", "hyp", "names", "stride",
+                                                                    "class_weights"),
+                    exclude: tuple | list = ("process_group", "reducer")) -> None:
+        """Copy the model's metadata attributes (class names, strides, hyp...) onto the EMA module."""
+        copy_attr(self.ema, _unwrap(model), include, exclude)
+
+    # ---------------------------------------------------------------- evaluation and checkpoints
+    @contextlib.contextmanager
+    def apply_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily put the EMA weights into ``model`` (in place, so wrappers, optimizers and views stay
+        valid); the model's own values come back on exit, also when the block raises."""
+        target = _unwrap(model)
+        model_entries, ema_entries = self._paired_entries(target)
+        with torch.no_grad():
+            saved = [m.tensor.detach().clone() for m in model_entries]
+            for m, e in zip(model_entries, ema_entries):
+                m.tensor.detach().copy_(e.tensor)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for m, s in zip(model_entries, saved):
+                    m.tensor.detach().copy_(s)
+
+    def state_dict(self) -> dict:
+        """EMA weights (an FP32 state dict of ``ema``, detached copies), counters and schedule settings:
+        plain values only, so it loads with ``torch.load(weights_only=True)``."""
+        return {
+            "ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()},
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "decay": self.decay,
+            "tau": self.tau,
+            "schedule": self.schedule,
+            "beta": self.beta,
+            "total_steps": self.total_steps,
+            "update_every": self.update_every,
+            "update_after_step": self.update_after_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved; the weights are copied into the existing (flat) tensors."""
+        missing = [k for k in ("ema", "updates") if k not in state]
+        if missing:
+            raise KeyError(f"ModelEMA state is missing {missing}; got keys {sorted(state)}")
+        settings = {k: state[k] for k in ("decay", "tau", "schedule", "beta", "total_steps", "update_every",
+                                          "update_after_step") if k in state}
+        if settings.get("schedule", self.schedule) not in _SCHEDULES:
+            raise ValueError(f"checkpoint uses EMA schedule {settings['schedule']!r}, which is not registered here "
+                             f"(available: {available_schedules()}); register_schedule() it before loading")
+        self.ema.load_state_dict(state["ema"])  # in-place copies: the views into the EMA buffer stay
+        old = {k: getattr(self, k) for k in settings}
+        for k, v in settings.items():
+            setattr(self, k, v)
+        try:
+            self._check_settings()
+        except ValueError:
+            for k, v in old.items():
+                setattr(self, k, v)
+            raise
+        self.updates = int(state["updates"])
+        self.skipped = int(state.get("skipped", 0))
+
+    def __repr__(self) -> str:
+        return (f"ModelEMA(path={self.path!r}, updates={self.updates}, skipped={self.skipped}, "
+                f"schedule={self.schedule!r}, decay={self.decay}, tau={self.tau}, update_every={self.update_every}, "
+                f"update_after_step={self.update_after_step})")
