@@ -49,7 +49,7 @@ def resolve_cfg(cfg: str | Path) -> Path:
             seen.append(c)
     for c in seen:
         if c.is_file():
-            return c
+            return c.resolve()
     raise FileNotFoundError(f"model config '{cfg}' not found; searched: " + ", ".join(str(c) for c in seen))
 
 
@@ -243,9 +243,10 @@ class Model(nn.Module):
         self.class_weights: torch.Tensor | None = None
 
         # Strides from one dry run: Detect returns raw maps while its stride is unknown. Eval mode so the
-        # BatchNorm running statistics are left untouched.
+        # BatchNorm running statistics are left untouched. 128 px divides exactly by every stride up to
+        # 128 (P7), and keeps the dry run of the large models cheap.
         m = self.model[-1]
-        size = 256
+        size = 128
         was_training = self.training
         self.eval()
         with torch.no_grad():
