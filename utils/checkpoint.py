@@ -15,6 +15,7 @@ import io
 import os
 import pathlib
 import pickle
+import pickletools
 import tempfile
 import zipfile
 from datetime import datetime, timezone
@@ -155,6 +156,26 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
+def _foreign_global(path: Path) -> str | None:
+    """First global named by a plain pickle file that the YOLOv5 importer would not accept. The opcodes are
+    only parsed, never run; torch's own refusal text cannot be used (it invites weights_only=False)."""
+    stream = io.BytesIO(path.read_bytes())
+    with contextlib.suppress(Exception):
+        for _ in range(4):  # torch's legacy format is several pickles in a row; the data is the fourth
+            pushed: list[str | None] = []  # strings pushed by the last opcodes (None: something else)
+            for opcode, arg, _ in pickletools.genops(stream):
+                names = None
+                if opcode.name in ("GLOBAL", "INST"):
+                    names = arg.split(" ", 1)
+                elif opcode.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    names = pushed[-2:]  # a name fetched from the memo is not followed: better none than wrong
+                if names and _resolve_global(*names) is None:
+                    return ".".join(names)
+                if opcode.name != "MEMOIZE":
+                    pushed = (pushed + [arg if "UNICODE" in opcode.name else None])[-2:]
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint of ours (``weights_only=True``), or import an original YOLOv5 one without running
     its pickle. Anything else raises CheckpointError with one line naming the file."""
@@ -175,8 +196,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # Refused by the weights-only unpickler: either a YOLOv5 file (pickled modules) or hostile/foreign.
-        if not is_zip:
-            raise CheckpointError(f"{path} is not a checkpoint ({_one_line(e)[:200]})") from None
+        if not is_zip:  # a bare pickle or torch's pre-1.6 format: neither ours nor a YOLOv5 v6+/v7 file
+            name = _foreign_global(path)
+            reason = f" (its pickle references {name}; nothing was executed)" if name else ""
+            raise CheckpointError(f"{path} refused: not a checkpoint of this project{reason}") from None
         ckpt = import_yolov5_checkpoint(path)
         return _to_device(ckpt, map_location)
     except Exception as e:
@@ -460,6 +483,28 @@ _FIXED_GLOBALS = {
 }
 
 
+def _resolve_global(module: str, name: str):
+    """What a global named in a YOLOv5 pickle stands for here, or None when it is not allowed."""
+    if module == "__builtin__":  # protocol-2 pickles use Python 2's name; find_class sees it raw
+        module = "builtins"
+    fixed = _FIXED_GLOBALS.get((module, name))
+    if fixed is not None:
+        return fixed
+    if module in _NUMPY_CORE and name == "_reconstruct":
+        return _numpy_reconstruct
+    if module in _NUMPY_CORE and name == "scalar":
+        return _numpy_scalar
+    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
+        return _StorageKind(_STORAGE_DTYPES[name])
+    if module == "torch" and name in _DTYPE_NAMES:
+        return getattr(torch, name)
+    if module in _YOLOV5_MODULES and name.isidentifier():
+        return _placeholder(_InertModule, f"{module}.{name}")
+    if (module == "torch.nn" or module.startswith("torch.nn.modules.")) and name in _NN_MODULE_NAMES:
+        return _placeholder(_InertModule, f"{module}.{name}")
+    return None
+
+
 class _YOLOv5Unpickler(pickle.Unpickler):
     """Resolves only the globals a YOLOv5 checkpoint needs, each to inert data or a function of this module;
     any other global (os.system, builtins.eval, ...) stops the load before it can be called."""
@@ -470,30 +515,10 @@ class _YOLOv5Unpickler(pickle.Unpickler):
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
-        found = self._resolve(module, name)
+        found = _resolve_global(module, name)
         if found is None:
             raise _RefusedGlobal(module, name)
         return found
-
-    def _resolve(self, module: str, name: str):
-        if module == "__builtin__":  # protocol-2 pickles use Python 2's name; find_class sees it raw
-            module = "builtins"
-        fixed = _FIXED_GLOBALS.get((module, name))
-        if fixed is not None:
-            return fixed
-        if module in _NUMPY_CORE and name == "_reconstruct":
-            return _numpy_reconstruct
-        if module in _NUMPY_CORE and name == "scalar":
-            return _numpy_scalar
-        if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-            return _StorageKind(_STORAGE_DTYPES[name])
-        if module == "torch" and name in _DTYPE_NAMES:
-            return getattr(torch, name)
-        if module in _YOLOV5_MODULES and name.isidentifier():
-            return _placeholder(_InertModule, f"{module}.{name}")
-        if (module == "torch.nn" or module.startswith("torch.nn.modules.")) and name in _NN_MODULE_NAMES:
-            return _placeholder(_InertModule, f"{module}.{name}")
-        return None
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
