@@ -211,7 +211,8 @@ def _validate_ours(obj: Any, path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict")
     if obj.get("format") != FORMAT:
-        hint = " (it looks like a bare state dict)" if obj and all(isinstance(v, torch.Tensor) for v in obj.values()) else ""
+        bare = obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+        hint = " (it looks like a bare state dict)" if bare else ""
         raise CheckpointError(f"{path} is not a checkpoint of this project: no format '{FORMAT}'{hint}")
     version = obj.get("version")
     if not isinstance(version, int) or version > VERSION:
@@ -266,7 +267,9 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
             )
     extra = [name for name in weights if name not in own]
     if extra:
-        raise CheckpointError(f"checkpoint of another shape: '{extra[0]}' has no place in the model built from its yaml")
+        raise CheckpointError(
+            f"checkpoint of another shape: '{extra[0]}' has no place in the model built from its yaml"
+        )
     model.load_state_dict(
         {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True
     )
@@ -313,14 +316,9 @@ class _InertNamespace(_Inert):
     """Placeholder for argparse.Namespace (older YOLOv5 stored opt that way)."""
 
 
-_PLACEHOLDERS: dict[tuple[type, str], type] = {}
-
-
 def _placeholder(base: type, qualname: str) -> type:
-    key = (base, qualname)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = type(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
-    return _PLACEHOLDERS[key]
+    # A fresh class per lookup is enough: a pickle names each class once and memoizes the reference.
+    return type(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
 
 
 class _StorageKind:
