@@ -1,4 +1,5 @@
 """utils/checkpoint.py: atomic writes, weights-only loads, refusal of hostile pickles, YOLOv5 import."""
+import argparse
 import copy
 import os
 import pickle
@@ -319,7 +320,8 @@ def _yolov5_like_checkpoint(monkeypatch, tmp_path, stripped):
     half = copy.deepcopy(model).half()
     if stripped:  # what YOLOv5's strip_optimizer leaves in a released yolov5s.pt
         raw = {"epoch": -1, "best_fitness": None, "model": half, "ema": None, "updates": None,
-               "optimizer": None, "opt": {"weights": PosixPath("yolov5s.pt")}, "git": None, "date": "2022-11-22"}
+               "optimizer": None, "opt": argparse.Namespace(weights=PosixPath("yolov5s.pt")), "git": None,
+               "date": "2022-11-22"}
     else:  # YOLOv5 v7's last.pt during a run
         raw = {"epoch": 4, "best_fitness": np.array([0.4125]), "model": None, "ema": half, "updates": 12,
                "optimizer": optimizer.state_dict(), "opt": {"weights": PosixPath("yolov5s.pt"), "epochs": 5,

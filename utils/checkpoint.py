@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.yolo import Model
 from utils.log import LOGGER
 
 FORMAT = "yolo-ema"
@@ -247,8 +248,6 @@ def check_checkpoint_classes(ckpt: dict, nc: int, weights: str | Path = "weights
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     """Build the model described by the checkpoint's yaml and load its EMA (or raw) weights in FP32.
     Returns the model in eval mode with names, nc and stride set."""
-    from models.yolo import Model
-
     weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt.get("model")
     if weights is None:
         raise CheckpointError("checkpoint holds no weights: 'model' and 'ema' are both empty")
