@@ -97,6 +97,8 @@ def find_annotations_json(split_path) -> Path | None:
 
     For DATASET/images/NAME the file is DATASET/annotations/instances_NAME.json.
     """
+    if not split_path:
+        return None
     if isinstance(split_path, (list, tuple)):
         if len(split_path) != 1:
             return None

@@ -1,0 +1,226 @@
+"""val.py on a few real coco128 images: the caller's model stays untouched, mAP agrees with pycocotools,
+the command writes its report and files, and bad weights fail with one clear line."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import val
+from models.yolo import Model
+from utils.checkpoint import half_state_dict, save_checkpoint
+from utils.coco import coco_evaluate, yolo_labels_to_coco_gt
+from utils.dataloaders import create_dataloader
+from utils.loss import ComputeLoss
+
+IMG = 128
+
+
+@pytest.fixture(scope="module")
+def names(coco128):
+    d = yaml.safe_load(open(val.ROOT / "data" / "coco128.yaml"))
+    return [d["names"][i] for i in range(80)] if isinstance(d["names"], dict) else list(d["names"])
+
+
+def _image_list(coco128, tmp_path, n):
+    images = sorted((coco128 / "images" / "train2017").glob("*.jpg"))[:n]
+    f = tmp_path / f"val{n}.txt"
+    f.write_text("\n".join(str(p) for p in images) + "\n")
+    return f
+
+
+@pytest.fixture(scope="module")
+def tiny_data(coco128, tmp_path_factory, names):
+    """A dataset yaml whose val split is a list of 8 coco128 images (train and test unset or the same)."""
+    tmp = tmp_path_factory.mktemp("data")
+    lst = _image_list(coco128, tmp, 8)
+    data = {"path": str(coco128), "train": str(lst), "val": str(lst), "names": {i: n for i, n in enumerate(names)}}
+    f = tmp / "tiny.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def _loader(list_file, batch_size=8):
+    return create_dataloader(str(list_file), IMG, batch_size, 32, rect=True, pad=0.5, workers=0, nc=80)[0]
+
+
+def _checkpoint(path, nc=80, names=None, emit_boxes=True):
+    """A yolov5n checkpoint of ours. With emit_boxes the untrained head is biased to propose 'person' boxes
+    everywhere (objectness 0.5, class 0 at 0.5, others ~0), so NMS, plots and COCOeval have work to do."""
+    torch.manual_seed(0)
+    m = Model("yolov5n.yaml", nc=nc, verbose=False)
+    if emit_boxes:
+        with torch.no_grad():
+            for conv in m.model[-1].m:
+                b = conv.bias.view(m.model[-1].na, -1)
+                b[:, 4] = 0.0
+                b[:, 5:] = -12.0
+                b[:, 5] = 0.0
+    ckpt = dict(format="yolo-ema", version=1, epoch=3, best_fitness=0.0, model=half_state_dict(m.state_dict()),
+                ema=half_state_dict(m.state_dict()), updates=10, optimizer=None, opt={}, hyp={}, yaml=m.yaml, nc=nc,
+                names=list(names or [str(i) for i in range(nc)]), date="2026-01-01T00:00:00")  # fmt: skip
+    return save_checkpoint(ckpt, path)
+
+
+def test_run_never_modifies_the_given_model(coco128, tmp_path, names):
+    hyp = yaml.safe_load(open(val.ROOT / "hyp" / "hyp.scratch-low.yaml"))
+    model = Model("yolov5n.yaml", nc=80, verbose=False)
+    model.hyp = hyp
+    model.train()
+    model.model[3].eval()  # a mixed state must come back as it was
+    with torch.no_grad():  # non-trivial BN statistics: a BN update in train mode would show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    loader = _loader(_image_list(coco128, tmp_path, 4), batch_size=4)
+    data = {"nc": 80, "names": names}
+    results, maps, times = val.run(data, model=model, dataloader=loader, half=True, plots=False, save_dir=tmp_path,
+                                   compute_loss=ComputeLoss(model, hyp))  # fmt: skip
+    after = model.state_dict()
+    assert all(after[k].dtype == dtypes[k] and torch.equal(after[k], before[k]) for k in before)
+    assert [m.training for m in model.modules()] == flags
+    assert len(results) == 7 and maps.shape == (80,) and len(times) == 3
+    assert all(x > 0 for x in results[4:])  # box, obj, cls losses of an untrained model on real boxes
+
+
+class OracleDetector(nn.Module):
+    """Stands in for a detector: for the k-th batch it outputs the k-th precomputed prediction tensor
+    (raw YOLO rows: cx, cy, w, h in letterboxed pixels, objectness, class scores)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives val a device to read
+        self.batches, self.calls = batches, 0
+
+    def forward(self, im):
+        out = self.batches[self.calls]
+        self.calls += 1
+        return out.to(im.device), None
+
+
+def _oracle_predictions(loader, rng):
+    """Jittered true boxes (some duplicated, some missed, some given the wrong class) with random scores,
+    plus background boxes."""
+    batches = []
+    for im, targets, _, _ in loader:
+        b, _, h, w = im.shape
+        rows = [[] for _ in range(b)]
+        for i, c, cx, cy, bw, bh in targets.tolist():
+            if rng.random() < 0.15:
+                continue
+            for _ in range(1 + int(rng.random() < 0.3)):
+                j = rng.uniform(-0.12, 0.12, 4)
+                cls = int(c) if rng.random() > 0.1 else int(rng.integers(0, 80))
+                box = [(cx + j[0] * bw) * w, (cy + j[1] * bh) * h, bw * (1 + j[2]) * w, bh * (1 + j[3]) * h]
+                rows[int(i)].append((box, cls))
+        for i in range(b):
+            for _ in range(int(rng.integers(0, 5))):
+                rows[i].append(([rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, w / 2), rng.uniform(8, h / 2)], int(rng.integers(0, 80))))
+        n = max(len(r) for r in rows) or 1
+        pred = torch.zeros((b, n, 85))
+        for i, r in enumerate(rows):
+            for k, (box, cls) in enumerate(r):
+                pred[i, k, :4] = torch.tensor(box)
+                pred[i, k, 4] = float(rng.uniform(0.01, 1.0))
+                pred[i, k, 5 + cls] = 1.0
+        batches.append(pred)
+    return batches
+
+
+def test_map_agrees_with_cocoeval_on_coco128(coco128, tmp_path, names):
+    """16 real images, predictions derived from their boxes; scored by val and by pycocotools."""
+    loader = _loader(_image_list(coco128, tmp_path, 16))
+    oracle = OracleDetector(_oracle_predictions(loader, np.random.default_rng(0)))
+    data = {"nc": 80, "names": names, "val": str(tmp_path / "val16.txt")}
+    (mp, mr, map50, map50_95, *_), maps, _ = val.run(data, model=oracle, dataloader=loader, save_json=True,
+                                                     plots=False, save_dir=tmp_path)  # fmt: skip
+    preds = json.loads((tmp_path / "model_predictions.json").read_text())
+    gt = yolo_labels_to_coco_gt(loader.dataset, names=names)
+    coco_map, coco_map50, _ = coco_evaluate(gt, preds, max_det=300, verbose=False)
+    assert 0.2 < coco_map < 0.95
+    assert abs(map50_95 - coco_map) < 0.002 and abs(map50 - coco_map50) < 0.002
+    print(f"ours {map50_95:.6f} {map50:.6f} pycocotools {coco_map:.6f} {coco_map50:.6f}")
+    assert abs(map50_95 - coco_map) < 1e-4  # in fact the same up to the json's rounding
+    assert 0 < mp <= 1 and 0 < mr <= 1
+
+
+def test_cli_report_files_and_cocoeval(tiny_data, tmp_path, caplog):
+    weights = _checkpoint(tmp_path / "w.pt", names=None)
+    project = tmp_path / "runs"
+    args = ["--weights", str(weights), "--data", str(tiny_data), "--img", str(IMG), "--batch-size", "4",
+            "--project", str(project), "--save-txt", "--save-conf", "--save-json", "--verbose", "--workers", "0"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(args) == 0
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Class     Images  Instances          P          R      mAP50   mAP50-95" in text
+    all_row = next(line for line in text.splitlines() if line.strip().startswith("all "))
+    assert all_row.split()[1:3] == ["8", str(sum(len(lb) for lb in _loader(tiny_data.parent / "val8.txt").dataset.labels))]
+    assert "  person  " in text  # --verbose rows use the data yaml's names (checkpoint names are placeholders)
+    assert "Speed: " in text and f"per image at shape (4, 3, {IMG}, {IMG})" in text
+    assert "pycocotools" in text and "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=300 ]" in text
+    save_dir = project / "exp"
+    for f in ("PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png", "confusion_matrix.png",
+              "val_batch0_labels.jpg", "val_batch0_pred.jpg", "val_batch1_pred.jpg", "w_predictions.json", "labels_gt.json"):  # fmt: skip
+        assert (save_dir / f).is_file(), f
+    txt = sorted((save_dir / "labels").glob("*.txt"))
+    assert txt and all(len(line.split()) == 6 for line in txt[0].read_text().splitlines())
+    preds = json.loads((save_dir / "w_predictions.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} == set(preds[0]) and isinstance(preds[0]["image_id"], int)
+    # our table and pycocotools on the same predictions and labels
+    line = next(x for x in text.splitlines() if x.startswith("mAP50-95: ours"))
+    ours, theirs = float(line.split()[2].rstrip(",")), float(line.split()[4])
+    assert abs(ours - theirs) < 0.002
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(args[:6] + ["--project", str(project), "--task", "speed", "--workers", "0"]) == 0
+    assert (project / "exp2").is_dir() and "Speed: " in "".join(r.getMessage() for r in caplog.records) and not (project / "exp2" / "PR_curve.png").exists()
+
+
+def _one_error_line(caplog):
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    return errors[0]
+
+
+def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
+    common = ["--data", str(tiny_data), "--img", str(IMG), "--project", str(tmp_path / "runs"), "--workers", "0"]
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(tmp_path / "missing.pt")] + common) == 1
+    assert "missing.pt" in _one_error_line(caplog) and "not found" in _one_error_line(caplog)
+
+    caplog.clear()
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(junk)] + common) == 1
+    assert "notes.pt" in _one_error_line(caplog)
+
+    caplog.clear()
+    three = _checkpoint(tmp_path / "three.pt", nc=3, emit_boxes=False)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(three)] + common) == 1
+    msg = _one_error_line(caplog)
+    assert "3 classes" in msg and "80" in msg
+
+    caplog.clear()
+    ok = _checkpoint(tmp_path / "ok.pt", emit_boxes=False)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(ok), "--task", "test"] + common) == 1
+    assert "test" in _one_error_line(caplog)
+
+
+def test_increment_path(tmp_path):
+    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp"
+    (tmp_path / "exp").mkdir()
+    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp2"
+    (tmp_path / "exp2").mkdir()
+    (tmp_path / "exp7").mkdir()
+    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp8"
+    assert val.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"

@@ -1,0 +1,390 @@
+"""Validate a detection model on a dataset split: mAP computed the COCO way, YOLOv5's report.
+
+    python val.py --weights runs/train/exp/weights/best.pt --data coco128.yaml --img 640
+    python val.py --weights best.pt --data coco128.yaml --save-json      # + pycocotools COCOeval
+    python val.py --weights best.pt --data coco128.yaml --task speed     # timing only
+
+train.py calls run(model=ema.ema, dataloader=...) after every epoch. run() never modifies the model it is
+given: it evaluates under torch.autocast instead of converting the weights, and puts every module's
+train/eval flag back as it found it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from utils.boxes import clip_boxes, non_max_suppression, xywhn2xyxy, xyxy2xywh  # noqa: E402
+from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.coco import (  # noqa: E402
+    category_map,
+    coco_evaluate,
+    find_annotations_json,
+    image_id_from_path,
+    predictions_to_coco,
+    yolo_labels_to_coco_gt,
+)
+from utils.data_config import DatasetError, check_dataset  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.metrics import CONFIDENCE_GRID, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
+from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+
+PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
+
+
+def increment_path(path, exist_ok: bool = False) -> Path:
+    """runs/val/exp -> runs/val/exp2, exp3, ... (the first free one) unless exist_ok."""
+    path = Path(path)
+    if exist_ok or not path.exists():
+        return path
+    stem_re = re.compile(rf"^{re.escape(path.name)}(\d+)$")
+    used = [int(m.group(1)) for p in path.parent.glob(f"{path.name}*") if (m := stem_re.match(p.name))]
+    return path.with_name(f"{path.name}{max(used + [1]) + 1}")
+
+
+class Stopwatch:
+    """Accumulated wall time of a code block; waits for queued CUDA work so GPU time is counted."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.total += time.perf_counter() - self._start
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Put every module in eval mode for the block, then restore each module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def save_one_txt(predn: torch.Tensor, save_conf: bool, shape, file: Path) -> None:
+    """YOLO-format prediction file: cls cx cy w h [conf], normalised by the original image (h, w)."""
+    h, w = shape
+    gain = torch.tensor([w, h, w, h], dtype=torch.float64)
+    with open(file, "a") as f:
+        for *xyxy, conf, cls in predn.cpu().double().tolist():
+            xywhn = (xyxy2xywh(torch.tensor(xyxy, dtype=torch.float64)) / gain).tolist()
+            row = (int(cls), *xywhn, conf) if save_conf else (int(cls), *xywhn)
+            f.write(("%g " * len(row)).rstrip() % row + "\n")
+
+
+def output_to_target(output: list[torch.Tensor], max_det: int = 300) -> torch.Tensor:
+    """NMS output per image -> rows [img_idx, cls, cx, cy, w, h, conf] (pixels) for plot_images."""
+    rows = []
+    for i, det in enumerate(output):
+        det = det[:max_det].detach().float().cpu()
+        idx = torch.full((len(det), 1), float(i))
+        rows.append(torch.cat((idx, det[:, 5:6], xyxy2xywh(det[:, :4]), det[:, 4:5]), 1))
+    return torch.cat(rows, 0) if rows else torch.zeros((0, 7))
+
+
+def letterbox_to_original(boxes: torch.Tensor, ratio_pad, shape) -> torch.Tensor:
+    """Map xyxy boxes in place from the letterboxed batch image back to the original image (h, w).
+
+    The gains are applied per axis: resizing rounds each side to whole pixels, so at small sizes the
+    width and height gains differ by up to a pixel's worth (0.5% at --img 160), which a single gain
+    would turn into a systematic box shift.
+    """
+    (gain_h, gain_w), (pad_w, pad_h) = ratio_pad
+    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_w) / gain_w
+    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_h) / gain_h
+    clip_boxes(boxes, shape)
+    return boxes
+
+
+def _check_img_size(imgsz: int, stride: int) -> int:
+    size = int(np.ceil(imgsz / stride) * stride)
+    if size != imgsz:
+        LOGGER.warning(f"WARNING: --img-size {imgsz} must be a multiple of the max stride {stride}; using {size}")
+    return size
+
+
+def _class_names(data_dict: dict, model_names, nc: int, single_cls: bool) -> list[str]:
+    if single_cls:
+        return ["item"] if nc == 1 and len(data_dict["names"]) != 1 else list(data_dict["names"])[:1]
+    names = list(data_dict["names"])
+    if model_names is not None and len(model_names) == nc and [str(n) for n in model_names] != [str(i) for i in range(nc)]:
+        names = list(model_names)  # the names the model was trained with, unless they are placeholders
+    return names
+
+
+@torch.no_grad()
+def run(
+    data,
+    weights=None,
+    batch_size: int = 32,
+    imgsz: int = 640,
+    conf_thres: float = 0.001,
+    iou_thres: float = 0.6,
+    max_det: int = 300,
+    task: str = "val",
+    device="",
+    workers: int = 8,
+    single_cls: bool = False,
+    augment: bool = False,
+    verbose: bool = False,
+    save_txt: bool = False,
+    save_conf: bool = False,
+    save_json: bool = False,
+    project=ROOT / "runs" / "val",
+    name: str = "exp",
+    exist_ok: bool = False,
+    half: bool = True,
+    model=None,
+    dataloader=None,
+    save_dir=Path(""),
+    plots: bool = True,
+    compute_loss=None,
+):
+    """Evaluate and report. Returns ((P, R, mAP50, mAP50-95, box_loss, obj_loss, cls_loss), maps, times):
+    maps (nc,) is each class's mAP50-95 (classes without boxes get the overall value), times the
+    (pre-process, inference, NMS) milliseconds per image. Losses are 0 without compute_loss.
+    """
+    training = model is not None
+    data_dict = data if isinstance(data, dict) and "nc" in data and "names" in data else check_dataset(data)
+    if training:  # called by train.py: the caller's model, device and dataloader
+        device = next(model.parameters()).device
+        use_autocast = half and device.type == "cuda"  # FP16 compute without touching the FP32 weights
+        half = False
+        save_dir = Path(save_dir)
+        model_names = getattr(model, "names", None)
+        stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
+    else:
+        if task not in ("val", "test", "speed"):
+            raise ValueError(f"--task must be val, test or speed, not {task!r}")
+        if task == "speed":  # timing only, at YOLOv5's deployment thresholds
+            conf_thres, iou_thres, save_json, save_txt, plots = 0.25, 0.45, False, False, False
+        device = select_device(device, batch_size)
+        if half and device.type != "cuda":
+            LOGGER.info("--half is only used on CUDA; evaluating in FP32 on the CPU")
+        half = half and device.type == "cuda"
+        use_autocast = False
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+
+        if weights is None:
+            raise CheckpointError("no --weights given")
+        ckpt = load_checkpoint(weights)
+        trained_nc = int(ckpt["nc"])
+        if not (single_cls and trained_nc == 1):
+            check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
+        model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse and convert
+        del ckpt
+        model_names = model.names
+        model.fuse()
+        model.to(device)
+        if half:
+            model.half()
+        stride = int(max(model.stride.max(), 32))
+        imgsz = _check_img_size(imgsz, stride)
+        split = "val" if task == "speed" else task
+        if not data_dict.get(split):
+            raise DatasetError(f"{data_dict.get('yaml_file', data)} has no '{split}' split")
+        if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
+            model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+        pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+        dataloader, _ = create_dataloader(
+            data_dict[split], imgsz, batch_size, stride, single_cls=single_cls, pad=pad, rect=rect,
+            workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
+        )  # fmt: skip
+
+    nc = 1 if single_cls else int(data_dict["nc"])
+    names = _class_names(data_dict, model_names, nc, single_cls)
+    iouv = torch.linspace(0.5, 0.95, 10)
+    confusion = ConfusionMatrix(nc=nc)
+    watches = [Stopwatch(device) for _ in range(3)]  # pre-process, inference, NMS
+    loss = torch.zeros(3, device=device)
+    correct_all, conf_all, pcls_all, tcls_all = [], [], [], []
+    jdict: list[dict] = []
+    class_map = category_map(nc if not single_cls else int(data_dict["nc"]))
+    seen = 0
+    header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    amp = torch.autocast(device_type="cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext()
+
+    dataset = dataloader.dataset
+    dataset_labels = {str(Path(f)): lb for f, lb in zip(dataset.im_files, dataset.labels)}
+
+    with eval_mode(model):
+        for batch_i, (im, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}")):
+            with watches[0]:
+                im = im.to(device, non_blocking=True)
+                im = (im.half() if half else im.float()) / 255
+                targets = targets.to(device)
+                nb, _, height, width = im.shape
+            with watches[1], amp:
+                out = model(im, augment=augment) if augment else model(im)
+                preds, train_out = (out if isinstance(out, (list, tuple)) else (out, None))
+            if compute_loss is not None and train_out is not None:
+                loss += compute_loss([x.float() for x in train_out], targets)[1]
+            with watches[2]:
+                preds = non_max_suppression(preds.float(), conf_thres, iou_thres, multi_label=True,
+                                            agnostic=single_cls, max_det=max_det)  # fmt: skip
+
+            for si, pred in enumerate(preds):
+                path, shape = Path(paths[si]), shapes[si][0]
+                seen += 1
+                predn = pred.clone()
+                if single_cls:
+                    predn[:, 5] = 0
+                letterbox_to_original(predn[:, :4], shapes[si][1], shape)
+                # Ground truth straight from the label file, in original pixels: the same numbers a COCO
+                # json built from these labels holds (the batch targets went through letterbox and clipping).
+                gt = torch.from_numpy(dataset_labels[str(path)]).double()
+                tbox = xywhn2xyxy(gt[:, 1:5], w=shape[1], h=shape[0])
+                correct = match_predictions(predn[:, :4], predn[:, 4], predn[:, 5], tbox, gt[:, 0], iouv.numpy())
+                correct_all.append(correct)
+                conf_all.append(predn[:, 4].cpu().numpy())
+                pcls_all.append(predn[:, 5].cpu().numpy())
+                tcls_all.append(gt[:, 0].cpu().numpy())
+                if plots:
+                    confusion.process_batch(predn, torch.cat((gt[:, 0:1], tbox), 1))
+                if save_txt:
+                    save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
+                if save_json:
+                    jdict += predictions_to_coco(predn, image_id_from_path(path), class_map)
+
+            if plots and batch_i < PLOTTED_BATCHES:
+                plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+                plot_images(im, output_to_target(preds, max_det=15 * 16), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+
+    # Metrics over the whole split
+    correct = np.concatenate(correct_all, 0) if correct_all else np.zeros((0, 10), bool)
+    confs = np.concatenate(conf_all) if conf_all else np.zeros(0)
+    pcls = np.concatenate(pcls_all) if pcls_all else np.zeros(0)
+    tcls = np.concatenate(tcls_all).astype(int) if tcls_all else np.zeros(0, int)
+    result = ap_per_class(correct, confs, pcls, tcls)
+    mp, mr, map50, map50_95 = result.mean_results()
+    n_instances = np.bincount(tcls, minlength=nc)
+    LOGGER.info(header)
+    row = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    LOGGER.info(row % ("all", seen, n_instances.sum(), mp, mr, map50, map50_95))
+    if n_instances.sum() == 0:
+        LOGGER.warning(f"WARNING: no labels found in the {task} set; metrics cannot be computed")
+    if verbose and nc > 1:
+        images_per_class = np.zeros(nc, dtype=int)
+        for t in tcls_all:
+            images_per_class[np.unique(t.astype(int))] += 1
+        for i, c in enumerate(result.classes):
+            LOGGER.info(row % (names[c], images_per_class[c], result.n_gt[i], result.p[i], result.r[i], result.ap50[i], result.ap50_95[i]))
+
+    times = tuple(w.total / max(seen, 1) * 1e3 for w in watches)
+    if not training:
+        shape = (batch_size, 3, imgsz, imgsz)
+        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % times)
+
+    if plots:
+        plot_confusion_matrix(confusion.matrix, names, save_dir / "confusion_matrix.png")
+        plot_pr_curve(RECALL_POINTS, result.pr_curve, result.ap50, save_dir / "PR_curve.png", names, result.classes)
+        for curve, label, stem in ((result.f1_curve, "F1", "F1"), (result.p_curve, "Precision", "P"), (result.r_curve, "Recall", "R")):
+            plot_mc_curve(CONFIDENCE_GRID, curve, save_dir / f"{stem}_curve.png", names, result.classes, ylabel=label)
+
+    if save_json and len(jdict):
+        _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, map50_95, map50)
+
+    if not training:
+        saved = f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {save_dir / 'labels'}" if save_txt else ""
+        LOGGER.info(f"Results saved to {save_dir}{saved}")
+
+    maps = np.full(nc, map50_95)
+    maps[result.classes] = result.ap50_95
+    losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
+    return (mp, mr, map50, map50_95, *losses), maps, times
+
+
+def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, our_map, our_map50):
+    """Write the predictions json and score it with COCOeval, against a ground truth built from the same
+    YOLO labels (comparable with our table) and against the dataset's official json when it has one."""
+    stem = Path(weights).stem if weights else "model"
+    pred_json = save_dir / f"{stem}_predictions.json"
+    pred_json.write_text(json.dumps(jdict))
+    LOGGER.info(f"Predictions saved to {pred_json}")
+    nc_json = int(data_dict["nc"])
+    gt = yolo_labels_to_coco_gt(dataset, class_map=category_map(nc_json), names=[str(n) for n in data_dict["names"]])
+    if single_cls:  # the labels were all set to class 0; score boxes regardless of class
+        gt["categories"] = gt["categories"][:1]
+    gt_json = save_dir / "labels_gt.json"
+    gt_json.write_text(json.dumps(gt))
+    img_ids = [im["id"] for im in gt["images"]]
+    LOGGER.info(f"\nCOCOeval against {gt_json.name} (ground truth from the YOLO labels, maxDets={max_det}):")
+    coco_map, coco_map50, _ = coco_evaluate(gt, jdict, img_ids=img_ids, max_det=max_det, use_cats=not single_cls)
+    LOGGER.info(f"mAP50-95: ours {our_map:.4f}, pycocotools {coco_map:.4f} (difference {our_map - coco_map:+.4f}); "
+                f"mAP50: ours {our_map50:.4f}, pycocotools {coco_map50:.4f}")  # fmt: skip
+    split = "val" if task == "speed" else task
+    official = find_annotations_json(data_dict.get(split))
+    if official is not None:
+        LOGGER.info(f"\nCOCOeval against {official} (official annotations, crowd regions included):")
+        try:
+            off_map, off_map50, _ = coco_evaluate(official, jdict, img_ids=img_ids, max_det=max_det, use_cats=not single_cls)
+            LOGGER.info(f"mAP50-95 {off_map:.4f}, mAP50 {off_map50:.4f} (official annotations)")
+        except Exception as e:  # a json that does not describe these images: report, keep our results
+            LOGGER.warning(f"WARNING: COCOeval with {official} failed: {type(e).__name__}: {e}")
+
+
+def parse_opt(argv=None):
+    p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector")
+    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml")
+    p.add_argument("--weights", type=str, default=str(ROOT / "yolov5s.pt"), help="checkpoint path")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    p.add_argument("--conf-thres", type=float, default=0.001)
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--task", default="val", choices=("val", "test", "speed"))
+    p.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    p.add_argument("--workers", type=int, default=8, help="max dataloader workers")
+    p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    p.add_argument("--augment", action="store_true", help="test-time augmentation")
+    p.add_argument("--verbose", action="store_true", help="per-class results")
+    p.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    p.add_argument("--save-json", action="store_true", help="save a COCO-json results file and run COCOeval")
+    p.add_argument("--project", default=str(ROOT / "runs" / "val"))
+    p.add_argument("--name", default="exp")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opt = parse_opt(argv)
+    set_logging()
+    try:
+        run(**vars(opt))
+    except (CheckpointError, DatasetError, FileNotFoundError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
