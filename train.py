@@ -454,7 +454,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         train_loader, dataset = create_dataloader(
             data["train"], imgsz, batch_size, gs, single_cls=opt.single_cls, hyp=hyp, augment=True,
             cache=opt.cache, rect=opt.rect, rank=procs.rank, world_size=procs.world_size, workers=opt.workers,
-            shuffle=True, seed=opt.seed, nc=nc, prefix="train: ")
+            shuffle=True, seed=opt.seed, nc=data["nc"], prefix="train: ")
     max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
     if max_label >= nc:
         raise TrainError(f"label class {max_label} exceeds nc={nc} in {opt.data}; classes must be 0..{nc - 1}")
@@ -464,7 +464,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         val_loader, _ = create_dataloader(
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
             cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-            seed=opt.seed, nc=nc, prefix="val: ")
+            seed=opt.seed, nc=data["nc"], prefix="val: ")
         if resume_ckpt is None:
             if plots:
                 plot_labels(np.concatenate([lb for lb in dataset.labels if len(lb)] or [np.zeros((0, 5))], 0),
@@ -599,11 +599,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
                                         optimizer=optimizer, scaler=scaler, scheduler=scheduler, stopper=stopper,
                                         last_opt_step=last_opt_step, accumulate=accumulate, opt=opt, hyp=hyp,
                                         names=names, finished=False)
-                save_checkpoint(ckpt, last)
+                # last.pt is written last: it is the commit point a resume starts from, so a kill before
+                # it repeats this epoch and rewrites the files above with identical contents.
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
                 if opt.save_period > 0 and epoch % opt.save_period == 0:
                     save_checkpoint({k: v for k, v in ckpt.items() if k != "resume"}, weights_dir / f"epoch{epoch}.pt")
+                save_checkpoint(ckpt, last)
                 del ckpt
         stop = broadcast(stop, procs)
         if stop:
@@ -612,7 +614,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     # ---- finish
     if procs.main:
         LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in (last, best):
+        for f in (best, last):  # last.pt last: while it holds resume state, a resume can finish the job
             if f.exists():
                 strip_resume_state(f)
         if best.exists() and not opt.noval:

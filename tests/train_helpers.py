@@ -1,11 +1,17 @@
 """Tiny datasets and models for the training tests: made in a temporary folder, seconds to train."""
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"  # train.py's test hook: SIGKILL itself at this global iteration
 
 
 def make_dataset(root: Path, n: int = 12, size: int = 64, nc: int = 2, seed: int = 0) -> Path:
@@ -40,3 +46,53 @@ def tiny_model_yaml(root: Path) -> Path:
     file = root / "tiny.yaml"
     file.write_text(yaml.safe_dump(cfg))
     return file
+
+
+def train_env(**extra) -> dict:
+    """Environment for a training subprocess: one intra-op thread (fast and steady on a busy machine)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", KILL_HOOK_ENV)}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_train(args: list, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """`python train.py *args` in a subprocess; returns it with stdout+stderr captured as text."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, env=train_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, cwd=str(ROOT))
+
+
+def tiny_run_args(data: Path, cfg: Path, project: Path, name: str, epochs: int = 3, *extra) -> list:
+    return ["--data", data, "--cfg", cfg, "--img", 64, "--epochs", epochs, "--batch-size", 4, "--workers", 0,
+            "--project", project, "--name", name, "--deterministic", "--noplots", *extra]
+
+
+def tree_digest(folder: Path) -> dict:
+    """{relative path: (size, sha256)} of every file under folder: proof that nothing on disk changed."""
+    out = {}
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(folder))] = (f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest())
+    return out
+
+
+def checkpoint_differences(a: dict, b: dict, ignore=("date", "opt")) -> list[str]:
+    """Key paths at which two checkpoints differ: tensors compared bitwise (dtype, shape and values)."""
+
+    def walk(x, y, path):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            same = (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+                    and x.shape == y.shape and torch.equal(x, y))
+            return [] if same else [path]
+        if isinstance(x, dict) and isinstance(y, dict):
+            diffs = [f"{path}.{k} (only in one)" for k in set(x) ^ set(y)]
+            for k in x:
+                if k in y and not (path == "" and k in ignore):
+                    diffs += walk(x[k], y[k], f"{path}.{k}")
+            return diffs
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)) and len(x) == len(y):
+            return [d for i, (u, v) in enumerate(zip(x, y)) for d in walk(u, v, f"{path}[{i}]")]
+        return [] if x == y else [f"{path}: {x!r} != {y!r}"]
+
+    return walk(a, b, "")

@@ -1,0 +1,135 @@
+"""Exact resume: a run SIGKILLed mid-epoch and resumed ends bit-identical to the same run left alone;
+extension with --epochs; refusals that leave the disk untouched."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, run_train, tiny_model_yaml,
+                                 tiny_run_args, tree_digest)
+from train import TrainError, parse_opt, prepare_resume
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+N_IMAGES, BATCH, EPOCHS = 12, 4, 3
+NB = N_IMAGES // BATCH  # 3 batches per epoch
+
+
+def expected_optimizer_steps(epochs, nb=NB, batch=BATCH, nbs=64, warmup_epochs=3.0):
+    """Optimizer steps of YOLOv5's accumulation rule: step when ni - last_step >= accumulate, where
+    accumulate ramps from 1 to nbs/batch over max(round(warmup_epochs * nb), 100) iterations."""
+    nw, last, steps, accumulate = max(round(warmup_epochs * nb), 100), -1, 0, max(round(nbs / batch), 1)
+    for ni in range(nb * epochs):
+        if ni <= nw:
+            accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch]).round()))
+        if ni - last >= accumulate:
+            steps, last = steps + 1, ni
+    return steps
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data, cfg = make_dataset(root / "data", n=N_IMAGES), tiny_model_yaml(root)
+    project = root / "runs"
+    ref = run_train(tiny_run_args(data, cfg, project, "ref", EPOCHS))
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    return {"root": root, "data": data, "cfg": cfg, "project": project, "ref": project / "ref"}
+
+
+def test_reference_run_checkpoint_contents(setup):
+    ckpt = torch.load(setup["ref"] / "weights" / "last.pt", weights_only=True)
+    assert "resume" not in ckpt, "resume state must be stripped when the run finishes"
+    assert "resume" not in torch.load(setup["ref"] / "weights" / "best.pt", weights_only=True)
+    assert type(ckpt["best_fitness"]) is float and ckpt["epoch"] == EPOCHS - 1
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(v.dtype == torch.float16 for v in ckpt["ema"].values() if v.is_floating_point())
+    # Steps by hand: accumulate is 1 for ni 0-3 and 2 for ni 4-8 -> steps at ni 0, 1, 2, 3, 5, 7.
+    assert ckpt["updates"] == expected_optimizer_steps(EPOCHS) == 6
+    rows = (setup["ref"] / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + EPOCHS and rows[0].split(",")[0].strip() == "epoch"
+    assert [h.strip() for h in rows[0].split(",")][-3:] == ["x/lr0", "x/lr1", "x/lr2"]
+
+
+@pytest.mark.parametrize("kill_at, workers, resume_workers", [(4, 0, None), (7, 2, 2)],
+                         ids=["kill-epoch1-workers0", "kill-epoch2-workers2"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, resume_workers):
+    name = f"killed{kill_at}"
+    args = tiny_run_args(setup["data"], setup["cfg"], setup["project"], name, EPOCHS)
+    args[args.index("--workers") + 1] = workers
+    killed = run_train(args, **{KILL_HOOK_ENV: kill_at})
+    assert killed.returncode == -9, killed.stdout[-3000:]  # died by SIGKILL, mid-epoch
+    last = setup["project"] / name / "weights" / "last.pt"
+    interrupted = load_checkpoint(last)
+    assert interrupted["epoch"] == kill_at // NB - 1 and "resume" in interrupted
+    assert interrupted["resume"]["model"]["model.0.conv.weight"].dtype == torch.float32
+
+    resume_args = ["--resume", last] + ([] if resume_workers is None else ["--workers", resume_workers])
+    resumed = run_train(resume_args)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+
+    ref_dir, run_dir = setup["ref"], setup["project"] / name
+    for f in ("last.pt", "best.pt"):
+        a = torch.load(ref_dir / "weights" / f, weights_only=True)
+        b = torch.load(run_dir / "weights" / f, weights_only=True)
+        assert checkpoint_differences(a, b) == [], f  # model, ema, updates, optimizer (FP32 momenta), ...
+    assert (run_dir / "results.csv").read_text() == (ref_dir / "results.csv").read_text()
+
+
+def test_resume_extends_a_finished_run(setup, tmp_path):
+    run = tmp_path / "ext"
+    shutil.copytree(setup["ref"], run)
+    before = load_checkpoint(run / "weights" / "last.pt")
+    out = run_train(["--resume", run / "weights" / "last.pt", "--epochs", EPOCHS + 1])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "FP16 weights" in out.stdout  # a finished run keeps no FP32 state: says it is not bit-exact
+    after = load_checkpoint(run / "weights" / "last.pt")
+    assert after["epoch"] == EPOCHS and after["opt"]["epochs"] == EPOCHS + 1 and "resume" not in after
+    assert after["updates"] == expected_optimizer_steps(EPOCHS + 1) == before["updates"] + 1
+    assert type(after["best_fitness"]) is float and after["best_fitness"] >= before["best_fitness"]
+    ref_rows = (setup["ref"] / "results.csv").read_text().splitlines()
+    rows = (run / "results.csv").read_text().splitlines()
+    assert rows[:len(ref_rows)] == ref_rows and len(rows) == len(ref_rows) + 1
+    assert not torch.equal(after["ema"]["model.0.conv.weight"], before["ema"]["model.0.conv.weight"])
+
+
+def _refused(args, folder):
+    """Run train.py, expect exit 1 with one 'train: ...' line and no traceback, and the folder unchanged."""
+    digest = tree_digest(folder)
+    out = run_train(args)
+    assert out.returncode == 1, out.stdout[-3000:]
+    assert "Traceback" not in out.stdout
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("train: ")]
+    assert len(errors) == 1, out.stdout
+    assert tree_digest(folder) == digest
+    return errors[0]
+
+
+def test_resume_refusals_change_nothing(setup, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(setup["ref"], run)
+    last = run / "weights" / "last.pt"
+    before = tree_digest(run)
+    line = _refused(["--resume", last], run)  # finished, no larger --epochs
+    assert "finished all 3 epochs" in line and "--epochs" in line
+    with pytest.raises(TrainError, match="cannot shorten"):
+        prepare_resume(parse_opt(["--resume", str(last), "--epochs", "2"]))
+    assert tree_digest(run) == before
+
+    latest, _ = prepare_resume(parse_opt(["--resume", "--project", str(tmp_path), "--epochs", "4"]))
+    assert latest.resume == str(last) and latest.epochs == 4 and latest.save_dir == str(run.resolve())
+
+    (run / "notes.pt").write_text("not a checkpoint\n")
+    line = _refused(["--resume", run / "notes.pt"], run)
+    assert "notes.pt" in line and "not a checkpoint" in line
+
+    # A run whose dataset is gone: its checkpoint points at a dataset copy whose images were deleted.
+    gone = tmp_path / "gone"
+    shutil.copytree(setup["data"].parent, gone)
+    (gone / "data.yaml").write_text((gone / "data.yaml").read_text().replace(str(setup["data"].parent), str(gone)))
+    ckpt = load_checkpoint(last)
+    ckpt["opt"]["data"] = str(gone / "data.yaml")
+    save_checkpoint(ckpt, last)
+    shutil.rmtree(gone / "images")
+    line = _refused(["--resume", last, "--epochs", 5], tmp_path)
+    assert "data" in line and str(gone / "images" / "train") in line

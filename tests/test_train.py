@@ -1,0 +1,173 @@
+"""train.py: option handling, helpers with hand-computed values, a full tiny run's files, and the rule that
+the EMA is updated once per optimizer step actually taken (never after a skipped, non-finite step)."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+import train
+from tests.train_helpers import make_dataset, run_train, tiny_model_yaml, tiny_run_args
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.loss import ComputeLoss
+
+ROOT = train.ROOT
+
+
+# ------------------------------------------------------------------------------------------ options and hyp
+def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
+    low, med, high = (train.load_hyp(ROOT / "hyp" / f"hyp.scratch-{k}.yaml") for k in ("low", "med", "high"))
+    assert (low["lrf"], low["cls"], low["obj"], low["scale"], low["mixup"]) == (0.01, 0.5, 1.0, 0.5, 0.0)
+    assert (med["lrf"], med["cls"], med["obj"], med["scale"], med["mixup"], med["copy_paste"]) == (0.1, 0.3, 0.7, 0.9, 0.1, 0.0)
+    assert high["copy_paste"] == 0.1 and high["momentum"] == 0.937 and high["warmup_bias_lr"] == 0.1
+    for h in (low, med, high):
+        assert (h["nbs"], h["ema_decay"], h["ema_tau"], h["ema_schedule"], h["ema_update_every"]) == (64, 0.9999, 2000, "ramp", 1)
+    broken = dict(low)
+    del broken["ema_tau"], broken["nbs"]
+    (tmp_path / "h.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(train.TrainError, match=r"missing hyperparameters nbs, ema_tau"):
+        train.load_hyp(tmp_path / "h.yaml")
+
+
+def test_parse_opt_defaults_and_resume_forms():
+    opt = train.parse_opt([])
+    assert opt.imgsz == 640 and opt.batch_size == 16 and opt.hyp.endswith("hyp.scratch-low.yaml")
+    assert opt.epochs is None and opt.resume is False and opt.freeze == [0] and opt.optimizer == "SGD"
+    assert train.parse_opt(["--resume"]).resume is True
+    assert train.parse_opt(["--resume", "x/last.pt", "--img", "320"]).resume == "x/last.pt"
+    with pytest.raises(SystemExit):
+        train.parse_opt(["--optimizer", "RMSprop"])
+
+
+def test_increment_path_and_img_size(tmp_path):
+    assert train.increment_path(tmp_path / "exp") == tmp_path / "exp"
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp2").mkdir()
+    assert train.increment_path(tmp_path / "exp") == tmp_path / "exp3"
+    assert train.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
+    assert train.check_img_size(640, 32) == 640 and train.check_img_size(650, 32) == 672 and train.check_img_size(8, 32) == 32
+
+
+def test_multi_scale_size_is_a_seeded_multiple_of_stride():
+    sizes = [train.multi_scale_size(320, 32, 0, 3, i) for i in range(200)]
+    assert all(s % 32 == 0 and 160 <= s <= 480 for s in sizes) and len(set(sizes)) > 5
+    assert sizes == [train.multi_scale_size(320, 32, 0, 3, i) for i in range(200)]  # pure function
+    assert sizes != [train.multi_scale_size(320, 32, 0, 4, i) for i in range(200)]  # varies with the epoch
+
+
+def test_class_weights_and_loss_gains():
+    labels = [np.array([[0, .5, .5, .1, .1], [0, .2, .2, .1, .1]]), np.array([[2, .5, .5, .2, .2]]), np.zeros((0, 5))]
+    w = train.class_weights_from_labels(labels, 3)
+    # counts 2, 0 -> 1, 1; inverse 0.5, 1, 1 normalised to sum 3
+    assert torch.allclose(w, torch.tensor([0.6, 1.2, 1.2]))
+    g = train.loss_gains({"box": 0.05, "cls": 0.5, "obj": 1.0}, nc=20, nl=3, imgsz=320, label_smoothing=0.1)
+    assert g["box"] == pytest.approx(0.05) and g["cls"] == pytest.approx(0.125) and g["obj"] == pytest.approx(0.25)
+    assert g["label_smoothing"] == 0.1
+
+
+def test_results_rows_are_fixed_format_and_truncate_on_resume(tmp_path):
+    csv = tmp_path / "results.csv"
+    for epoch in range(3):
+        train.append_results_row(csv, [epoch] + [0.123456789 * (epoch + 1)] * 13, val_raw=False)
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 4 and all(len(ln.split(",")) == 14 for ln in lines)
+    assert lines[2].split(",")[1] == f"{0.246913578:20.5g}"
+    train.truncate_results(csv, 1)  # a resume at epoch 1 retrains epochs 1 and 2
+    assert csv.read_text().splitlines() == lines[:2]
+    with pytest.raises(AssertionError):
+        train.append_results_row(csv, [0] * 14, val_raw=True)  # --val-raw has 4 more columns
+
+
+def test_optimizer_step_skips_non_finite_gradients():
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    before = [p.detach().clone() for p in net.parameters()]
+    (net(torch.ones(1, 3)).sum() * float("inf")).backward()
+    assert train.optimizer_step(net, opt, scaler) is False
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert all(p.grad is None for p in net.parameters())  # the bad gradients are dropped
+    net(torch.ones(1, 3)).sum().backward()
+    assert train.optimizer_step(net, opt, scaler) is True
+    assert torch.allclose(net.bias, before[1] - 0.1)  # d(sum)/d(bias) = 1 per output
+
+
+# ------------------------------------------------------------------------------------------ runs
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"root": root, "data": make_dataset(root / "data", n=12), "cfg": tiny_model_yaml(root)}
+
+
+def test_two_epoch_run_writes_every_file(tiny):
+    project = tiny["root"] / "runs"
+    args = tiny_run_args(tiny["data"], tiny["cfg"], project, "full", 2, "--val-raw", "--cos-lr", "--multi-scale",
+                         "--label-smoothing", "0.1", "--save-period", "1", "--bf16")
+    args.remove("--noplots")
+    out = run_train(args)
+    assert out.returncode == 0, out.stdout[-3000:]
+    d = project / "full"
+    for f in ("labels.jpg", "train_batch0.jpg", "train_batch1.jpg", "train_batch2.jpg", "results.png", "results.csv",
+              "opt.yaml", "hyp.yaml", "weights/last.pt", "weights/best.pt", "weights/epoch0.pt", "weights/epoch1.pt"):
+        assert (d / f).is_file(), f
+    opt = yaml.safe_load((d / "opt.yaml").read_text())
+    assert opt["cos_lr"] and opt["multi_scale"] and opt["label_smoothing"] == 0.1 and opt["epochs"] == 2
+    assert yaml.safe_load((d / "hyp.yaml").read_text()) == train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml")
+    header = [h.strip() for h in (d / "results.csv").read_text().splitlines()[0].split(",")]
+    assert header == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision",
+                      "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss",
+                      "val/cls_loss", "x/lr0", "x/lr1", "x/lr2", "raw/precision", "raw/recall", "raw/mAP_0.5",
+                      "raw/mAP_0.5:0.95"]
+    ckpt = torch.load(d / "weights" / "last.pt", weights_only=True)
+    assert ckpt["format"] == "yolo-ema" and ckpt["names"] == ["c0", "c1"] and ckpt["nc"] == 2
+    assert "resume" not in ckpt and "resume" not in torch.load(d / "weights" / "epoch0.pt", weights_only=True)
+    assert ckpt["updates"] == 5  # accumulate 1 for ni 0-3, 2 at ni 4-5: steps at 0, 1, 2, 3, 5
+    assert "Validating" in out.stdout and "0G" in out.stdout  # final best.pt validation; CPU memory column
+
+
+class InfAtCall(ComputeLoss):
+    """ComputeLoss whose loss is infinite on the training calls listed in `bad` (counted from 0)."""
+    bad: tuple = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def __call__(self, preds, targets):
+        loss, items = super().__call__(preds, targets)
+        if self.calls in self.bad:
+            loss = loss * float("inf")
+        self.calls += 1
+        return loss, items
+
+
+def test_ema_updates_equal_optimizer_steps_taken_with_a_bad_step(tiny, monkeypatch):
+    """One epoch of 3 batches takes 3 steps (accumulate 1); an infinite loss at batch 1 must skip that
+    optimizer step and its EMA update. Adam counts its steps per parameter: the independent witness.
+    Also --weights, --freeze, --single-cls and --cache."""
+    init = train.Model(str(tiny["cfg"]), nc=1, verbose=False)
+    weights = tiny["root"] / "init.pt"
+    sd = {k: v.detach().half() if v.is_floating_point() else v for k, v in init.state_dict().items()}
+    save_checkpoint({"format": "yolo-ema", "version": 1, "yaml": init.yaml, "nc": 1, "names": ["item"],
+                     "model": sd, "ema": None, "epoch": -1, "best_fitness": 0.0}, weights)
+    monkeypatch.setattr(InfAtCall, "bad", (1,))
+    monkeypatch.setattr(train, "ComputeLoss", InfAtCall)
+    args = tiny_run_args(tiny["data"], "", tiny["root"] / "runs", "bad", 1, "--optimizer", "Adam", "--weights",
+                         weights, "--freeze", "2", "--single-cls", "--cache", "ram", "--noval")
+    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(train.parse_opt([str(a) for a in args]))
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = load_checkpoint(tiny["root"] / "runs" / "bad" / "weights" / "last.pt")
+    adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    assert adam_steps == {2} and ckpt["updates"] == 2  # 3 accumulation boundaries, 1 skipped
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["ema"].values())
+    assert ckpt["nc"] == 1 and ckpt["names"] == ["item"]
+    for k in ("model.0.conv.weight", "model.1.conv.weight", "model.1.bn.bias"):  # frozen: unchanged
+        assert torch.equal(ckpt["model"][k], sd[k]), k
+    assert not torch.equal(ckpt["model"]["model.2.cv1.conv.weight"], sd["model.2.cv1.conv.weight"])
