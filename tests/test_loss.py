@@ -167,7 +167,8 @@ def test_loss_decreases_when_optimised():
     torch.manual_seed(0)
     model = Model("yolov5n.yaml", nc=2, verbose=False).train()
     cl = ComputeLoss(model, HYP)
-    imgs, targets = _batch(size=32)
+    # 64 px, not smaller: BatchNorm over the 1x1 P5 maps of a 32 px batch of 2 turns float noise into chaos
+    imgs, targets = _batch(size=64)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
     for _ in range(8):
@@ -177,7 +178,7 @@ def test_loss_decreases_when_optimised():
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.85 * losses[0], losses  # 0.65-0.78 seen over seeds
+    assert losses[-1] < 0.85 * losses[0], losses  # about 0.66 here; 0.7-0.8 for other seeds
 
 
 def test_autocast_and_ddp_wrapper(model, tmp_path):

@@ -1,0 +1,108 @@
+"""AutoAnchor: recall metric, k-means recovery of known sizes, anchor replacement only when needed."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from models.yolo import Model
+from utils.autoanchor import anchor_fit, check_anchor_order, check_anchors, kmean_anchors, kmeans, label_wh
+
+# Nine well-separated (w, h) sizes in pixels at 640, sorted by area.
+TRUE_WH = np.array([(12, 16), (24, 40), (48, 30), (60, 110), (120, 80), (100, 200), (220, 180), (300, 400),
+                    (500, 350)], dtype=np.float64)
+YOLOV5_ANCHORS = np.array([(10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198),
+                           (373, 326)], dtype=np.float64)
+
+
+def _clustered_dataset(centres, per_cluster=40, noise=0.02, seed=0, img=(640, 640)):
+    """Square 640 images, each label's w, h = a centre times (1 + 2% gaussian noise), 10 labels per image."""
+    rng = np.random.default_rng(seed)
+    wh = np.concatenate([c * (1 + noise * rng.standard_normal((per_cluster, 2))) for c in centres])
+    wh = rng.permutation(wh) / np.array(img)
+    rows = np.column_stack([np.zeros(len(wh)), np.full((len(wh), 2), 0.5), wh]).astype(np.float32)
+    labels = [rows[i:i + 10] for i in range(0, len(rows), 10)]
+    return SimpleNamespace(shapes=np.tile(np.array(img), (len(labels), 1)), labels=labels)
+
+
+def _by_area(k):
+    k = np.asarray(k, dtype=np.float64)
+    return k[np.argsort(k.prod(1))]
+
+
+def test_anchor_fit_closed_form():
+    anchors = torch.tensor([[10.0, 10.0]])
+    # worst side ratios 0.5, 10/39 = 0.256, 10/41 = 0.244, 2.6/10 = 0.26 against the 1/4 threshold
+    wh = torch.tensor([[20.0, 20.0], [39.0, 39.0], [41.0, 41.0], [10.0, 2.6]])
+    bpr, aat = anchor_fit(anchors, wh, thr=4.0)
+    assert bpr == pytest.approx(0.75) and aat == pytest.approx(0.75)
+    bpr2, aat2 = anchor_fit(torch.tensor([[10.0, 10.0], [40.0, 40.0]]), wh, thr=4.0)
+    assert bpr2 == pytest.approx(1.0) and aat2 == pytest.approx((2 + 2 + 1 + 1) / 4)  # 20 and 39 fit both anchors
+
+
+def test_label_wh_scales_long_side_to_imgsz():
+    ds = SimpleNamespace(shapes=np.array([[1280, 640], [320, 640]]),
+                         labels=[np.array([[0, 0.5, 0.5, 0.1, 0.2]]), np.array([[3, 0.5, 0.5, 0.5, 0.25]])])
+    # image 0 -> 640 x 320, image 1 -> 320 x 640
+    assert np.allclose(label_wh(ds, 640), [[64, 64], [160, 160]])
+    jittered = label_wh(ds, 640, rng=np.random.default_rng(0))
+    ratio = jittered / np.array([[64, 64], [160, 160]])
+    assert np.all((ratio > 0.9) & (ratio < 1.1)) and np.allclose(ratio[:, 0], ratio[:, 1])
+
+
+def test_kmeans_recovers_cluster_centres():
+    ds = _clustered_dataset(TRUE_WH)
+    wh = torch.from_numpy(label_wh(ds, 640))
+    scale = wh.std(0)
+    centres = kmeans(wh / scale, 9, np.random.default_rng(0)) * scale
+    assert np.allclose(_by_area(centres.numpy()), TRUE_WH, rtol=0.03)
+
+
+def test_kmean_anchors_recovers_known_sizes_and_is_seeded():
+    ds = _clustered_dataset(TRUE_WH)
+    k = kmean_anchors(ds, n=9, img_size=640, gen=300, seed=3, verbose=False)
+    assert k.shape == (9, 2) and np.all(np.diff(k.prod(1)) > 0), "sorted by area"
+    assert np.allclose(k, TRUE_WH, rtol=0.1)
+    assert np.array_equal(k, kmean_anchors(ds, n=9, img_size=640, gen=300, seed=3, verbose=False))
+
+
+def test_check_anchors_leaves_good_anchors_alone(caplog):
+    model = Model("yolov5n.yaml", verbose=False)
+    before = model.model[-1].anchors.clone()
+    with caplog.at_level("INFO", logger="yolo"):
+        changed = check_anchors(_clustered_dataset(YOLOV5_ANCHORS), model, thr=4.0, imgsz=640)
+    assert changed is False
+    assert torch.equal(model.model[-1].anchors, before)
+    assert "good fit" in caplog.text
+
+
+def test_check_anchors_replaces_poor_anchors_in_stride_order(caplog):
+    model = Model("yolov5n.yaml", anchors=3, verbose=False)  # placeholder anchors: recall near zero
+    ds = _clustered_dataset(TRUE_WH)
+    with caplog.at_level("INFO", logger="yolo"):
+        changed = check_anchors(ds, model, thr=4.0, imgsz=640)
+    assert changed is True and "poor fit" in caplog.text
+    m = model.model[-1]
+    pixels = (m.anchors * m.stride.view(-1, 1, 1)).view(-1, 2).numpy()
+    assert np.allclose(pixels, TRUE_WH, rtol=0.1)  # small anchors on stride 8, large on stride 32
+    area = m.anchors.prod(-1).mean(-1) * m.stride ** 2
+    assert torch.all(area[1:] > area[:-1])
+    bpr, _ = anchor_fit(torch.from_numpy(pixels), torch.from_numpy(label_wh(ds, 640)))
+    assert bpr > 0.98
+
+
+def test_check_anchor_order_flips_reversed_levels():
+    m = SimpleNamespace(anchors=torch.tensor(YOLOV5_ANCHORS, dtype=torch.float32).view(3, 3, 2).flip(0).clone(),
+                        stride=torch.tensor([8.0, 16.0, 32.0]))
+    assert check_anchor_order(m) is True
+    assert torch.equal(m.anchors, torch.tensor(YOLOV5_ANCHORS, dtype=torch.float32).view(3, 3, 2))
+    assert check_anchor_order(m) is False
+
+
+def test_no_labels_keeps_anchors(caplog):
+    model = Model("yolov5n.yaml", verbose=False)
+    before = model.model[-1].anchors.clone()
+    ds = SimpleNamespace(shapes=np.array([[640, 480]]), labels=[np.zeros((0, 5), np.float32)])
+    with caplog.at_level("WARNING", logger="yolo"):
+        assert check_anchors(ds, model) is False
+    assert torch.equal(model.model[-1].anchors, before) and "no labels" in caplog.text
