@@ -107,6 +107,11 @@ def test_grid_cache_rebuilds_on_new_shape(yolov5n):
     assert b.shape[1] == 3 * (12 * 16 + 6 * 8 + 3 * 4)
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert b[0, :, 0].max() > 64  # x centres reach beyond the small image: the grid was rebuilt
+    # a device change rebuilds the cached grid on the new device ('meta' stands in for a GPU here)
+    on_meta = copy.deepcopy(yolov5n).to("meta")
+    with torch.no_grad():
+        assert on_meta(x_small.to("meta"))[0].device.type == "meta"
+    assert on_meta.model[-1]._grids[0][1].device.type == "meta"
 
 
 def _randomise_bn(model):
