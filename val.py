@@ -91,7 +91,7 @@ def save_one_txt(predn: torch.Tensor, save_conf: bool, shape, file: Path) -> Non
     """YOLO-format prediction file: cls cx cy w h [conf], normalised by the original image (h, w)."""
     h, w = shape
     gain = torch.tensor([w, h, w, h], dtype=torch.float64)
-    with open(file, "a") as f:
+    with open(file, "w") as f:  # one call per image: a rerun with --exist-ok replaces, never appends
         for *xyxy, conf, cls in predn.cpu().double().tolist():
             xywhn = (xyxy2xywh(torch.tensor(xyxy, dtype=torch.float64)) / gain).tolist()
             row = (int(cls), *xywhn, conf) if save_conf else (int(cls), *xywhn)
@@ -120,6 +120,14 @@ def letterbox_to_original(boxes: torch.Tensor, ratio_pad, shape) -> torch.Tensor
     boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_h) / gain_h
     clip_boxes(boxes, shape)
     return boxes
+
+
+def warn_non_finite(model: torch.nn.Module) -> None:
+    """Say so when the weights hold NaN/Inf (a diverged run or EMA): the metrics would be silently zero."""
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    if bad:
+        LOGGER.warning(f"WARNING: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}); these metrics are meaningless")
 
 
 def _check_img_size(imgsz: int, stride: int) -> int:
@@ -218,6 +226,7 @@ def run(
             workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
         )  # fmt: skip
 
+    warn_non_finite(model)
     nc = 1 if single_cls else int(data_dict["nc"])
     names = _class_names(data_dict, model_names, nc, single_cls)
     iouv = torch.linspace(0.5, 0.95, 10)
@@ -226,7 +235,7 @@ def run(
     loss = torch.zeros(3, device=device)
     correct_all, conf_all, pcls_all, tcls_all = [], [], [], []
     jdict: list[dict] = []
-    class_map = category_map(nc if not single_cls else int(data_dict["nc"]))
+    class_map = category_map(int(data_dict["nc"]))
     seen = 0
     header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
     amp = torch.autocast(device_type="cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext()
@@ -308,7 +317,9 @@ def run(
         for curve, label, stem in ((result.f1_curve, "F1", "F1"), (result.p_curve, "Precision", "P"), (result.r_curve, "Recall", "R")):
             plot_mc_curve(CONFIDENCE_GRID, curve, save_dir / f"{stem}_curve.png", names, result.classes, ylabel=label)
 
-    if save_json and len(jdict):
+    if save_json and not jdict:
+        LOGGER.info("No predictions above --conf-thres: nothing to write or score with COCOeval")
+    if save_json and jdict:
         _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, map50_95, map50)
 
     if not training:

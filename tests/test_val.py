@@ -134,19 +134,21 @@ def _oracle_predictions(loader, rng):
     return batches
 
 
-def test_map_agrees_with_cocoeval_on_coco128(coco128, tmp_path, names):
+@pytest.mark.parametrize("single_cls", [False, True])
+def test_map_agrees_with_cocoeval_on_coco128(coco128, tmp_path, names, single_cls):
     """16 real images, predictions derived from their boxes; scored by val and by pycocotools."""
-    loader = _loader(_image_list(coco128, tmp_path, 16))
+    lst = _image_list(coco128, tmp_path, 16)
+    loader = create_dataloader(str(lst), IMG, 8, 32, rect=True, pad=0.5, workers=0, nc=80, single_cls=single_cls)[0]
     oracle = OracleDetector(_oracle_predictions(loader, np.random.default_rng(0)))
-    data = {"nc": 80, "names": names, "val": str(tmp_path / "val16.txt")}
+    data = {"nc": 80, "names": names, "val": str(lst)}
     (mp, mr, map50, map50_95, *_), maps, _ = val.run(data, model=oracle, dataloader=loader, save_json=True,
-                                                     plots=False, save_dir=tmp_path)  # fmt: skip
+                                                     plots=False, save_dir=tmp_path, single_cls=single_cls)  # fmt: skip
     preds = json.loads((tmp_path / "model_predictions.json").read_text())
     gt = yolo_labels_to_coco_gt(loader.dataset, names=names)
-    coco_map, coco_map50, _ = coco_evaluate(gt, preds, max_det=300, verbose=False)
+    coco_map, coco_map50, _ = coco_evaluate(gt, preds, max_det=300, verbose=False, use_cats=not single_cls)
+    assert maps.shape == ((1,) if single_cls else (80,))
     assert 0.2 < coco_map < 0.95
     assert abs(map50_95 - coco_map) < 0.002 and abs(map50 - coco_map50) < 0.002
-    print(f"ours {map50_95:.6f} {map50:.6f} pycocotools {coco_map:.6f} {coco_map50:.6f}")
     assert abs(map50_95 - coco_map) < 1e-4  # in fact the same up to the json's rounding
     assert 0 < mp <= 1 and 0 < mr <= 1
 
@@ -224,3 +226,22 @@ def test_increment_path(tmp_path):
     (tmp_path / "exp7").mkdir()
     assert val.increment_path(tmp_path / "exp") == tmp_path / "exp8"
     assert val.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
+
+
+def test_letterbox_to_original_uses_each_axis_gain():
+    # 640x427 image letterboxed to 128: resized to 128x85 (gains 0.2 and 85/427), padded 21.5 px top/bottom
+    ratio_pad = ((85 / 427, 0.2), (0.0, 21.5))
+    boxes = torch.tensor([[12.8, 21.5 + 85 / 427 * 100, 128.0, 21.5 + 85.0]], dtype=torch.float64)
+    val.letterbox_to_original(boxes, ratio_pad, (427, 640))
+    assert boxes[0].tolist() == pytest.approx([64.0, 100.0, 640.0, 427.0])
+
+
+def test_non_finite_weights_are_reported(caplog):
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with caplog.at_level(logging.WARNING, logger="yolo"):
+        val.warn_non_finite(m)
+        assert not caplog.records
+        with torch.no_grad():
+            m[1].running_var[2] = float("nan")
+        val.warn_non_finite(m)
+    assert "1 weight tensors hold NaN or Inf (first: 1.running_var)" in caplog.text
