@@ -69,6 +69,8 @@ def match_predictions(pred_boxes, pred_scores, pred_cls, gt_boxes, gt_cls, iou_t
         hit = np.isfinite(masked[np.arange(len(iou_thresholds)), best])
         correct[d] = hit
         gt_taken[np.nonzero(hit)[0], best[hit]] = True
+        if gt_taken.all():  # every box is taken at every threshold: the rest are false positives
+            break
     return correct
 
 
