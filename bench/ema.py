@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -102,11 +103,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, 0, cuda:0")
     parser.add_argument("--reps", type=int, default=0, help="timed updates per method (0: by model size)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     default_reps = {"n": 200, "s": 120, "m": 50, "l": 30, "x": 15}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"EMA update, median ms per update ({where}, torch {torch.__version__})")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"EMA update, median ms per update ({where}, torch {torch.__version__}, load average {load})")
     header = f"{'model':<9}{'floats':>12}{'(a) loop':>11}{'(b) ModelEMA':>14}{'(c) floor':>11}{'(b)/(c)':>9}{'(a)/(b)':>9}  path  max|a-b|"
     print(header)
     results = []

@@ -185,15 +185,15 @@ def test_flat_and_foreach_paths_give_identical_results():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before", "before-foreach", "after"])
 def test_16bit_model_averages_into_fp32(dtype, when):
     model = make_net()
     with torch.no_grad():
         for v in model.state_dict().values():
             v.fill_(1.0) if v.is_floating_point() else None
-    if when == "before":
+    if when.startswith("before"):
         model.to(dtype)
-    ema = ModelEMA(model, decay=0.999, schedule="constant")
+    ema = ModelEMA(model, decay=0.999, schedule="constant", flat=when != "before-foreach")
     if when == "after":
         model.to(dtype)
     ulp = torch.finfo(dtype).eps  # the smallest step above 1.0 the model can hold

@@ -9,7 +9,10 @@ with the same layout. An update is then a single ``lerp_`` over the whole model,
 When the model's tensors are replaced after that (``.to(dtype)``, ``.half()``, a memory-format change,
 ``load_state_dict(assign=True)``, ``p.data = ...``) the views are gone; each update notices this from the
 tensors' addresses and falls back to cached per-tensor lists with ``torch._foreach_lerp_`` (``ema.path``
-says which is in use; ``ema.attach(model)`` flattens again).
+says which is in use; ``ema.attach(model)`` flattens again). What is watched is every (module, name) slot that
+held a tensor when the EMA was attached; after swapping whole submodules for new ones holding new tensors
+(fusing, re-heading), call ``ema.attach(model)``. Module swaps that keep the tensors, such as
+``SyncBatchNorm.convert_sync_batchnorm``, need nothing.
 
 Tensors are paired with the EMA's by registration order, never by name, so a ``torch.compile``d model
 (keys prefixed ``_orig_mod.``) or a DDP/DataParallel wrapper works the same.
@@ -38,8 +41,8 @@ _BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp")
 # Every view starts on a 64-byte boundary so vectorised and cuDNN kernels on the model see aligned weights.
 _ALIGN_BYTES = 64
 
-# C++ loop comparing tensors' addresses with recorded ones (what torch's CUDA-graph trees use); 4x cheaper
-# than calling data_ptr() per tensor from Python, which matters on small models. Python loop if it goes away.
+# C++ loop comparing tensors' addresses with recorded ones (what torch's CUDA-graph trees use); about half the
+# cost of calling data_ptr() per tensor from Python, which matters on small models. Python loop if it goes away.
 _C_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 # hyp-yaml keys understood by ModelEMA.from_hyp, with the constructor argument each one sets.
