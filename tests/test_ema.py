@@ -531,3 +531,18 @@ def test_copy_attr_and_update_attr():
            (2, ["p", "q"], {"lr0": 1}, {"nc": 2}, None)
     assert torch.equal(ema.ema.stride, model.stride)
     assert not hasattr(ema.ema, "reducer") and not hasattr(ema.ema, "note")
+
+
+def test_syncbn_conversion_keeps_the_flat_tensors():
+    model, gen = make_net(), torch.Generator().manual_seed(14)
+    ema = ModelEMA(model, decay=0.6, schedule="constant")
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # new BN modules holding the same tensors
+    assert isinstance(model.bn, nn.SyncBatchNorm)
+    ref = snapshot(model)
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            v.add_(torch.randn(v.shape, generator=gen).to(v.dtype)) if v.is_floating_point() else None
+    reference_step(ref, snapshot(model), 0.6)
+    ema.update(model)
+    assert ema.path == "flat"
+    assert_matches(ema, ref)
