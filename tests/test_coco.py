@@ -142,3 +142,18 @@ def test_cocoeval_summary_honours_max_det():
     map50_95, map50, stats = coco_evaluate(gt, preds, max_det=300, verbose=False)
     assert len(stats) == 12 and (stats[:3] >= 0).all() and stats[1] >= stats[0]
     assert coco_evaluate(gt, [], max_det=300, verbose=False)[:2] == (0.0, 0.0)
+
+
+def test_yolo_labels_reproduce_official_coco128_annotations(coco128):
+    """The labels' boxes, submitted as predictions, score AP 1 against the official json: image ids,
+    category ids and pixel boxes line up (crowd regions, absent from the labels, are ignored by COCOeval)."""
+    from utils.dataloaders import LoadImagesAndLabels
+
+    dataset = LoadImagesAndLabels(str(coco128 / "images" / "train2017"), img_size=64, nc=80)
+    gt = yolo_labels_to_coco_gt(dataset, names=[str(i) for i in range(80)])
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0 - 1e-4 * k}
+             for k, a in enumerate(gt["annotations"])]  # fmt: skip
+    official = coco128 / "annotations" / "instances_train2017.json"
+    map50_95, map50, _ = coco_evaluate(official, preds, img_ids=[im["id"] for im in gt["images"]], verbose=False)
+    assert len(gt["images"]) == 128 and len(gt["annotations"]) == 929
+    assert map50 == pytest.approx(1.0) and map50_95 == pytest.approx(1.0)
