@@ -179,7 +179,8 @@ def run(
     (pre-process, inference, NMS) milliseconds per image. Losses are 0 without compute_loss.
     """
     training = model is not None
-    data_dict = data if isinstance(data, dict) and "nc" in data and "names" in data else check_dataset(data)
+    given_dict = isinstance(data, dict) and "nc" in data and "names" in data
+    data_dict = data if given_dict and dataloader is not None else check_dataset(data)
     if training:  # called by train.py: the caller's model, device and dataloader
         device = next(model.parameters()).device
         use_autocast = half and device.type == "cuda"  # FP16 compute without touching the FP32 weights
@@ -215,15 +216,16 @@ def run(
             model.half()
         stride = int(max(model.stride.max(), 32))
         imgsz = _check_img_size(imgsz, stride)
+        if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
+            model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+    if dataloader is None:  # the command, or a caller that passes a model but no loader
         split = "val" if task == "speed" else task
         if not data_dict.get(split):
             raise DatasetError(f"{data_dict.get('yaml_file', data)} has no '{split}' split")
-        if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
-            model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
         pad, rect = (0.0, False) if task == "speed" else (0.5, True)
         dataloader, _ = create_dataloader(
-            data_dict[split], imgsz, batch_size, stride, single_cls=single_cls, pad=pad, rect=rect,
-            workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
+            data_dict[split], _check_img_size(imgsz, stride), batch_size, stride, single_cls=single_cls, pad=pad,
+            rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
         )  # fmt: skip
 
     warn_non_finite(model)

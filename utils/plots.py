@@ -189,6 +189,7 @@ def plot_labels(labels, names=None, save_dir=Path(".")) -> Path:
         ax[0, 1].add_patch(plt.Rectangle((0.5 - bw / 2, 0.5 - bh / 2), bw, bh, fill=False, lw=0.5, color=np.array(class_color(c)) / 255))
     ax[1, 0].hist2d(xywh[:, 0], xywh[:, 1], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
     ax[1, 0].set(xlabel="x", ylabel="y", aspect="equal")
+    ax[1, 0].invert_yaxis()  # image rows grow downwards
     ax[1, 1].hist2d(xywh[:, 2], xywh[:, 3], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
     ax[1, 1].set(xlabel="width", ylabel="height", aspect="equal")
     return _save(fig, Path(save_dir) / "labels.jpg")
