@@ -55,7 +55,7 @@ from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.optim import (OPTIMIZERS, apply_warmup, build_optimizer, build_scheduler, nominal_accumulate,  # noqa: E402
-                         scaled_weight_decay, warmup_accumulate, warmup_iterations)
+                         planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from utils.torch_utils import de_parallel, init_seeds, model_info, select_device  # noqa: E402
@@ -219,7 +219,10 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 # ------------------------------------------------------------------------------------------------ set-up
 def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
     """The device of this process; under torchrun also the process group (gloo on CPU, NCCL on CUDA)."""
-    device = select_device(opt.device, batch_size=opt.batch_size)
+    try:
+        device = select_device(opt.device, batch_size=opt.batch_size)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if procs.distributed:
         if opt.batch_size % procs.world_size:
             raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {procs.world_size}")
@@ -317,9 +320,10 @@ def class_weights_from_labels(labels: list[np.ndarray], nc: int) -> torch.Tensor
     return torch.from_numpy(weights / weights.sum() * nc).float()
 
 
-def make_ema(model: nn.Module, hyp: dict) -> ModelEMA:
-    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file."""
-    return ModelEMA.from_hyp(model, hyp)
+def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> ModelEMA:
+    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file; total_steps (the
+    run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
+    return ModelEMA.from_hyp(model, hyp, total_steps=total_steps)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -441,7 +445,10 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     names = ["item"] if opt.single_cls and len(data["names"]) != 1 else list(data["names"])
 
     # ---- model
-    model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
+    try:
+        model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
+    except (FileNotFoundError, ValueError) as e:  # a missing or malformed --cfg
+        raise TrainError(f"model: {e}") from None
     if pretrained is not None and int(pretrained["nc"]) != nc:
         LOGGER.info(f"--weights trained on {pretrained['nc']} classes; the detection head is re-initialised for {nc}")
     freeze_layers(model, opt.freeze)
@@ -479,7 +486,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     model.class_weights = class_weights_from_labels(dataset.labels, nc).to(device)
 
     # ---- EMA (rank 0), optimizer, schedule
-    ema = make_ema(model, hyp) if procs.main else None
+    nw = warmup_iterations(hyp["warmup_epochs"], nb)
+    ema = make_ema(model, hyp, planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)) \
+        if procs.main else None
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
@@ -507,7 +516,6 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
 
-    nw = warmup_iterations(hyp["warmup_epochs"], nb)
     if procs.main:
         model_info(de_parallel(model), "Model")
         LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val; {opt.workers} dataloader workers; "

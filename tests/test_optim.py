@@ -109,3 +109,23 @@ def test_early_stopping_counts_patience_and_round_trips():
     resumed.load_state_dict(stopper.state_dict())
     assert resumed(7, 0.1) is True  # 3 epochs since epoch 4
     assert not any(EarlyStopping(patience=0)(e, 0.0 if e else 1.0) for e in range(50))
+
+
+def test_planned_optimizer_steps_matches_hand_count_and_a_full_walk():
+    from utils.optim import planned_optimizer_steps
+    # 3 batches/epoch of 4 images, nbs 64, 100 warm-up iterations: accumulate 1 for ni 0-3, then 2 up to ni 8
+    # (steps at 0, 1, 2, 3, 5, 7) -> 5 steps in 2 epochs, 6 in 3.
+    assert planned_optimizer_steps(3, 2, 100, 64, 4) == 5 and planned_optimizer_steps(3, 3, 100, 64, 4) == 6
+
+    def walk(nb, epochs, nw, nbs, bs):  # every iteration, the rule as train.py applies it
+        last, steps, acc = -1, 0, max(round(nbs / bs), 1)
+        for ni in range(nb * epochs):
+            if ni <= nw:
+                acc = max(1, int(np.interp(ni, [0, nw], [1, nbs / bs]).round()))
+            if ni - last >= acc:
+                last, steps = ni, steps + 1
+        return steps
+
+    for case in [(50, 10, 150, 64, 16), (8, 30, 100, 64, 16), (7, 40, 100, 64, 5), (20, 3, 100, 64, 64),
+                 (13, 11, 100, 64, 3), (1, 500, 100, 64, 16)]:
+        assert planned_optimizer_steps(*case) == walk(*case), case

@@ -117,3 +117,20 @@ def apply_warmup(optimizer: torch.optim.Optimizer, ni: int, nw: int, epoch_facto
         group["lr"] = float(np.interp(ni, [0, nw], [start, group["initial_lr"] * epoch_factor]))
         if "momentum" in group:
             group["momentum"] = float(np.interp(ni, [0, nw], [hyp["warmup_momentum"], hyp["momentum"]]))
+
+
+def planned_optimizer_steps(batches_per_epoch: int, epochs: int, nw: int, nbs: int, batch_size: int) -> int:
+    """Optimizer steps a run of `epochs` takes under the accumulation rule (a step when at least
+    `accumulate` iterations have passed since the last one; accumulate ramps during warm-up), assuming
+    no step is skipped. Warm-up is walked iteration by iteration, the constant tail counted in one go."""
+    total = batches_per_epoch * epochs
+    last, steps = -1, 0
+    for ni in range(min(nw + 1, total)):
+        if ni - last >= warmup_accumulate(ni, nw, nbs, batch_size):
+            last, steps = ni, steps + 1
+    if total > nw + 1:
+        accumulate = warmup_accumulate(nw, nw, nbs, batch_size)
+        first = max(nw + 1, last + accumulate)  # first iteration after warm-up that can step
+        if first <= total - 1:
+            steps += 1 + (total - 1 - first) // accumulate
+    return steps
