@@ -192,6 +192,9 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     saved = ckpt.get("opt")
     if not isinstance(saved, dict) or not {"data", "epochs", "imgsz", "batch_size"} <= set(saved):
         raise TrainError(f"--resume: {path} is not a training checkpoint of this project (it holds no run options)")
+    if "train_state" not in ckpt:
+        raise TrainError(f"--resume: {path} was not written by this project's train.py (an imported YOLOv5 file?); "
+                         f"start a new run from it with --weights {path}")
     finished = "resume" not in ckpt
     done, planned = int(ckpt["epoch"]) + 1, int(saved["epochs"])
     if opt.epochs is not None and opt.epochs != planned:
