@@ -1,11 +1,11 @@
 """Throughput of a whole val.run on coco128: dataloading + pre-processing + inference + NMS + metrics.
 
-    python bench/val_speed.py                              # yolov5n, yolov5s at 320 and 640 (CPU: 16 images)
+    python bench/val_speed.py                              # yolov5n, yolov5s at 320 and 640 (CPU: 32 images)
     python bench/val_speed.py --images 128 --device 0      # the full coco128 on a GPU
     python bench/val_speed.py --weights-dir runs/train/exp/weights   # trained yolov5{n,s}.pt from there
     python bench/val_speed.py --busy-head                  # untrained head forced to propose boxes everywhere
 
-Images per second = images / wall time of the val.run call, which builds its dataloader (label cache
+Images per second = images / wall time of the val.run call (median of --repeats runs), which builds its dataloader (label cache
 already warm), loads the checkpoint, fuses, evaluates and scores. The per-stage columns are val's own
 per-image timings.
 
@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--data", default="coco128.yaml")
     p.add_argument("--models", nargs="+", default=["yolov5n", "yolov5s"])
     p.add_argument("--sizes", nargs="+", type=int, default=[320, 640])
-    p.add_argument("--images", type=int, default=0, help="first N val images (default: all on CUDA, 16 on CPU)")
+    p.add_argument("--images", type=int, default=0, help="first N val images (default: all on CUDA, 32 on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is reported")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=8)
@@ -73,7 +74,7 @@ def main() -> None:
     set_logging()
     device = select_device(opt.device)
     data = check_dataset(opt.data)
-    n_images = opt.images or (10**9 if device.type == "cuda" else 16)
+    n_images = opt.images or (10**9 if device.type == "cuda" else 32)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -103,7 +104,8 @@ def main() -> None:
             if i == 0:  # untimed: builds the label cache, fills the file cache, initialises kernels
                 timed_run(weights, min(opt.sizes))
             for size in opt.sizes:
-                wall, times = timed_run(weights, size)
+                runs = sorted(timed_run(weights, size) for _ in range(max(opt.repeats, 1)))
+                wall, times = runs[len(runs) // 2]  # the median run, whole
                 rows.append((cfg, size, len(images), wall, times, kind))
                 print(f"{cfg} {size}: {len(images) / wall:.1f} img/s", file=sys.stderr, flush=True)
 
