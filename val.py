@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.boxes import clip_boxes, non_max_suppression, xywhn2xyxy, xyxy2xywh  # noqa: E402
+from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.coco import (  # noqa: E402
     category_map,
@@ -106,20 +106,6 @@ def output_to_target(output: list[torch.Tensor], max_det: int = 300) -> torch.Te
         idx = torch.full((len(det), 1), float(i))
         rows.append(torch.cat((idx, det[:, 5:6], xyxy2xywh(det[:, :4]), det[:, 4:5]), 1))
     return torch.cat(rows, 0) if rows else torch.zeros((0, 7))
-
-
-def letterbox_to_original(boxes: torch.Tensor, ratio_pad, shape) -> torch.Tensor:
-    """Map xyxy boxes in place from the letterboxed batch image back to the original image (h, w).
-
-    The gains are applied per axis: resizing rounds each side to whole pixels, so at small sizes the
-    width and height gains differ by up to a pixel's worth (0.5% at --img 160), which a single gain
-    would turn into a systematic box shift.
-    """
-    (gain_h, gain_w), (pad_w, pad_h) = ratio_pad
-    boxes[:, [0, 2]] = (boxes[:, [0, 2]] - pad_w) / gain_w
-    boxes[:, [1, 3]] = (boxes[:, [1, 3]] - pad_h) / gain_h
-    clip_boxes(boxes, shape)
-    return boxes
 
 
 def warn_non_finite(model: torch.nn.Module) -> None:
@@ -267,7 +253,7 @@ def run(
                 predn = pred.clone()
                 if single_cls:
                     predn[:, 5] = 0
-                letterbox_to_original(predn[:, :4], shapes[si][1], shape)
+                scale_boxes((height, width), predn[:, :4], shape, ratio_pad=shapes[si][1])
                 # Ground truth straight from the label file, in original pixels: the same numbers a COCO
                 # json built from these labels holds (the batch targets went through letterbox and clipping).
                 gt = torch.from_numpy(dataset_labels[str(path)]).double()

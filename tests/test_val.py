@@ -227,14 +227,6 @@ def test_increment_path(tmp_path):
     assert val.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
 
 
-def test_letterbox_to_original_uses_each_axis_gain():
-    # 640x427 image letterboxed to 128: resized to 128x85 (gains 0.2 and 85/427), padded 21.5 px top/bottom
-    ratio_pad = ((85 / 427, 0.2), (0.0, 21.5))
-    boxes = torch.tensor([[12.8, 21.5 + 85 / 427 * 100, 128.0, 21.5 + 85.0]], dtype=torch.float64)
-    val.letterbox_to_original(boxes, ratio_pad, (427, 640))
-    assert boxes[0].tolist() == pytest.approx([64.0, 100.0, 640.0, 427.0])
-
-
 def test_non_finite_weights_are_reported(caplog):
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     with caplog.at_level(logging.WARNING, logger="yolo"):

@@ -70,20 +70,21 @@ def clip_boxes(boxes, shape) -> None:
 
 
 def scale_boxes(img1_shape, boxes, img0_shape, ratio_pad=None):
-    """Map xyxy boxes in place from a letterboxed image of shape img1_shape back to img0_shape.
+    """Map xyxy boxes in place from a letterboxed image of shape img1_shape back to img0_shape (h, w).
 
-    ratio_pad is ((ratio_h, ratio_w), (pad_w, pad_h)) as the letterbox reported it; without it the
-    letterbox geometry is recomputed from the two shapes.
+    ratio_pad is ((gain_h, gain_w), (pad_w, pad_h)) as the letterbox reported it. The gains are applied
+    per axis: resizing rounds each side to whole pixels, so at small sizes the two gains differ by up to
+    a pixel's worth (0.5% at --img 160), which one shared gain would turn into a systematic shift.
+    Without ratio_pad the letterbox geometry is recomputed from the two shapes (one gain, centred pad).
     """
     if ratio_pad is None:
         gain = min(img1_shape[0] / img0_shape[0], img1_shape[1] / img0_shape[1])
-        pad = (img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2
+        gain_h = gain_w = gain
+        pad_w, pad_h = (img1_shape[1] - img0_shape[1] * gain) / 2, (img1_shape[0] - img0_shape[0] * gain) / 2
     else:
-        gain = ratio_pad[0][0]
-        pad = ratio_pad[1]
-    boxes[..., [0, 2]] -= pad[0]
-    boxes[..., [1, 3]] -= pad[1]
-    boxes[..., :4] /= gain
+        (gain_h, gain_w), (pad_w, pad_h) = ratio_pad
+    boxes[..., [0, 2]] = (boxes[..., [0, 2]] - pad_w) / gain_w
+    boxes[..., [1, 3]] = (boxes[..., [1, 3]] - pad_h) / gain_h
     clip_boxes(boxes, img0_shape)
     return boxes
 
