@@ -110,7 +110,7 @@ def _fetch_and_unpack(url: str, dest_dir: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _writable_dir(d: Path) -> bool:
+def writable_dir(d: Path) -> bool:
     """True when d (or its nearest existing ancestor) can be written to; mode bits are checked too, since
     os.access answers yes for root on a dr-xr-xr-x folder."""
     while not d.exists():
@@ -138,7 +138,7 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
 
     failure = ""
     if download and autodownload:
-        targets = [c for c in searched if _writable_dir(c.parent)]
+        targets = [c for c in searched if writable_dir(c.parent)]
         if not targets:
             failure = f"; download of {download} not attempted: no writable folder among the candidates"
         else:

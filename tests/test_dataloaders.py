@@ -1,0 +1,399 @@
+"""Data pipeline: bad-input handling, label cache, determinism, geometry, caching, real coco128 images."""
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from utils import dataloaders
+from utils.dataloaders import (LoadImagesAndLabels, SeededSampler, create_dataloader, img2label_paths,
+                               label_cache_paths)
+from utils.data_config import DatasetError
+
+AUG_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=5.0, translate=0.1, scale=0.5, shear=2.0,
+               perspective=0.0, flipud=0.2, fliplr=0.5, mosaic=1.0, mixup=0.3, copy_paste=0.0)
+GOOD_LABEL = "0 0.5 0.5 0.4 0.3\n1 0.25 0.25 0.2 0.2\n"
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch):
+    """Keep every fallback cache of these tests in tmp, never in the real ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "yolo-ema"
+
+
+@pytest.fixture
+def log(caplog):
+    caplog.set_level(logging.INFO, logger="yolo")
+    return caplog
+
+
+def write_image(path: Path, w=64, h=48, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    im = np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)
+    im[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = rng.integers(0, 256, 3)  # some structure to resize
+    assert cv2.imwrite(str(path), im)
+    return path
+
+
+def make_split(root: Path, n=4, label=GOOD_LABEL, sizes=None):
+    """root/images/train/{i}.jpg with root/labels/train/{i}.txt; returns the images folder."""
+    for i in range(n):
+        w, h = sizes[i] if sizes else (64, 48)
+        write_image(root / "images" / "train" / f"{i}.jpg", w, h, seed=i)
+        lb = root / "labels" / "train" / f"{i}.txt"
+        lb.parent.mkdir(parents=True, exist_ok=True)
+        lb.write_text(label)
+    return root / "images" / "train"
+
+
+def warnings_of(log):
+    return [r.getMessage() for r in log.records if r.levelno >= logging.WARNING]
+
+
+def summary_of(log):
+    lines = [r.getMessage() for r in log.records if "Scanning" in r.getMessage()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_img2label_paths_replaces_last_images_folder():
+    assert img2label_paths(["/d/images/x/images/a.b.jpg", "/d/pics/c.png"]) == [
+        "/d/images/x/labels/a.b.txt", "/d/pics/c.txt"]
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+BAD_LABELS = {
+    "columns": ("0 0.5 0.5 0.2\n", "4 columns, expected 5"),
+    "non_numeric": ("0 0.5 abc 0.2 0.2\n", "non-numeric"),
+    "not_finite": ("0 0.5 nan 0.2 0.2\n", "non-numeric"),
+    "outside": ("0 0.5 1.2 0.2 0.2\n", "outside [0, 1]"),
+    "negative_coord": ("0 -0.01 0.5 0.2 0.2\n", "outside [0, 1]"),
+    "negative_class": ("-1 0.5 0.5 0.2 0.2\n", "negative class id -1"),
+    "class_too_big": ("3 0.5 0.5 0.2 0.2\n", "class id 3 >= nc=3"),
+    "fractional_class": ("1.5 0.5 0.5 0.2 0.2\n", "not an integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LABELS))
+def test_bad_label_file_skips_that_image_only(tmp_path, log, case):
+    images = make_split(tmp_path / "ds", n=3)
+    bad_text, reason = BAD_LABELS[case]
+    bad_label = tmp_path / "ds" / "labels" / "train" / "1.txt"
+    bad_label.write_text(GOOD_LABEL + bad_text)  # one bad line spoils the file, as a partial file would
+    ds = LoadImagesAndLabels(images, img_size=64, nc=3)
+    assert ds.n == 2 and str(images / "1.jpg") not in ds.im_files
+    warned = [w for w in warnings_of(log) if str(bad_label) in w]
+    assert len(warned) == 1 and reason in warned[0] and str(images / "1.jpg") in warned[0]
+    assert "line 3" in warned[0] or case == "class_too_big"
+    assert "2 images, 0 backgrounds (0 without a label file), 1 corrupt, 0 duplicate rows" in summary_of(log)
+    assert len(ds[0][1]) == 2  # training goes on with the good images
+
+
+@pytest.mark.parametrize("case", ["truncated_end", "truncated_half", "garbage", "tiny", "listed_but_missing"])
+def test_bad_image_skipped_with_reason(tmp_path, log, case):
+    images = make_split(tmp_path / "ds", n=3, sizes=[(64, 48), (64, 48), (320, 240)])
+    source = images
+    if case == "truncated_end":  # decodable headers, lost tail: cv2 would fill the rest with grey
+        data = (images / "2.jpg").read_bytes()
+        (images / "2.jpg").write_bytes(data[:-600])
+        reason = "truncated JPEG (no end-of-image marker)"
+    elif case == "truncated_half":  # cut inside the headers: PIL cannot even parse it
+        data = (images / "2.jpg").read_bytes()
+        (images / "2.jpg").write_bytes(data[:300])
+        reason = "unreadable image"
+    elif case == "garbage":
+        (images / "2.jpg").write_bytes(b"this is not an image at all")
+        reason = "unreadable image"
+    elif case == "tiny":
+        write_image(images / "2.jpg", 8, 8)
+        reason = "image too small (8x8)"
+    else:
+        (images / "2.jpg").unlink()
+        source = tmp_path / "ds" / "list.txt"
+        source.write_text("images/train/0.jpg\nimages/train/1.jpg\nimages/train/2.jpg\n")
+        reason = "image file not found"
+    ds = LoadImagesAndLabels(source, img_size=64)
+    assert ds.n == 2 and all(not f.endswith("2.jpg") for f in ds.im_files)
+    warned = [w for w in warnings_of(log) if str(images / "2.jpg") in w]
+    assert len(warned) == 1 and reason in warned[0]
+    assert "2 images, 0 backgrounds (0 without a label file), 1 corrupt" in summary_of(log)
+
+
+def test_duplicates_dropped_missing_and_empty_labels_are_backgrounds(tmp_path, log):
+    images = make_split(tmp_path / "ds", n=4)
+    labels = tmp_path / "ds" / "labels" / "train"
+    (labels / "0.txt").write_text(GOOD_LABEL + "0 0.5 0.5 0.4 0.3\n0 0.5 0.50 0.40 0.3\n")  # 2 duplicates
+    (labels / "1.txt").unlink()
+    (labels / "2.txt").write_text("\n")
+    ds = LoadImagesAndLabels(images, img_size=64, nc=2)
+    assert ds.n == 4
+    np.testing.assert_allclose(ds.labels[0], [[0, 0.5, 0.5, 0.4, 0.3], [1, 0.25, 0.25, 0.2, 0.2]])
+    assert ds.labels[1].shape == (0, 5) and ds.labels[2].shape == (0, 5)
+    assert len(ds[1][1]) == 0  # a background sample has no targets
+    warned = warnings_of(log)
+    assert len(warned) == 1 and str(labels / "0.txt") in warned[0] and "2 duplicate rows dropped" in warned[0]
+    assert "4 images, 2 backgrounds (1 without a label file), 0 corrupt, 2 duplicate rows dropped" in summary_of(log)
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+    images = make_split(tmp_path / "ds", n=1)
+    (images / "0.jpg").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="no usable images"):
+        LoadImagesAndLabels(images, img_size=64)
+    with pytest.raises(DatasetError, match="does not exist"):
+        LoadImagesAndLabels(tmp_path / "absent", img_size=64)
+
+
+# -------------------------------------------------------------------------------------------- label cache
+
+def test_label_cache_created_reused_and_invalidated(tmp_path, log, monkeypatch):
+    images = make_split(tmp_path / "ds", n=3)
+    cache = tmp_path / "ds" / "labels" / "train.cache"
+    LoadImagesAndLabels(images, img_size=64)
+    assert cache.is_file()
+    with np.load(cache, allow_pickle=False) as z:  # loads without pickle: nothing in it can run code
+        assert int(z["counts"].sum()) == 6
+
+    def no_scan(*a):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(dataloaders, "verify_image_label", no_scan)
+    ds = LoadImagesAndLabels(images, img_size=64)
+    assert ds.labels[2].shape == (2, 5)
+
+    monkeypatch.undo()
+    (tmp_path / "ds" / "labels" / "train" / "2.txt").write_text("1 0.5 0.5 0.1 0.1\n")  # a label file changes
+    ds = LoadImagesAndLabels(images, img_size=64)
+    np.testing.assert_allclose(ds.labels[2], [[1, 0.5, 0.5, 0.1, 0.1]])
+    write_image(images / "3.jpg")  # a new image, no label file
+    ds = LoadImagesAndLabels(images, img_size=64)
+    assert ds.n == 4 and ds.labels[3].shape == (0, 5)
+
+    cache.write_bytes(b"garbage")  # a damaged cache is rebuilt
+    ds = LoadImagesAndLabels(images, img_size=64)
+    assert ds.n == 4 and any("unreadable" in w for w in warnings_of(log))
+
+
+def test_label_cache_kept_in_user_cache_when_labels_read_only(tmp_path, log, user_cache):
+    images = make_split(tmp_path / "ds", n=2)
+    labels_parent = tmp_path / "ds" / "labels"
+    labels_parent.chmod(0o555)
+    try:
+        before = sorted(p.name for p in labels_parent.iterdir())
+        ds = LoadImagesAndLabels(images, img_size=64)
+        assert sorted(p.name for p in labels_parent.iterdir()) == before  # nothing written there
+        _, fallback = label_cache_paths(ds.label_files, images)
+        assert fallback.is_file() and fallback.is_relative_to(user_cache)
+        notes = [r.getMessage() for r in log.records if "read-only" in r.getMessage()]
+        assert len(notes) == 1 and str(labels_parent) in notes[0]
+        log.clear()
+        LoadImagesAndLabels(images, img_size=64)  # second time: reused quietly
+        assert not [r for r in log.records if "read-only" in r.getMessage()]
+        assert str(fallback) in summary_of(log)
+    finally:
+        labels_parent.chmod(0o755)
+
+
+# -------------------------------------------------------------------------------------------- determinism
+
+def _epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(imgs.clone(), targets.clone(), paths) for imgs, targets, paths, _ in loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                    for x, y in zip(a, b))
+
+
+def test_batches_identical_whatever_num_workers(tmp_path):
+    images = make_split(tmp_path / "ds", n=10)
+    runs = {}
+    for workers in (0, 1, 2):
+        loader, _ = create_dataloader(images, 64, 4, 32, hyp=AUG_HYP, augment=True, shuffle=True, seed=7,
+                                      workers=workers)
+        assert loader.num_workers == min(workers, os.cpu_count())
+        runs[workers] = [_epoch_batches(loader, e) for e in (0, 1)] + [_epoch_batches(loader, 0)]
+        del loader
+    for workers in (1, 2):
+        assert _same(runs[0][0], runs[workers][0]) and _same(runs[0][1], runs[workers][1])
+    assert _same(runs[0][0], runs[0][2]) and _same(runs[2][0], runs[2][2])  # epoch 0 again: the same
+    assert not _same(runs[0][0], runs[0][1])  # another epoch: another order and augmentation
+    assert [p for b in runs[0][0] for p in b[2]] != [p for b in runs[0][1] for p in b[2]]
+
+    loader, ds = create_dataloader(images, 64, 4, 32, hyp=AUG_HYP, augment=True, shuffle=True, seed=8, workers=0)
+    assert not _same(runs[0][0], _epoch_batches(loader, 0))  # another seed
+
+    # what the workers delivered is the dataset evaluated at (epoch, index) in the sampler's order
+    _, ds = create_dataloader(images, 64, 4, 32, hyp=AUG_HYP, augment=True, shuffle=True, seed=7, workers=0)
+    sampler = SeededSampler(len(ds), shuffle=True, seed=7)
+    sampler.set_epoch(1)
+    expected = [ds[(1, i)] for i in sampler.order()]
+    got = [(img, t) for imgs, targets, _ in runs[2][1] for img, t in zip(imgs, _split_targets(targets, len(imgs)))]
+    assert len(got) == len(expected)
+    for (img, t), (e_img, e_t, _, _) in zip(got, expected):
+        assert torch.equal(img, e_img) and torch.equal(t[:, 1:], e_t[:, 1:])
+
+
+def _split_targets(targets, n):
+    return [targets[targets[:, 0] == i] for i in range(n)]
+
+
+def test_sample_is_pure_function_of_seed_epoch_index(tmp_path):
+    images = make_split(tmp_path / "ds", n=5)
+    ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, seed=3)
+    a = ds[(2, 4)]
+    for i in range(5):  # other samples in between change nothing
+        ds[(1, i)]
+    b = ds[(2, 4)]
+    ds.set_epoch(2)
+    c = ds[4]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0])
+
+
+def test_ddp_ranks_get_disjoint_strided_shares_of_one_permutation():
+    full = SeededSampler(11, shuffle=True, seed=5)
+    full.set_epoch(3)
+    order = full.order()
+    assert sorted(order) == list(range(11)) and all(e == 3 for e, _ in full)
+    shares = []
+    for rank in range(3):
+        s = SeededSampler(11, shuffle=True, seed=5, rank=rank, world_size=3)
+        s.set_epoch(3)
+        shares.append(s.order())
+        assert len(s) == 4 and len(shares[-1]) == 4
+    padded = order + [order[-1]]  # 11 -> 12 by repeating the last element
+    assert shares == [padded[r::3] for r in range(3)]
+    assert sorted(set().union(*map(set, shares))) == list(range(11))
+
+
+def test_rect_ddp_batches_share_one_shape(tmp_path):
+    sizes = [(64, 32), (64, 48), (48, 64), (32, 64), (64, 64), (64, 20), (20, 64)]
+    images = make_split(tmp_path / "ds", n=7, sizes=sizes)
+    seen = []
+    for rank in range(2):
+        loader, ds = create_dataloader(images, 64, 2, 32, rect=True, rank=rank, world_size=2, workers=0)
+        for imgs, targets, paths, shapes in loader:  # collate would fail on mixed shapes
+            for p in paths:
+                i = ds.im_files.index(p)
+                assert tuple(imgs.shape[2:]) == tuple(ds.batch_shapes[ds.batch[i]])
+            seen += paths
+    assert len(set(seen)) == 7
+
+
+# -------------------------------------------------------------------------------------------- geometry
+
+def test_letterboxed_sample_labels_and_shapes_hand_computed(tmp_path):
+    root = tmp_path / "ds"
+    images = make_split(root, n=1, sizes=[(200, 100)], label="2 0.5 0.5 0.5 0.5\n")
+    img, targets, path, shapes = LoadImagesAndLabels(images, img_size=64)[0]
+    # 200x100 -> 64x32 (ratio 0.32), padded 16 rows above and below to 64x64
+    assert img.shape == (3, 64, 64) and img.dtype == torch.uint8
+    assert shapes == ((100, 200), ((0.32, 0.32), (0.0, 16.0)))
+    np.testing.assert_allclose(targets.numpy(), [[0, 2, 0.5, 0.5, 0.5, 0.25]], atol=1e-6)
+
+
+def test_rect_batch_shapes_hand_computed(tmp_path):
+    images = make_split(tmp_path / "ds", n=3, sizes=[(100, 200), (200, 100), (200, 150)])
+    ds = LoadImagesAndLabels(images, img_size=64, batch_size=1, rect=True, stride=32)
+    # sorted by h/w: 100/200 = 0.5, 150/200 = 0.75, 200/100 = 2
+    assert [Path(f).name for f in ds.im_files] == ["1.jpg", "2.jpg", "0.jpg"]
+    # h = ceil(ar * 64 / 32) * 32 for landscape, w likewise for portrait
+    assert ds.batch_shapes.tolist() == [[32, 64], [64, 64], [64, 32]]
+    img, _, _, shapes = ds[0]
+    assert img.shape == (3, 32, 64) and shapes == ((100, 200), ((0.32, 0.32), (0.0, 0.0)))
+
+
+def test_mosaic_sample_shape_and_boxes_inside(tmp_path):
+    images = make_split(tmp_path / "ds", n=4, sizes=[(64, 48), (40, 64), (64, 64), (30, 50)])
+    ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp={**AUG_HYP, "mosaic": 1.0, "mixup": 0.0})
+    n_boxes = 0
+    for i in range(12):
+        img, targets, _, shapes = ds[(0, i % 4)]
+        assert img.shape == (3, 64, 64) and shapes is None
+        xyxy = torch.cat([targets[:, 2:4] - targets[:, 4:6] / 2, targets[:, 2:4] + targets[:, 4:6] / 2], 1)
+        assert ((xyxy >= -1e-6) & (xyxy <= 1 + 1e-6)).all() and (targets[:, 4:6] > 0).all()
+        assert set(targets[:, 1].tolist()) <= {0.0, 1.0}
+        n_boxes += len(targets)
+    assert n_boxes > 0
+
+
+# -------------------------------------------------------------------------------------------- image caches
+
+def test_ram_and_disk_caches_give_identical_samples(tmp_path, user_cache):
+    images = make_split(tmp_path / "ds", n=3, sizes=[(80, 60), (60, 80), (64, 64)])
+    plain = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP)
+    ram = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="ram")
+    disk = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="disk")
+    assert all(im is not None for im in ram.ims)
+    assert sorted(p.name for p in images.glob("*.npy")) == ["0.npy", "1.npy", "2.npy"]
+    np.testing.assert_array_equal(np.load(images / "1.npy"), cv2.imread(str(images / "1.jpg")))
+    for i in range(3):
+        for e in range(2):
+            a, b, c = plain[(e, i)], ram[(e, i)], disk[(e, i)]
+            assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+    # colour-only augmentation of an image that needs no resizing nor padding works in place:
+    # it must act on a copy, never on the cached image
+    colour_only = dict(hsv_h=0.5, hsv_s=0.5, hsv_v=0.5, mosaic=0.0)
+    plain = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=colour_only)
+    ram = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=colour_only, cache_images="ram")
+    for e in range(3):
+        assert torch.equal(ram[(e, 2)][0], plain[(e, 2)][0])
+
+    ro = make_split(tmp_path / "ro", n=2)
+    ro.chmod(0o555)
+    try:
+        d = LoadImagesAndLabels(ro, img_size=64, cache_images="disk")
+        assert not list(ro.glob("*.npy")) and all(Path(f).is_relative_to(user_cache) for f in d.npy_files)
+        assert all(Path(f).is_file() for f in d.npy_files)
+    finally:
+        ro.chmod(0o755)
+
+
+# -------------------------------------------------------------------------------------------- real data
+
+def test_coco128_labels_match_the_coco_json(coco128):
+    ds = LoadImagesAndLabels(coco128 / "images" / "train2017", img_size=160, nc=80)
+    with open(coco128 / "annotations" / "instances_train2017.json") as f:
+        coco = json.load(f)
+    non_crowd = {}
+    for a in coco["annotations"]:
+        if not a["iscrowd"]:
+            non_crowd[a["image_id"]] = non_crowd.get(a["image_id"], 0) + 1
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    assert ds.n == 128 and sum(len(lb) for lb in ds.labels) == sum(non_crowd.values()) == 929
+    for f, lb, shape in zip(ds.im_files, ds.labels, ds.shapes):
+        image_id = int(Path(f).stem)
+        assert len(lb) == non_crowd.get(image_id, 0) and tuple(shape) == sizes[image_id]
+
+
+def test_coco128_batches_at_img_160(coco128):
+    loader, ds = create_dataloader(coco128 / "images" / "train2017", 160, 4, 32, rect=True, pad=0.5, workers=0)
+    imgs, targets, paths, shapes = next(iter(loader))
+    assert imgs.dtype == torch.uint8 and imgs.shape[:2] == (4, 3) and len(paths) == 4
+    for i, (path, ((h0, w0), ((rh, rw), (pw, ph)))) in enumerate(zip(paths, shapes)):
+        raw = np.loadtxt(img2label_paths([path])[0], ndmin=2).astype(np.float32)
+        got = targets[targets[:, 0] == i, 1:].numpy()
+        # independent mapping: the original normalised box, scaled into pixels and shifted by the padding
+        H, W = imgs.shape[2:]
+        cx = (raw[:, 1] * w0 * rw + pw) / W
+        cy = (raw[:, 2] * h0 * rh + ph) / H
+        np.testing.assert_allclose(got[:, 0], raw[:, 0])
+        np.testing.assert_allclose(got[:, 1], cx, atol=2e-3)
+        np.testing.assert_allclose(got[:, 2], cy, atol=2e-3)
+        np.testing.assert_allclose(got[:, 3], raw[:, 3] * w0 * rw / W, atol=2e-3)
+
+    train_loader, _ = create_dataloader(coco128 / "images" / "train2017", 160, 4, 32, hyp=AUG_HYP, augment=True,
+                                        shuffle=True, workers=0)
+    imgs, targets, _, shapes = next(iter(train_loader))
+    assert imgs.shape == (4, 3, 160, 160) and len(targets) > 0
+    assert ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all() and set(targets[:, 0].tolist()) <= {0, 1, 2, 3}

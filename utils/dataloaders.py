@@ -1,0 +1,622 @@
+"""YOLO-format detection datasets: label verification and caching, augmented samples, seeded loaders.
+
+Layout: images/<split>/*.jpg with labels/<split>/*.txt beside them (img2label_paths), one `cls cx cy w h`
+row per object, normalised to [0, 1]. A missing label file means the image has no objects (background).
+
+Label scan: every image and label file is verified once; bad ones are skipped with a warning that names
+the file and the reason, and one summary line counts images, backgrounds, corrupt files and duplicate
+rows. The result is cached in `labels/<split>.cache` (a numpy .npz read with allow_pickle=False, so a
+cache file cannot run code), keyed by a hash of every file's path, size and mtime plus the class count;
+any change re-scans. Where the labels folder is read-only the cache lives in the user cache folder
+($XDG_CACHE_HOME or ~/.cache, then yolo-ema/).
+
+Determinism: a sample's every random draw comes from np.random.Generator(PCG64([seed, epoch, index])),
+never from a global RNG. The sampler yields (epoch, index) pairs, so the epoch travels with each index
+into whichever worker process loads it; the same seed therefore gives identical batches whatever the
+number of workers, and persistent workers need no per-epoch signal. The shuffle order of an epoch comes
+from a torch.Generator seeded from (seed, epoch); under DDP each rank takes a strided share of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils.augmentations import augment_hsv, letterbox, mixup, mosaic4, random_flips, random_perspective
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
+from utils.data_config import DatasetError, writable_dir
+from utils.log import LOGGER
+
+IMG_FORMATS = ("bmp", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
+LABEL_CACHE_VERSION = 1
+MIN_IMAGE_SIDE = 10  # pixels; smaller images are treated as corrupt
+EXIF_ORIENTATION = 0x0112
+
+# Per-image outcome of the label scan.
+LABELLED, BACKGROUND_MISSING, BACKGROUND_EMPTY, CORRUPT = 0, 1, 2, 3
+
+
+def user_cache_dir() -> Path:
+    """This project's folder in the user cache ($XDG_CACHE_HOME or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "yolo-ema"
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one sample: a pure function of (seed, epoch, index)."""
+    mask = (1 << 64) - 1  # SeedSequence wants non-negative integers
+    return np.random.Generator(np.random.PCG64([int(seed) & mask, int(epoch) & mask, int(index) & mask]))
+
+
+def img2label_paths(img_paths) -> list[str]:
+    """Label file of each image: the last '/images/' of the path becomes '/labels/', the suffix '.txt'."""
+    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    out = []
+    for p in map(str, img_paths):
+        cut = p.rfind(images)
+        if cut >= 0:
+            p = p[:cut] + labels + p[cut + len(images):]
+        out.append(str(Path(p).with_suffix(".txt")))
+    return out
+
+
+def list_image_files(path, prefix: str = "") -> list[str]:
+    """Sorted absolute image paths from a folder (searched recursively), a .txt list of image paths
+    (relative ones are relative to the list's folder), or a list of those."""
+    sources = path if isinstance(path, (list, tuple)) else [path]
+    files = []
+    for src in sources:
+        p = Path(src).expanduser()
+        if p.is_dir():
+            files += [str(f) for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS and f.is_file()]
+        elif p.is_file():
+            lines = p.read_text(encoding="utf-8").splitlines()
+            for line in (x.strip() for x in lines):
+                if line:
+                    f = Path(line).expanduser()
+                    files.append(str(f if f.is_absolute() else p.parent / f))
+        else:
+            raise DatasetError(f"{prefix}{p} does not exist")
+    files = sorted({os.path.abspath(f) for f in files})
+    if not files:
+        raise DatasetError(f"{prefix}no images found in {path} (formats: {', '.join(IMG_FORMATS)})")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------- label scan
+
+def _check_image(im_file: str) -> tuple[tuple[int, int] | None, str]:
+    """(width, height) after EXIF rotation, or (None, reason) when the image cannot be used."""
+    try:
+        with Image.open(im_file) as im:
+            im.verify()  # structure and checksums, without decoding pixels
+        with Image.open(im_file) as im:
+            fmt = (im.format or "").lower()
+            w, h = im.size
+            if im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                w, h = h, w  # cv2.imread applies the EXIF rotation, so report the size it will see
+    except FileNotFoundError:
+        return None, "image file not found"
+    except Exception as e:  # PIL raises many types for broken files
+        return None, f"unreadable image ({type(e).__name__}: {e})"
+    if fmt not in IMG_FORMATS:
+        return None, f"unsupported image format '{fmt}'"
+    if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+        return None, f"image too small ({w}x{h})"
+    if fmt in ("jpeg", "mpo"):
+        with open(im_file, "rb") as f:
+            f.seek(max(0, os.path.getsize(im_file) - 1024))
+            tail = f.read().rstrip(b"\x00")  # zero padding after the end marker is harmless
+        if not tail.endswith(b"\xff\xd9"):
+            return None, "truncated JPEG (no end-of-image marker)"
+    return (w, h), ""
+
+
+def _parse_label_file(lb_file: str, nc: int | None) -> tuple[np.ndarray | None, int, str]:
+    """(labels (n, 5) float32 with duplicates removed, duplicates dropped, '') or (None, 0, reason)."""
+    try:
+        text = Path(lb_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return None, 0, f"unreadable label file {lb_file} ({type(e).__name__})"
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{lb_file} line {lineno}"
+        if len(parts) != 5:
+            return None, 0, f"{where}: {len(parts)} columns, expected 5 (class cx cy w h)"
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            return None, 0, f"{where}: non-numeric value in '{line.strip()}'"
+        if not all(math.isfinite(v) for v in values):
+            return None, 0, f"{where}: non-numeric value in '{line.strip()}'"
+        cls = values[0]
+        if cls != int(cls):
+            return None, 0, f"{where}: class id {parts[0]} is not an integer"
+        if cls < 0:
+            return None, 0, f"{where}: negative class id {int(cls)}"
+        if nc is not None and cls >= nc:
+            return None, 0, f"{where}: class id {int(cls)} >= nc={nc}"
+        if not all(0.0 <= v <= 1.0 for v in values[1:]):
+            return None, 0, f"{where}: coordinates outside [0, 1] in '{line.strip()}'"
+        rows.append(values)
+    labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
+    _, first = np.unique(labels, axis=0, return_index=True)
+    n_dup = len(labels) - len(first)
+    if n_dup:
+        labels = labels[np.sort(first)]  # keep the first occurrence, in file order
+    return labels, n_dup, ""
+
+
+def verify_image_label(im_file: str, lb_file: str, nc: int | None):
+    """Verify one image and its label file. Returns (status, (w, h), labels (n, 5), duplicates, message)."""
+    empty = np.zeros((0, 5), np.float32)
+    size, reason = _check_image(im_file)
+    if size is None:
+        return CORRUPT, (0, 0), empty, 0, f"{im_file}: skipped, {reason}"
+    if not os.path.isfile(lb_file):
+        return BACKGROUND_MISSING, size, empty, 0, ""
+    labels, n_dup, reason = _parse_label_file(lb_file, nc)
+    if labels is None:
+        return CORRUPT, (0, 0), empty, 0, f"{im_file}: skipped, {reason}"
+    msg = f"{lb_file}: {n_dup} duplicate row{'s' if n_dup > 1 else ''} dropped" if n_dup else ""
+    return (LABELLED if len(labels) else BACKGROUND_EMPTY), size, labels, n_dup, msg
+
+
+def _files_signature(im_files, label_files) -> str:
+    """Hash of every file's path, size and mtime."""
+    h = hashlib.sha256(f"v{LABEL_CACHE_VERSION}\n".encode())
+    for f in (*im_files, *label_files):
+        try:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\0absent\n".encode())
+    return h.hexdigest()
+
+
+def label_cache_paths(label_files, source) -> tuple[Path, Path]:
+    """(cache beside the labels folder, fallback cache in the user cache folder) for this dataset."""
+    labels_dir = Path(label_files[0]).parent.resolve()
+    name = labels_dir.name
+    if isinstance(source, (list, tuple)) or not Path(str(source)).is_dir():
+        # several sources or a list file share the first labels folder: keep their caches apart
+        name += "-" + hashlib.sha1(repr([str(s) for s in np.atleast_1d(source)]).encode()).hexdigest()[:8]
+    beside = labels_dir.parent / f"{name}.cache"
+    key = hashlib.sha1(str(beside).encode()).hexdigest()[:16]
+    return beside, user_cache_dir() / "labels" / f"{name}-{key}.cache"
+
+
+def _read_label_cache(path: Path, signature: str) -> dict | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        if int(d["version"]) == LABEL_CACHE_VERSION and str(d["signature"]) == signature:
+            return d
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # a damaged cache is rebuilt, not fatal
+        LOGGER.warning(f"WARNING: label cache {path} is unreadable ({type(e).__name__}), scanning again")
+    return None
+
+
+def _write_atomic_npz(path: Path, arrays: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # concurrent DDP ranks may write the same cache; each write is whole
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def scan_labels(im_files, label_files, nc=None, source=None, prefix: str = "") -> dict:
+    """Verify all image/label pairs, through the label cache. Logs each problem and one summary line.
+
+    The cache holds the verification without the class-count check (so datasets built with and without
+    nc share it); class ids >= nc are checked afterwards, on the cached labels.
+    Returns a dict of arrays over im_files: status, shapes (n, 2) w,h, counts, labels (sum counts, 5),
+    duplicates, messages, plus 'cache' (the cache file used).
+    """
+    signature = _files_signature(im_files, label_files)
+    beside, fallback = label_cache_paths(label_files, source if source is not None else im_files)
+    cached, where = None, None
+    for candidate in (beside, fallback):
+        cached = _read_label_cache(candidate, signature)
+        if cached is not None:
+            where = candidate
+            break
+
+    if cached is None:
+        n = len(im_files)
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            results = pool.starmap(verify_image_label, zip(im_files, label_files, [None] * n))
+        labels = [r[2] for r in results]
+        cached = {
+            "version": np.array(LABEL_CACHE_VERSION),
+            "signature": np.array(signature),
+            "status": np.array([r[0] for r in results], np.int8),
+            "shapes": np.array([r[1] for r in results], np.int64).reshape(-1, 2),
+            "counts": np.array([len(lb) for lb in labels], np.int64),
+            "labels": np.concatenate(labels, 0) if labels else np.zeros((0, 5), np.float32),
+            "duplicates": np.array([r[3] for r in results], np.int64),
+            "messages": np.array([r[4] for r in results], dtype=np.str_),
+        }
+        targets = [beside, fallback]
+        if not beside.parent.is_dir() or not writable_dir(beside.parent):
+            targets = [fallback]
+            LOGGER.info(f"{prefix}Folder {beside.parent} is read-only or absent; label cache kept at {fallback}")
+        where = None
+        for target in targets:
+            try:
+                _write_atomic_npz(target, cached)
+                where = target
+                break
+            except OSError as e:  # e.g. a read-only file system that the mode bits did not reveal
+                LOGGER.warning(f"{prefix}WARNING: cannot write label cache {target}: {e}")
+        if where is not None and where != targets[0]:
+            LOGGER.info(f"{prefix}Label cache kept at {where}")
+
+    if nc is not None:
+        cached = dict(cached)
+        _reject_classes_outside(cached, im_files, label_files, int(nc))
+    for msg in cached["messages"]:
+        if msg:
+            LOGGER.warning(f"{prefix}WARNING: {msg}")
+    status = cached["status"]
+    n_corrupt = int((status == CORRUPT).sum())
+    n_background = int(((status == BACKGROUND_MISSING) | (status == BACKGROUND_EMPTY)).sum())
+    n_missing = int((status == BACKGROUND_MISSING).sum())
+    LOGGER.info(f"{prefix}Scanning {Path(label_files[0]).parent}... {len(status) - n_corrupt} images, "
+                f"{n_background} backgrounds ({n_missing} without a label file), {n_corrupt} corrupt, "
+                f"{int(cached['duplicates'].sum())} duplicate rows dropped (cache: {where})")
+    cached["cache"] = str(where)
+    return cached
+
+
+def _reject_classes_outside(scan: dict, im_files, label_files, nc: int) -> None:
+    """Mark images whose labels hold a class id >= nc as corrupt (in place), with a message each."""
+    counts = scan["counts"].copy()
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    messages, status = scan["messages"].astype(object), scan["status"].copy()
+    duplicates = scan["duplicates"].copy()
+    keep_rows = np.ones(len(scan["labels"]), bool)
+    for i in np.flatnonzero(counts):
+        cls = scan["labels"][starts[i]:starts[i] + counts[i], 0]
+        if cls.max() >= nc:
+            status[i] = CORRUPT
+            messages[i] = (f"{im_files[i]}: skipped, {label_files[i]}: "
+                           f"class id {int(cls.max())} >= nc={nc}")
+            keep_rows[starts[i]:starts[i] + counts[i]] = False
+            counts[i] = duplicates[i] = 0
+    scan["status"], scan["counts"], scan["labels"] = status, counts, scan["labels"][keep_rows]
+    scan["duplicates"] = duplicates
+    scan["messages"] = messages.astype(np.str_)
+
+
+# --------------------------------------------------------------------------------------------------- dataset
+
+class LoadImagesAndLabels(Dataset):
+    """A YOLO-format detection dataset with YOLOv5's training augmentation and validation letterbox.
+
+    Indexing with an int uses `self.epoch` (set_epoch) for the random draws; indexing with an
+    (epoch, index) pair, as SeededSampler does, carries the epoch into worker processes.
+    Samples are (image uint8 (3, H, W) RGB, labels (n, 6) [0, cls, cx, cy, w, h] normalised to the
+    output image, image path, shapes) with shapes = ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h))) for
+    letterboxed images and None for mosaics. Augmentation hyp keys absent from `hyp` are off.
+    """
+
+    def __init__(self, path, img_size=640, batch_size=16, augment=False, hyp=None, rect=False, cache_images=None,
+                 single_cls=False, stride=32, pad=0.0, seed=0, prefix="", nc=None):
+        if augment and hyp is None:
+            raise ValueError("augment=True needs the augmentation hyperparameters (hyp)")
+        self.img_size, self.augment, self.rect, self.stride = int(img_size), augment, rect, int(stride)
+        self.hyp = dict(hyp or {})
+        self.mosaic = augment and not rect  # rectangular batches keep each image's own aspect ratio
+        self.mosaic_border = (-self.img_size // 2, -self.img_size // 2)
+        self.seed, self.epoch, self.prefix, self.nc = int(seed), 0, prefix, nc
+        if augment and self.hyp.get("copy_paste", 0) > 0:
+            LOGGER.info(f"{prefix}copy_paste={self.hyp['copy_paste']} ignored: it needs segment labels, "
+                        "which box labels do not have")
+
+        files = list_image_files(path, prefix)
+        scan = scan_labels(files, img2label_paths(files), nc=nc, source=path, prefix=prefix)
+        per_image = np.split(scan["labels"], np.cumsum(scan["counts"])[:-1]) if len(files) else []
+        keep = scan["status"] != CORRUPT
+        self.im_files = [f for f, k in zip(files, keep) if k]
+        if not self.im_files:
+            raise DatasetError(f"{prefix}no usable images in {path}: every image was skipped (see warnings)")
+        self.label_files = img2label_paths(self.im_files)
+        self.labels = [lb.astype(np.float32).copy() for lb, k in zip(per_image, keep) if k]
+        self.shapes = scan["shapes"][keep]  # (n, 2) width, height
+        if single_cls:
+            for lb in self.labels:
+                lb[:, 0] = 0
+        if not any(len(lb) for lb in self.labels):
+            LOGGER.warning(f"{prefix}WARNING: no labels found in {path}; every image is a background")
+        self.n = len(self.im_files)
+        self.batch = np.arange(self.n) // max(int(batch_size), 1)  # batch index of each image
+        self.batch_shapes = None
+        if rect:
+            self._sort_into_rect_batches(max(int(batch_size), 1), pad)
+
+        self.ims = [None] * self.n  # RAM cache of resized images
+        self.im_hw0 = [None] * self.n
+        self.npy_files = None  # disk cache of decoded images
+        if cache_images in ("ram", True):
+            self.cache_in_ram()
+        elif cache_images == "disk":
+            self.cache_on_disk()
+        elif cache_images not in (None, False, ""):
+            raise ValueError(f"cache_images must be None, 'ram' or 'disk', got {cache_images!r}")
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # ------------------------------------------------------------------------------------------- geometry
+    def _sort_into_rect_batches(self, batch_size: int, pad: float) -> None:
+        """Order images by aspect ratio and give each batch the smallest stride-multiple shape (h, w)
+        that letterboxes all of its images at img_size."""
+        aspect = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+        order = np.argsort(aspect, kind="stable")
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.shapes, aspect = self.shapes[order], aspect[order]
+        n_batches = int(self.batch[-1]) + 1
+        rel = np.ones((n_batches, 2))
+        for b in range(n_batches):
+            a = aspect[self.batch == b]
+            if a.max() < 1:  # all landscape: full width, height of the tallest
+                rel[b] = (a.max(), 1.0)
+            elif a.min() > 1:  # all portrait: full height, width of the widest
+                rel[b] = (1.0, 1.0 / a.min())
+        self.batch_shapes = (np.ceil(rel * self.img_size / self.stride + pad).astype(int) * self.stride)
+
+    # ------------------------------------------------------------------------------------------- images
+    def load_image(self, i: int):
+        """Image i resized so its long side is img_size: (image BGR, (h0, w0), (h, w))."""
+        if self.ims[i] is not None:
+            return self.ims[i], self.im_hw0[i], self.ims[i].shape[:2]
+        f = self.im_files[i]
+        if self.npy_files is not None and os.path.isfile(self.npy_files[i]):
+            im = np.load(self.npy_files[i], allow_pickle=False)
+        else:
+            im = cv2.imread(f)
+            if im is None:
+                raise FileNotFoundError(f"{f}: image could not be read (changed or removed since the label scan?)")
+        h0, w0 = im.shape[:2]
+        r = self.img_size / max(h0, w0)
+        if r != 1:
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            size = (min(self.img_size, max(1, round(w0 * r))), min(self.img_size, max(1, round(h0 * r))))
+            im = cv2.resize(im, size, interpolation=interp)
+        return im, (h0, w0), im.shape[:2]
+
+    def _resized_bytes(self) -> int:
+        r = self.img_size / self.shapes.max(1)
+        return int((np.round(self.shapes[:, 0] * r) * np.round(self.shapes[:, 1] * r) * 3).sum())
+
+    def cache_in_ram(self) -> None:
+        """Decode and resize every image once and keep it in memory (skipped when memory is short)."""
+        need, available = self._resized_bytes(), _available_memory()
+        if available is not None and need > 0.8 * available:
+            LOGGER.warning(f"{self.prefix}WARNING: not caching images in RAM: {need / 2**30:.1f} GiB needed, "
+                           f"{available / 2**30:.1f} GiB available")
+            return
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            for i, (im, hw0, _) in enumerate(pool.imap(self.load_image, range(self.n))):
+                self.ims[i], self.im_hw0[i] = im, hw0
+        LOGGER.info(f"{self.prefix}Cached {self.n} images in RAM ({need / 2**20:.0f} MiB)")
+
+    def cache_on_disk(self) -> None:
+        """Save each decoded image as .npy beside it (or in the user cache when that folder is read-only);
+        a .npy older than its image is rewritten."""
+        folders = {}
+        for f in self.im_files:
+            d = Path(f).parent
+            if d not in folders:
+                folders[d] = d if writable_dir(d) else user_cache_dir() / "npy" / hashlib.sha1(str(d).encode()).hexdigest()[:16]
+                if folders[d] != d:
+                    LOGGER.info(f"{self.prefix}Image folder {d} is read-only; .npy cache kept in {folders[d]}")
+        npy = [str(folders[Path(f).parent] / (Path(f).stem + ".npy")) for f in self.im_files]
+        stale = [i for i, (f, c) in enumerate(zip(self.im_files, npy))
+                 if not os.path.isfile(c) or os.stat(c).st_mtime_ns < os.stat(f).st_mtime_ns]
+        need = int((self.shapes[stale].prod(1) * 3).sum()) if stale else 0
+        target = next(iter(folders.values()))
+        target.mkdir(parents=True, exist_ok=True)
+        if need > 0.9 * shutil.disk_usage(target).free:
+            LOGGER.warning(f"{self.prefix}WARNING: not caching images on disk: {need / 2**30:.1f} GiB needed")
+            return
+
+        def save(i):
+            im = cv2.imread(self.im_files[i])
+            if im is None:
+                raise FileNotFoundError(f"{self.im_files[i]}: image could not be read")
+            _write_atomic_npy(Path(npy[i]), im)
+
+        for d in set(folders.values()):
+            d.mkdir(parents=True, exist_ok=True)
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            pool.map(save, stale)
+        self.npy_files = npy
+        LOGGER.info(f"{self.prefix}Images cached on disk as .npy ({len(stale)} written, {self.n - len(stale)} reused)")
+
+    # ------------------------------------------------------------------------------------------- samples
+    def load_mosaic(self, index: int, rng: np.random.Generator):
+        """Image `index` and three random others in a mosaic, then warped and cropped to img_size square."""
+        others = rng.integers(0, self.n, 3)
+        indices = [index, *(int(i) for i in others)]
+        images = [self.load_image(i)[0] for i in indices]
+        img, labels = mosaic4(images, [self.labels[i] for i in indices], self.img_size, rng)
+        h = self.hyp
+        return random_perspective(img, labels, rng, degrees=h.get("degrees", 0.0), translate=h.get("translate", 0.0),
+                                  scale=h.get("scale", 0.0), shear=h.get("shear", 0.0),
+                                  perspective=h.get("perspective", 0.0), border=self.mosaic_border)
+
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        index = int(index)
+        rng = sample_rng(self.seed, epoch, index)
+        h = self.hyp
+
+        if self.mosaic and rng.random() < h.get("mosaic", 0.0):
+            img, labels = self.load_mosaic(index, rng)
+            shapes = None
+            if rng.random() < h.get("mixup", 0.0):
+                img, labels = mixup(img, labels, *self.load_mosaic(int(rng.integers(0, self.n)), rng), rng)
+        else:
+            loaded, (h0, w0), (hr, wr) = self.load_image(index)
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            img, (ratio_w, ratio_h), (pad_w, pad_h) = letterbox(loaded, shape, auto=False, scaleup=self.augment)
+            if img is loaded:
+                img = img.copy()  # never let in-place augmentation touch the RAM cache
+            shapes = (h0, w0), ((hr / h0 * ratio_h, wr / w0 * ratio_w), (pad_w, pad_h))
+            labels = self.labels[index].copy()
+            if len(labels):
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio_w * wr, ratio_h * hr, pad_w, pad_h)
+            if self.augment:
+                img, labels = random_perspective(img, labels, rng, degrees=h.get("degrees", 0.0),
+                                                 translate=h.get("translate", 0.0), scale=h.get("scale", 0.0),
+                                                 shear=h.get("shear", 0.0), perspective=h.get("perspective", 0.0))
+
+        n = len(labels)
+        if n:
+            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
+        if self.augment:
+            augment_hsv(img, rng, hgain=h.get("hsv_h", 0.0), sgain=h.get("hsv_s", 0.0), vgain=h.get("hsv_v", 0.0))
+            img, labels = random_flips(img, labels, rng, flipud=h.get("flipud", 0.0), fliplr=h.get("fliplr", 0.0))
+
+        targets = torch.zeros((n, 6))
+        if n:
+            targets[:, 1:] = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+        chw_rgb = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
+        return torch.from_numpy(chw_rgb), targets, self.im_files[index], shapes
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack images; concatenate targets with column 0 set to each target's image index in the batch."""
+        imgs, targets, paths, shapes = zip(*batch)
+        for i, t in enumerate(targets):
+            t[:, 0] = i
+        return torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes
+
+
+def _write_atomic_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------ sampling, loader
+
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """The torch.Generator seed of an epoch's shuffle: a hash of (seed, epoch)."""
+    mask = (1 << 64) - 1
+    words = np.random.SeedSequence([int(seed) & mask, int(epoch) & mask]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class SeededSampler(Sampler):
+    """Yields (epoch, index) pairs in an order fixed by (seed, epoch); set_epoch before each epoch.
+
+    With world_size > 1, each rank takes every world_size-th element of the epoch's order starting at
+    its rank; the order is first padded by repeating its last element so that all ranks get the same
+    number of samples (repeating the last, not the first, keeps rectangular batches uniform in shape).
+    """
+
+    def __init__(self, n: int, shuffle: bool = False, seed: int = 0, rank: int = -1, world_size: int = 1):
+        self.n, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)
+        self.world_size = max(int(world_size), 1) if rank >= 0 else 1
+        self.rank = max(int(rank), 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {rank} is not below world_size {world_size}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> list[int]:
+        """This rank's indices for the current epoch."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(epoch_shuffle_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world_size > 1:
+            order += order[-1:] * (len(self) * self.world_size - self.n)
+            order = order[self.rank::self.world_size]
+        return order
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(epoch, i) for i in self.order()])
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+
+class SeededDataLoader(DataLoader):
+    """A DataLoader over a SeededSampler; set_epoch(e) fixes epoch e's order and augmentation."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=None, augment=False, cache=None,
+                      pad=0.0, rect=False, rank=-1, world_size=1, workers=8, shuffle=False, seed=0, nc=None,
+                      prefix=""):
+    """Build (loader, dataset). batch_size is per process; under DDP (rank >= 0) each of world_size ranks
+    gets a strided share of every epoch's order. Workers are persistent: the epoch travels with the index.
+    Workers must not call cv2.setNumThreads: in a forked worker it waits forever on the parent's
+    OpenCV thread pool (measured here); using cv2 without reconfiguring it is safe.
+    With rect, shuffling is turned off (batches are formed from images sorted by aspect ratio) and the
+    rect shapes are computed for the global batch (batch_size * world_size), which each rank's strided
+    batch falls inside.
+    """
+    if rect and shuffle:
+        LOGGER.warning(f"{prefix}WARNING: --rect is incompatible with shuffling; shuffle=False")
+        shuffle = False
+    ranks = max(int(world_size), 1) if rank >= 0 else 1
+    dataset = LoadImagesAndLabels(path, imgsz, batch_size * ranks, augment=augment, hyp=hyp, rect=rect,
+                                  cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad, seed=seed,
+                                  prefix=prefix, nc=nc)
+    batch_size = max(1, min(batch_size, len(dataset)))
+    nw = min((os.cpu_count() or 1) // ranks, batch_size if batch_size > 1 else 0, workers)
+    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=ranks)
+    loader = SeededDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=nw,
+                              pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+                              persistent_workers=nw > 0)
+    return loader, dataset
