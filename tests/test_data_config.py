@@ -114,6 +114,11 @@ def test_missing_dataset_lists_searched_paths_and_failed_download(fake_repo, tmp
     with pytest.raises(DatasetError, match="download .* is disabled"):
         check_dataset(cfg, autodownload=False)
 
+    script = write_yaml(tmp_path / "script.yaml", path="toy", train="images/train", val="images/train", names=["a"],
+                        download="import os; os.remove('x')")
+    with pytest.raises(DatasetError, match="not a URL .* scripts are not run"):
+        check_dataset(script)
+
 
 def test_download_unpacks_into_first_writable_candidate(fake_repo, tmp_path, monkeypatch):
     monkeypatch.setenv("DATASETS_DIR", str(tmp_path / "env"))

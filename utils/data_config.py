@@ -137,7 +137,9 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
             return c.resolve()
 
     failure = ""
-    if download and autodownload:
+    if download and "://" not in str(download):
+        failure = f"; 'download' is not a URL ({str(download)[:60]!r}); download scripts are not run"
+    elif download and autodownload:
         targets = [c for c in searched if writable_dir(c.parent)]
         if not targets:
             failure = f"; download of {download} not attempted: no writable folder among the candidates"
