@@ -334,7 +334,7 @@ class ModelEMA:
             self.path = "foreach"
             self._cache_lists(model_entries, ema_entries)
             LOGGER.info(f"ModelEMA: per-tensor foreach path ({reason})")
-        self._model_ref = weakref.ref(model)
+        self._model_ref = self._outer_ref = weakref.ref(model)
         self._slots = [slot for e in model_entries for slot in e.slots]
         self._ptrs = [store[key].data_ptr() for store, key in self._slots]
         self._ptr_indices = list(range(len(self._ptrs)))
@@ -427,17 +427,24 @@ class ModelEMA:
                            "path from now on. Call ema.attach(model) to flatten again.")
 
     # ---------------------------------------------------------------- the update
-    @torch.no_grad()
     def update(self, model: nn.Module, check_finite: bool = False) -> bool:
         """Count one optimizer step and fold ``model`` into the average. Returns whether the EMA changed.
 
         With ``check_finite`` a model holding NaN/inf is not averaged in: the step is not counted and
         ``skipped`` goes up, so one bad step cannot poison the average (it costs one read of the model).
         """
+        # No torch.no_grad() needed: every tensor written or read here is a detached alias or a plain buffer,
+        # and on small models each Python-level step of this function shows in the timings.
         self.updates += 1
         if self.updates % self.update_every:
             return False
-        model = _unwrap(model)
+        bound = self._model_ref()
+        if model is bound or model is self._outer_ref():  # the usual call: skip unwrapping
+            model = bound
+        else:
+            outer, model = model, _unwrap(model)
+            if model is bound:
+                self._outer_ref = weakref.ref(outer)
         if self._model_changed(model):
             self._repair(model)
         if check_finite and not self._model_is_finite():
@@ -445,7 +452,8 @@ class ModelEMA:
             self.skipped += 1
             LOGGER.warning(f"ModelEMA: model has non-finite values; update skipped ({self.skipped} so far)")
             return False
-        d = self._window_decay(self.updates - self.update_after_step)
+        step = self.updates - self.update_after_step
+        d = self.decay_at(step) if self.update_every == 1 else self._window_decay(step)
         if self.path == "flat":
             for g in self._groups:
                 if not g.is_float or d == 0.0:
