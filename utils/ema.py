@@ -347,7 +347,8 @@ class ModelEMA:
         for m, e in zip(model_entries, ema_entries):
             if m.tensor.shape != e.tensor.shape:
                 raise RuntimeError(f"model tensor {m.name} {tuple(m.tensor.shape)} does not match EMA tensor "
-                                   f"{e.name} {tuple(e.tensor.shape)}: not the architecture this ModelEMA was built from")
+                                   f"{e.name} {tuple(e.tensor.shape)}: not the architecture this ModelEMA was "
+                                   "built from")
         return model_entries, ema_entries
 
     @staticmethod
