@@ -546,3 +546,15 @@ def test_syncbn_conversion_keeps_the_flat_tensors():
     ema.update(model)
     assert ema.path == "flat"
     assert_matches(ema, ref)
+
+
+def test_update_with_another_model_of_the_same_architecture_follows_it():
+    first, second, gen = make_net(0), make_net(1), torch.Generator().manual_seed(15)
+    ema = ModelEMA(first, decay=0.5, schedule="constant")
+    ema.update(nn.DataParallel(first))  # remembered wrapper of the bound model
+    ref = snapshot(ema.ema)
+    perturb(second, gen)
+    reference_step(ref, snapshot(second), 0.5)
+    ema.update(second)
+    assert ema.path == "foreach"
+    assert_matches(ema, ref)
