@@ -605,7 +605,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
             row = [epoch, *mloss.tolist(), *[float(x) for x in results], *lrs]
             append_results_row(results_csv, row + (list(raw_results) if opt.val_raw else []), opt.val_raw)
 
-            if not opt.nosave or final_epoch:
+            if not opt.nosave or final_epoch or stop:
                 ckpt = build_checkpoint(epoch=epoch, best_fitness=best_fitness, model=model, ema=ema,
                                         optimizer=optimizer, scaler=scaler, scheduler=scheduler, stopper=stopper,
                                         last_opt_step=last_opt_step, accumulate=accumulate, opt=opt, hyp=hyp,

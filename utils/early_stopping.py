@@ -26,7 +26,7 @@ class EarlyStopping:
         stop = waited >= self.patience
         if stop:
             LOGGER.info(f"Stopping training early: no improvement in the last {self.patience} epochs. "
-                        f"Best results were at epoch {self.best_epoch}; best.pt holds them. "
+                        f"Best results were at epoch {self.best_epoch}. "
                         f"Use --patience 0 to disable early stopping, or a larger --patience.")
         return stop
 
