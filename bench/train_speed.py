@@ -5,7 +5,7 @@ clipped optimizer step, EMA update after each step taken) for a few warm-up iter
 dozen. Prints a markdown table: images per second end to end, milliseconds per iteration, per optimizer
 step and per EMA update, and the share of the training time spent in ema.update.
 
-    python bench/train_speed.py [--iters 20] [--warmup 3] [--device cpu] [--workers 2]
+    python bench/train_speed.py [--iters 24] [--warmup 3] [--device cpu] [--workers 2]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default="coco128.yaml")
     p.add_argument("--imgsz", "--img", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--iters", type=int, default=20, help="timed iterations")
+    p.add_argument("--iters", type=int, default=24, help="timed iterations")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=2)
