@@ -412,3 +412,17 @@ def test_zip_without_torch_pickle_is_refused(tmp_path):
         z.writestr("readme.txt", "hello")
     with pytest.raises(CheckpointError, match="archive.pt"):
         load_checkpoint(path)
+
+
+def test_save_removes_temp_files_left_by_a_killed_writer(tmp_path):
+    target = tmp_path / "last.pt"
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"  # what a SIGKILL during an earlier save leaves behind
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (1_000_000, 1_000_000))
+    other = tmp_path / ".best.pt.k1ll3d.tmp"  # another checkpoint's temp file is not ours to remove
+    other.write_bytes(b"x")
+    os.utime(other, (1_000_000, 1_000_000))
+    save_checkpoint({"epoch": 1}, target)
+    assert not stale.exists()
+    assert other.exists()
+    assert torch.load(target, weights_only=True) == {"epoch": 1}

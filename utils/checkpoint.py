@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import glob
 import io
 import os
 import pathlib
@@ -124,7 +125,19 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
             raise CheckpointError(f"could not write checkpoint {path}: {_one_line(e)}") from e
         raise
     _fsync_dir(path.parent)
+    _remove_stale_temps(path, keep_newer_than=os.stat(path).st_mtime)
     return path
+
+
+def _remove_stale_temps(path: Path, keep_newer_than: float) -> None:
+    """Delete temporary files that earlier writers of ``path`` left when they were killed mid-write (a
+    SIGKILL skips every cleanup). One writer per checkpoint path is assumed; files written after this
+    save finished are left alone."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < keep_newer_than:
+                stale.unlink()
+                LOGGER.info(f"Removed {stale}, left by an interrupted checkpoint write")
 
 
 def half_state_dict(state_dict: dict) -> dict:
