@@ -43,15 +43,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import val as validate  # noqa: E402
-from models.yolo import Model  # noqa: E402
+from models.yolo import Model, check_img_size  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import (CheckpointError, half_state_dict, load_checkpoint, save_checkpoint,  # noqa: E402
-                              strip_resume_state)
+from utils.checkpoint import (CheckpointError, half_state_dict, load_checkpoint, model_from_checkpoint,  # noqa: E402
+                              save_checkpoint, strip_resume_state)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.paths import increment_path  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.optim import (OPTIMIZERS, apply_warmup, build_optimizer, build_scheduler, nominal_accumulate,  # noqa: E402
@@ -153,24 +154,6 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     if missing:
         raise TrainError(f"{where}: missing hyperparameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     return d
-
-
-def increment_path(path: Path, exist_ok: bool = False) -> Path:
-    """path itself when free (or exist_ok), else path2, path3, ... (runs/train/exp, exp2, ...)."""
-    if exist_ok or not path.exists():
-        return path
-    n = 2
-    while Path(f"{path}{n}").exists():
-        n += 1
-    return Path(f"{path}{n}")
-
-
-def check_img_size(imgsz: int, stride: int) -> int:
-    """imgsz rounded up to a multiple of the model stride, with a warning when it changes."""
-    new = max(math.ceil(imgsz / stride) * stride, stride)
-    if new != imgsz:
-        LOGGER.warning(f"--img {imgsz} must be a multiple of max stride {stride}, using {new}")
-    return new
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -630,7 +613,6 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
                 strip_resume_state(f)
         if best.exists() and not opt.noval:
             LOGGER.info(f"\nValidating {best}...")
-            from utils.checkpoint import model_from_checkpoint
             best_model = model_from_checkpoint(load_checkpoint(best)).to(device)
             results, _, _ = validate.run(data, batch_size=batch_size * 2, imgsz=imgsz, model=best_model,
                                          half=cuda and not opt.bf16, single_cls=opt.single_cls,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.coco import (  # noqa: E402
@@ -39,21 +39,12 @@ from utils.coco import (  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.paths import increment_path  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
-
-
-def increment_path(path, exist_ok: bool = False) -> Path:
-    """runs/val/exp -> runs/val/exp2, exp3, ... (the first free one) unless exist_ok."""
-    path = Path(path)
-    if exist_ok or not path.exists():
-        return path
-    stem_re = re.compile(rf"^{re.escape(path.name)}(\d+)$")
-    used = [int(m.group(1)) for p in path.parent.glob(f"{path.name}*") if (m := stem_re.match(p.name))]
-    return path.with_name(f"{path.name}{max(used + [1]) + 1}")
 
 
 class Stopwatch:
@@ -114,13 +105,6 @@ def warn_non_finite(model: torch.nn.Module) -> None:
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
     if bad:
         LOGGER.warning(f"WARNING: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}); these metrics are meaningless")
-
-
-def _check_img_size(imgsz: int, stride: int) -> int:
-    size = int(np.ceil(imgsz / stride) * stride)
-    if size != imgsz:
-        LOGGER.warning(f"WARNING: --img-size {imgsz} must be a multiple of the max stride {stride}; using {size}")
-    return size
 
 
 def _class_names(data_dict: dict, model_names, nc: int, single_cls: bool) -> list[str]:
@@ -201,7 +185,7 @@ def run(
         if half:
             model.half()
         stride = int(max(model.stride.max(), 32))
-        imgsz = _check_img_size(imgsz, stride)
+        imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
             model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
     if dataloader is None:  # the command, or a caller that passes a model but no loader
@@ -210,7 +194,7 @@ def run(
             raise DatasetError(f"{data_dict.get('yaml_file', data)} has no '{split}' split")
         pad, rect = (0.0, False) if task == "speed" else (0.5, True)
         dataloader, _ = create_dataloader(
-            data_dict[split], _check_img_size(imgsz, stride), batch_size, stride, single_cls=single_cls, pad=pad,
+            data_dict[split], check_img_size(imgsz, stride), batch_size, stride, single_cls=single_cls, pad=pad,
             rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
         )  # fmt: skip
 

@@ -58,6 +58,15 @@ def make_divisible(x: float, divisor: int = 8) -> int:
     return int(math.ceil(x / divisor) * divisor)
 
 
+def check_img_size(imgsz: int, stride: int) -> int:
+    """imgsz rounded up to a multiple of the model's largest stride (at least one stride), with a warning
+    when that changes it: every detection level must tile the image exactly."""
+    size = max(math.ceil(imgsz / stride) * stride, int(stride))
+    if size != imgsz:
+        LOGGER.warning(f"WARNING: --img {imgsz} must be a multiple of the max stride {stride}; using {size}")
+    return size
+
+
 class Detect(nn.Module):
     """One 1x1 conv per output level predicting, for each of na anchors, (x, y, w, h, obj, nc class logits).
 

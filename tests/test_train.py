@@ -41,15 +41,6 @@ def test_parse_opt_defaults_and_resume_forms():
         train.parse_opt(["--optimizer", "RMSprop"])
 
 
-def test_increment_path_and_img_size(tmp_path):
-    assert train.increment_path(tmp_path / "exp") == tmp_path / "exp"
-    (tmp_path / "exp").mkdir()
-    (tmp_path / "exp2").mkdir()
-    assert train.increment_path(tmp_path / "exp") == tmp_path / "exp3"
-    assert train.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
-    assert train.check_img_size(640, 32) == 640 and train.check_img_size(650, 32) == 672 and train.check_img_size(8, 32) == 32
-
-
 def test_multi_scale_size_is_a_seeded_multiple_of_stride():
     sizes = [train.multi_scale_size(320, 32, 0, 3, i) for i in range(200)]
     assert all(s % 32 == 0 and 160 <= s <= 480 for s in sizes) and len(set(sizes)) > 5

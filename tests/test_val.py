@@ -217,16 +217,6 @@ def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
     assert "test" in _one_error_line(caplog)
 
 
-def test_increment_path(tmp_path):
-    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp"
-    (tmp_path / "exp").mkdir()
-    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp2"
-    (tmp_path / "exp2").mkdir()
-    (tmp_path / "exp7").mkdir()
-    assert val.increment_path(tmp_path / "exp") == tmp_path / "exp8"
-    assert val.increment_path(tmp_path / "exp", exist_ok=True) == tmp_path / "exp"
-
-
 def test_non_finite_weights_are_reported(caplog):
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     with caplog.at_level(logging.WARNING, logger="yolo"):
