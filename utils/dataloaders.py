@@ -36,6 +36,11 @@ from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data_config import DatasetError, writable_dir
 from utils.log import LOGGER
 
+# OpenCV's thread pool does not survive fork(): a DataLoader worker inherits the pool's state without its
+# threads (reconfiguring it there waits forever). Keeping OpenCV single-threaded in every process means there
+# is no pool to inherit; the DataLoader workers are where decoding and augmentation run in parallel.
+cv2.setNumThreads(0)
+
 IMG_FORMATS = ("bmp", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
 LABEL_CACHE_VERSION = 1
 MIN_IMAGE_SIDE = 10  # pixels; smaller images are treated as corrupt
@@ -600,8 +605,6 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
                       prefix=""):
     """Build (loader, dataset). batch_size is per process; under DDP (rank >= 0) each of world_size ranks
     gets a strided share of every epoch's order. Workers are persistent: the epoch travels with the index.
-    Workers must not call cv2.setNumThreads: in a forked worker it waits forever on the parent's
-    OpenCV thread pool (measured here); using cv2 without reconfiguring it is safe.
     With rect, shuffling is turned off (batches are formed from images sorted by aspect ratio) and the
     rect shapes are computed for the global batch (batch_size * world_size), which each rank's strided
     batch falls inside.
