@@ -320,8 +320,8 @@ def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weigh
     img_ids = [im["id"] for im in gt["images"]]
     LOGGER.info(f"\nCOCOeval against {gt_json.name} (ground truth from the YOLO labels, maxDets={max_det}):")
     coco_map, coco_map50, _ = coco_evaluate(gt, jdict, img_ids=img_ids, max_det=max_det, use_cats=not single_cls)
-    LOGGER.info(f"mAP50-95: ours {our_map:.4f}, pycocotools {coco_map:.4f} (difference {our_map - coco_map:+.4f}); "
-                f"mAP50: ours {our_map50:.4f}, pycocotools {coco_map50:.4f}")  # fmt: skip
+    LOGGER.info(f"mAP50-95: ours {our_map:.6f}, pycocotools {coco_map:.6f} (difference {our_map - coco_map:+.1e}); "
+                f"mAP50: ours {our_map50:.6f}, pycocotools {coco_map50:.6f} (difference {our_map50 - coco_map50:+.1e})")  # fmt: skip
     split = "val" if task == "speed" else task
     official = find_annotations_json(data_dict.get(split))
     if official is not None:
