@@ -66,6 +66,7 @@ HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_m
             "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
             "mixup", "copy_paste", "ema_decay", "ema_tau", "ema_schedule", "ema_update_every")
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
+DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
 MAX_GRAD_NORM = 10.0
 METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
@@ -102,7 +103,7 @@ class Processes:
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=str, default="", help="initial weights (our checkpoint or a YOLOv5 .pt); '' for scratch")
-    p.add_argument("--cfg", type=str, default="", help="model yaml, e.g. yolov5n.yaml")
+    p.add_argument("--cfg", type=str, default="", help=f"model yaml, e.g. yolov5n.yaml (default {DEFAULT_CFG} without --weights)")
     p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml")
     p.add_argument("--hyp", type=str, default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="hyperparameter yaml")
     p.add_argument("--epochs", type=int, default=None, help=f"total training epochs (default {DEFAULT_EPOCHS})")
@@ -268,7 +269,8 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, resume_ckpt: dict |
         LOGGER.info(f"Transferred {len(matched)}/{len(own)} items from {opt.weights}")
         return model.to(device), ckpt
     if not opt.cfg:
-        raise TrainError("give a model: --cfg (e.g. yolov5n.yaml) or --weights")
+        opt.cfg = DEFAULT_CFG
+        LOGGER.info(f"No --cfg or --weights given: training {DEFAULT_CFG} from scratch")
     return Model(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=False).to(device), None
 
 

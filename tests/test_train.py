@@ -41,6 +41,13 @@ def test_parse_opt_defaults_and_resume_forms():
         train.parse_opt(["--optimizer", "RMSprop"])
 
 
+def test_without_cfg_or_weights_the_model_is_yolov5s_from_scratch():
+    opt = train.parse_opt([])  # as `python train.py --data coco128.yaml`
+    model, pretrained = train.build_model(opt, {}, 80, None, torch.device("cpu"))
+    assert pretrained is None and opt.cfg == "yolov5s.yaml"
+    assert sum(p.numel() for p in model.parameters()) == 7_235_389  # YOLOv5's yolov5s at 80 classes
+
+
 def test_multi_scale_size_is_a_seeded_multiple_of_stride():
     sizes = [train.multi_scale_size(320, 32, 0, 3, i) for i in range(200)]
     assert all(s % 32 == 0 and 160 <= s <= 480 for s in sizes) and len(set(sizes)) > 5
