@@ -383,6 +383,18 @@ def test_yolov5_file_with_a_hostile_entry_is_refused(tmp_path, monkeypatch):
     assert not hostile.exists() and not marker.exists()
 
 
+def test_yolov5_file_with_malformed_attributes_fails_with_one_line(tmp_path, monkeypatch):
+    common, yolo, DetectionModel = _yolov5_standins()
+    monkeypatch.setitem(sys.modules, "models.common", common)
+    monkeypatch.setitem(sys.modules, "models.yolo", yolo)
+    model = DetectionModel()
+    model.nc = "three"  # readable by the restricted unpickler, meaningless as a class count
+    torch.save({"model": model.half(), "ema": None}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"odd.pt is not a usable YOLOv5 checkpoint \(ValueError") as info:
+        load_checkpoint(tmp_path / "odd.pt")
+    assert "\n" not in str(info.value)
+
+
 def test_pickled_model_of_ours_imports_and_runs(tmp_path, monkeypatch):
     """Our layer classes carry YOLOv5's module paths (models.yolo, models.common), so a whole pickled model
     is a faithful YOLOv5 file; it must import with those modules made unimportable."""

@@ -645,6 +645,16 @@ def import_yolov5_checkpoint(path: str | Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({_one_line(e)[:200]})") from None
 
+    try:
+        return _from_yolov5(raw, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # the pickle was read, but what it holds has the wrong types or shapes
+        raise CheckpointError(f"{path} is not a usable YOLOv5 checkpoint ({_one_line(e)[:200]})") from None
+
+
+def _from_yolov5(raw: Any, path: Path) -> dict:
+    """Our checkpoint dict from the placeholder objects of an unpickled YOLOv5 file."""
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(raw).__name__}, not a dict")
     modules = {k: raw.get(k) for k in ("model", "ema") if isinstance(raw.get(k), _InertModule)}
