@@ -173,6 +173,10 @@ def test_missing_text_and_foreign_files_fail_with_one_line(tmp_path):
     cases["damaged.pt"] = "is not a"
     save_checkpoint(our_checkpoint(tiny_model(), version=2), tmp_path / "future.pt")
     cases["future.pt"] = "version 2; this code reads up to 1"
+    save_checkpoint(our_checkpoint(tiny_model(), nc="3"), tmp_path / "nc_text.pt")
+    cases["nc_text.pt"] = "malformed: 'nc' is '3', not a positive int"
+    save_checkpoint(our_checkpoint(tiny_model(), ema={"model.0.conv.weight": [1.0]}), tmp_path / "ema_list.pt")
+    cases["ema_list.pt"] = "malformed: 'ema' is not a state dict of tensors"
     for name, message in cases.items():
         with pytest.raises(CheckpointError, match=message) as info:
             load_checkpoint(tmp_path / name)

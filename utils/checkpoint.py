@@ -236,6 +236,16 @@ def _validate_ours(obj: Any, path: Path) -> dict:
             raise CheckpointError(f"{path} is incomplete: no '{key}' entry")
     if obj.get("model") is None and obj.get("ema") is None:
         raise CheckpointError(f"{path} holds no weights: 'model' and 'ema' are both empty")
+    # weights_only guarantees plain types, not the right ones; callers index these without further checks
+    nc = obj["nc"]
+    if type(nc) is not int or nc < 1:
+        raise CheckpointError(f"{path} is malformed: 'nc' is {nc!r}, not a positive int")
+    if not isinstance(obj["names"], list) or not isinstance(obj["yaml"], dict):
+        raise CheckpointError(f"{path} is malformed: 'names' must be a list and 'yaml' a dict")
+    for key in ("model", "ema"):
+        sd = obj.get(key)
+        if sd is not None and not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+            raise CheckpointError(f"{path} is malformed: '{key}' is not a state dict of tensors")
     return obj
 
 
