@@ -399,6 +399,18 @@ def test_yolov5_file_with_malformed_attributes_fails_with_one_line(tmp_path, mon
     assert "\n" not in str(info.value)
 
 
+def test_yolov5_file_with_an_overlapping_tensor_view_is_refused(tmp_path, monkeypatch):
+    common, yolo, DetectionModel = _yolov5_standins()
+    monkeypatch.setitem(sys.modules, "models.common", common)
+    monkeypatch.setitem(sys.modules, "models.yolo", yolo)
+    model = DetectionModel()
+    # torch.save keeps views: one stored float, shown 2**40 times (stride 0); a copy would need 4 TiB
+    model.model[2].register_buffer("huge", torch.zeros(1).expand(2**40))
+    torch.save({"model": model, "ema": None}, tmp_path / "bomb.pt")
+    with pytest.raises(CheckpointError, match=r"bomb.pt is not a usable checkpoint: tensor larger than its storage"):
+        load_checkpoint(tmp_path / "bomb.pt")
+
+
 def test_pickled_model_of_ours_imports_and_runs(tmp_path, monkeypatch):
     """Our layer classes carry YOLOv5's module paths (models.yolo, models.common), so a whole pickled model
     is a faithful YOLOv5 file; it must import with those modules made unimportable."""

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import glob
 import io
+import math
 import os
 import pathlib
 import pickle
@@ -439,11 +440,10 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     if not isinstance(storage, _Storage):
         raise CheckpointError("tensor without storage in checkpoint")
     flat = storage.flat
-    if not size:
-        return flat[offset].clone() if flat.numel() else torch.zeros((), dtype=flat.dtype)
-    extent = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if all(size) else 0
-    if extent > flat.numel() or offset < 0:
-        raise CheckpointError("tensor reaches past its storage in checkpoint")
+    # A weight never overlaps itself; a crafted stride-0 view could make the clone below ask for terabytes.
+    if math.prod(size) > flat.numel():
+        raise CheckpointError("tensor larger than its storage in checkpoint")
+    # as_strided refuses negative offsets and strides and any view that reaches past the storage.
     return flat.as_strided(tuple(size), tuple(stride), offset).clone()
 
 
