@@ -31,7 +31,8 @@ PRIOR_IMAGE_SIZE = 640
 
 
 def resolve_cfg(cfg: str | Path) -> Path:
-    """Find a model yaml: an existing path as given, else a bare name ('yolov5s', 'yolov5s.yaml') in models/.
+    """Find a model yaml: a path as given (or relative to the repository), or a bare name ('yolov5s',
+    'yolov5s.yaml') in models/.
 
     Raises FileNotFoundError naming every place that was searched.
     """
@@ -42,7 +43,8 @@ def resolve_cfg(cfg: str | Path) -> Path:
     if not given.is_absolute():
         for c in list(candidates):
             candidates.append(ROOT / c)
-            candidates.append(MODELS_DIR / c.name)
+            if len(given.parts) == 1:  # only a bare name may mean a zoo model; a mistyped path must fail
+                candidates.append(MODELS_DIR / c.name)
     seen = []
     for c in candidates:
         if c not in seen:
@@ -116,7 +118,7 @@ class Detect(nn.Module):
         return torch.cat(out, 1)
 
     def _grid(self, i: int, ny: int, nx: int, device: torch.device) -> torch.Tensor:
-        key = (ny, nx, device, torch.float32)
+        key = (ny, nx, device)
         cached = self._grids.get(i)
         if cached is None or cached[0] != key:
             yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
@@ -184,7 +186,8 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
                 args.insert(2, n)
                 n = 1
         elif m is nn.BatchNorm2d:
-            args = [ch[f]]
+            c2 = ch[f]
+            args = [c2]
         elif m is Concat:
             c2 = sum(ch[x] for x in f)
         elif m is Detect:

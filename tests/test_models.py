@@ -214,6 +214,8 @@ def test_user_yaml_path_and_resolution(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="searched"):
         resolve_cfg(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="searched"):  # a mistyped folder never falls back to the zoo
+        resolve_cfg("no-such-folder/yolov5n.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "head"}))
     with pytest.raises(ValueError, match="missing key 'head'"):
@@ -229,3 +231,36 @@ def test_test_time_augmentation_count(yolov5n):
     # full size without P5 (3*(64+16)); 0.83x -> padded back to 64 (all 3*84); 0.67x -> 43 px padded to 64,
     # without P3 (3*(16+4))
     assert pred.shape == (1, 3 * 80 + 3 * 84 + 3 * 20, 85)
+
+
+def test_test_time_augmentation_maps_boxes_back_to_the_input():
+    """With all-zero head logits every pass predicts its cells' centres at anchor size; TTA must divide by
+    each pass's scale and mirror x for the flipped pass."""
+    model = Model("yolov5n.yaml", nc=1, verbose=False).eval()
+    with torch.no_grad():
+        for conv in model.model[-1].m:
+            conv.weight.zero_()
+            conv.bias.zero_()
+        pred, _ = model(torch.rand(1, 3, 64, 64), augment=True)
+    want = []
+    for scale, flip, levels in ((1.0, False, (0, 1)), (0.83, True, (0, 1, 2)), (0.67, False, (1, 2))):
+        for level in levels:
+            s = (8, 16, 32)[level]
+            for a in range(3):
+                aw, ah = YAML_ANCHORS[level][2 * a:2 * a + 2]
+                for gy in range(64 // s):
+                    for gx in range(64 // s):
+                        x, y = (gx + 0.5) * s / scale, (gy + 0.5) * s / scale
+                        want.append([64 - x if flip else x, y, aw / scale, ah / scale])
+    assert torch.allclose(pred[0, :, :4], torch.tensor(want), atol=1e-3)
+
+
+def test_batchnorm_layer_passes_on_the_channels_of_its_input():
+    cfg = {"nc": 1, "anchors": [[10, 13, 16, 30, 33, 23]],
+           "backbone": [[-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [32, 3, 2]],
+                        [0, 1, "nn.BatchNorm2d", []],  # normalises layer 0's 16 channels, not layer 1's 32
+                        [-1, 1, "Conv", [24, 3, 2]]],
+           "head": [[[-1], 1, "Detect", ["nc", "anchors"]]]}
+    model = Model(cfg, verbose=False)
+    assert model.model[3].conv.weight.shape == (24, 16, 3, 3)
+    assert model.stride.tolist() == [4.0]
