@@ -40,7 +40,7 @@ from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.paths import increment_path  # noqa: E402
-from utils.metrics import CONFIDENCE_GRID, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
+from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -201,7 +201,6 @@ def run(
     warn_non_finite(model)
     nc = 1 if single_cls else int(data_dict["nc"])
     names = _class_names(data_dict, model_names, nc, single_cls)
-    iouv = torch.linspace(0.5, 0.95, 10)
     confusion = ConfusionMatrix(nc=nc)
     watches = [Stopwatch(device) for _ in range(3)]  # pre-process, inference, NMS
     loss = torch.zeros(3, device=device)
@@ -242,7 +241,7 @@ def run(
                 # json built from these labels holds (the batch targets went through letterbox and clipping).
                 gt = torch.from_numpy(dataset_labels[str(path)]).double()
                 tbox = xywhn2xyxy(gt[:, 1:5], w=shape[1], h=shape[0])
-                correct = match_predictions(predn[:, :4], predn[:, 4], predn[:, 5], tbox, gt[:, 0], iouv.numpy())
+                correct = match_predictions(predn[:, :4], predn[:, 4], predn[:, 5], tbox, gt[:, 0])  # COCO's IoU thresholds
                 correct_all.append(correct)
                 conf_all.append(predn[:, 4].cpu().numpy())
                 pcls_all.append(predn[:, 5].cpu().numpy())
@@ -259,7 +258,7 @@ def run(
                 plot_images(im, output_to_target(preds, max_det=15 * 16), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
 
     # Metrics over the whole split
-    correct = np.concatenate(correct_all, 0) if correct_all else np.zeros((0, 10), bool)
+    correct = np.concatenate(correct_all, 0) if correct_all else np.zeros((0, len(IOU_THRESHOLDS)), bool)
     confs = np.concatenate(conf_all) if conf_all else np.zeros(0)
     pcls = np.concatenate(pcls_all) if pcls_all else np.zeros(0)
     tcls = np.concatenate(tcls_all).astype(int) if tcls_all else np.zeros(0, int)
