@@ -81,11 +81,11 @@ def eval_mode(model: torch.nn.Module):
 def save_one_txt(predn: torch.Tensor, save_conf: bool, shape, file: Path) -> None:
     """YOLO-format prediction file: cls cx cy w h [conf], normalised by the original image (h, w)."""
     h, w = shape
-    gain = torch.tensor([w, h, w, h], dtype=torch.float64)
+    det = predn.detach().cpu().double()
+    xywhn = xyxy2xywh(det[:, :4]) / torch.tensor([w, h, w, h], dtype=torch.float64)
     with open(file, "w") as f:  # one call per image: a rerun with --exist-ok replaces, never appends
-        for *xyxy, conf, cls in predn.cpu().double().tolist():
-            xywhn = (xyxy2xywh(torch.tensor(xyxy, dtype=torch.float64)) / gain).tolist()
-            row = (int(cls), *xywhn, conf) if save_conf else (int(cls), *xywhn)
+        for cls, xywh, conf in zip(det[:, 5].tolist(), xywhn.tolist(), det[:, 4].tolist()):
+            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
             f.write(("%g " * len(row)).rstrip() % row + "\n")
 
 
@@ -108,8 +108,8 @@ def warn_non_finite(model: torch.nn.Module) -> None:
 
 
 def _class_names(data_dict: dict, model_names, nc: int, single_cls: bool) -> list[str]:
-    if single_cls:
-        return ["item"] if nc == 1 and len(data_dict["names"]) != 1 else list(data_dict["names"])[:1]
+    if single_cls:  # train.py names a single-class model the same way
+        return list(data_dict["names"]) if len(data_dict["names"]) == 1 else ["item"]
     names = list(data_dict["names"])
     if model_names is not None and len(model_names) == nc and [str(n) for n in model_names] != [str(i) for i in range(nc)]:
         names = list(model_names)  # the names the model was trained with, unless they are placeholders
@@ -169,7 +169,7 @@ def run(
         half = half and device.type == "cuda"
         use_autocast = False
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+        save_dir.mkdir(parents=True, exist_ok=True)
 
         if weights is None:
             raise CheckpointError("no --weights given")
@@ -188,6 +188,8 @@ def run(
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
             model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+    if save_txt:
+        (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     if dataloader is None:  # the command, or a caller that passes a model but no loader
         split = "val" if task == "speed" else task
         if not data_dict.get(split):

@@ -3,6 +3,7 @@ the command writes its report and files, and bad weights fail with one clear lin
 import json
 import logging
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_map_agrees_with_cocoeval_on_coco128(coco128, tmp_path, names, single_cl
     assert 0 < mp <= 1 and 0 < mr <= 1
 
 
-def test_cli_report_files_and_cocoeval(tiny_data, tmp_path, caplog):
+def test_cli_report_files_and_cocoeval(tiny_data, coco128, tmp_path, caplog):
     weights = _checkpoint(tmp_path / "w.pt", names=None)
     project = tmp_path / "runs"
     args = ["--weights", str(weights), "--data", str(tiny_data), "--img", str(IMG), "--batch-size", "4",
@@ -174,6 +175,14 @@ def test_cli_report_files_and_cocoeval(tiny_data, tmp_path, caplog):
     assert txt and all(len(line.split()) == 6 for line in txt[0].read_text().splitlines())
     preds = json.loads((save_dir / "w_predictions.json").read_text())
     assert preds and {"image_id", "category_id", "bbox", "score"} == set(preds[0]) and isinstance(preds[0]["image_id"], int)
+    # --save-txt rows are the json records (x, y, w, h in pixels) normalised by the original image size
+    w, h = cv2.imread(str(coco128 / "images" / "train2017" / f"{txt[0].stem}.jpg")).shape[1::-1]
+    rows = np.array([[float(v) for v in line.split()] for line in txt[0].read_text().splitlines()])
+    recs = [p for p in preds if p["image_id"] == int(txt[0].stem)]
+    x, y, bw, bh = np.array([r["bbox"] for r in recs]).T
+    assert len(rows) == len(recs) > 0 and (rows[:, 0] == 0).all() and {r["category_id"] for r in recs} == {1}
+    assert np.allclose(rows[:, 1:5], np.stack([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h], 1), atol=2e-5)
+    assert np.allclose(rows[:, 5], [r["score"] for r in recs], atol=1e-5)
     # our table and pycocotools on the same predictions and labels
     line = next(x for x in text.splitlines() if x.startswith("mAP50-95: ours"))
     ours, theirs = float(line.split()[2].rstrip(",")), float(line.split()[4])
