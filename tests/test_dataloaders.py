@@ -97,11 +97,23 @@ def test_bad_label_file_skips_that_image_only(tmp_path, log, case):
     assert len(ds[0][1]) == 2  # training goes on with the good images
 
 
-@pytest.mark.parametrize("case", ["truncated_end", "truncated_half", "garbage", "tiny", "listed_but_missing"])
+@pytest.mark.parametrize("case", ["truncated_end", "truncated_half", "garbage", "tiny", "listed_but_missing",
+                                  "jpeg_headers_only", "png_cut_in_last_chunk", "short_bmp"])
 def test_bad_image_skipped_with_reason(tmp_path, log, case):
     images = make_split(tmp_path / "ds", n=3, sizes=[(64, 48), (64, 48), (320, 240)])
-    source = images
-    if case == "truncated_end":  # decodable headers, lost tail: cv2 would fill the rest with grey
+    source, bad = images, images / "2.jpg"
+    if case in ("png_cut_in_last_chunk", "short_bmp"):  # PIL's checks pass these; OpenCV cannot read them
+        png = case.startswith("png")
+        bad = write_image(images / ("2.png" if png else "2.bmp"), 320, 240)
+        (images / "2.jpg").unlink()
+        data = bad.read_bytes()
+        bad.write_bytes(data[:-1] if png else data[:len(data) // 2])
+        reason = "image cannot be decoded"
+    elif case == "jpeg_headers_only":  # every header and the end marker, but the image data is lost
+        data = (images / "2.jpg").read_bytes()
+        (images / "2.jpg").write_bytes(data[:data.index(b"\xff\xda")] + data[-2:])  # cut at start-of-scan
+        reason = "image cannot be decoded"
+    elif case == "truncated_end":  # decodable headers, lost tail: cv2 would fill the rest with grey
         data = (images / "2.jpg").read_bytes()
         (images / "2.jpg").write_bytes(data[:-600])
         reason = "truncated JPEG (no end-of-image marker)"
@@ -121,8 +133,8 @@ def test_bad_image_skipped_with_reason(tmp_path, log, case):
         source.write_text("images/train/0.jpg\nimages/train/1.jpg\nimages/train/2.jpg\n")
         reason = "image file not found"
     ds = LoadImagesAndLabels(source, img_size=64)
-    assert ds.n == 2 and all(not f.endswith("2.jpg") for f in ds.im_files)
-    warned = [w for w in warnings_of(log) if str(images / "2.jpg") in w]
+    assert ds.n == 2 and str(bad) not in ds.im_files
+    warned = [w for w in warnings_of(log) if str(bad) in w]
     assert len(warned) == 1 and reason in warned[0]
     assert "2 images, 0 backgrounds (0 without a label file), 1 corrupt" in summary_of(log)
 
@@ -324,6 +336,62 @@ def test_mosaic_sample_shape_and_boxes_inside(tmp_path):
         assert set(targets[:, 1].tolist()) <= {0.0, 1.0}
         n_boxes += len(targets)
     assert n_boxes > 0
+
+
+OBJECT_RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+
+
+def make_object_split(root: Path):
+    """Four black images (long side 64) holding one solid rectangle each, of class k and colour k."""
+    sizes = [(64, 48), (48, 64), (64, 64), (64, 40)]
+    for k, ((w, h), rgb) in enumerate(zip(sizes, OBJECT_RGB)):
+        im = np.zeros((h, w, 3), np.uint8)
+        x1, y1, x2, y2 = 10, 12, w - 20, h - 14  # 10+ px from every border: copies never touch
+        im[y1:y2, x1:x2] = rgb[::-1]
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(exist_ok=True)
+        assert cv2.imwrite(str(root / "images" / f"{k}.png"), im)
+        (root / "labels" / f"{k}.txt").write_text(
+            f"{k} {(x1 + x2) / 2 / w} {(y1 + y2) / 2 / h} {(x2 - x1) / w} {(y2 - y1) / h}\n")
+    return root / "images"
+
+
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+def test_augmented_boxes_follow_the_objects(tmp_path, mosaic):
+    """Mosaic, letterbox, scale/translate, flips and normalisation composed: each target box must be the
+    extent of its object's pixels in the sample (the colour marks the class), whatever the draws."""
+    hyp = {**AUG_HYP, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0, "degrees": 0.0, "shear": 0.0, "flipud": 0.5,
+           "mosaic": mosaic, "mixup": 0.0}
+    ds = LoadImagesAndLabels(make_object_split(tmp_path / "ds"), img_size=64, augment=True, hyp=hyp, nc=4)
+    checked = 0
+    for epoch in range(4):
+        for i in range(4):
+            img, targets, _, _ = ds[(epoch, i)]
+            im = img.permute(1, 2, 0).numpy().astype(int)
+            H, W = im.shape[:2]
+            for _, k, cx, cy, w, h in targets.tolist():
+                box = np.array([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H])
+                x1, y1 = max(int(box[0]) - 3, 0), max(int(box[1]) - 3, 0)
+                x2, y2 = min(int(box[2]) + 4, W), min(int(box[3]) + 4, H)
+                ys, xs = np.nonzero(np.abs(im[y1:y2, x1:x2] - OBJECT_RGB[int(k)]).max(-1) < 60)
+                assert len(xs), (epoch, i, k)
+                extent = [x1 + xs.min(), y1 + ys.min(), x1 + xs.max() + 1, y1 + ys.max() + 1]
+                np.testing.assert_allclose(extent, box, atol=2.0)  # interpolation blurs edges by a pixel
+                checked += 1
+    assert checked >= 16
+
+
+def test_mosaic_places_the_sample_image_in_a_random_quadrant(tmp_path):
+    """Four solid 64 x 64 images of distinct colours. The mosaic centre is drawn inside the output crop, so
+    the output's top-left pixel lies in the top-left image: its colour names the image placed there."""
+    images = tmp_path / "ds" / "images"
+    images.mkdir(parents=True)
+    for k, rgb in enumerate(OBJECT_RGB):
+        assert cv2.imwrite(str(images / f"{k}.png"), np.full((64, 64, 3), rgb[::-1], np.uint8))
+    ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=dict(mosaic=1.0))
+    top_left = {tuple(ds[(epoch, 0)][0][:, 0, 0].tolist()) for epoch in range(16)}
+    assert top_left <= set(OBJECT_RGB)
+    assert len(top_left) > 1  # image 0 is not always the top-left one
 
 
 # -------------------------------------------------------------------------------------------- image caches

@@ -42,7 +42,7 @@ from utils.log import LOGGER
 cv2.setNumThreads(0)
 
 IMG_FORMATS = ("bmp", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp")
-LABEL_CACHE_VERSION = 1
+LABEL_CACHE_VERSION = 2  # bumped whenever verification changes, so older caches are re-scanned
 MIN_IMAGE_SIDE = 10  # pixels; smaller images are treated as corrupt
 EXIF_ORIENTATION = 0x0112
 
@@ -123,6 +123,11 @@ def _check_image(im_file: str) -> tuple[tuple[int, int] | None, str]:
             tail = f.read().rstrip(b"\x00")  # zero padding after the end marker is harmless
         if not tail.endswith(b"\xff\xd9"):
             return None, "truncated JPEG (no end-of-image marker)"
+    # OpenCV decodes the images in training and refuses some damage that PIL's checks pass (a PNG cut inside
+    # its last chunk, a short BMP, a JPEG without image data); found only then, it would stop training
+    # mid-epoch. Decoding once here costs a few ms per image, paid once thanks to the label cache.
+    if cv2.imread(im_file) is None:
+        return None, "image cannot be decoded (truncated or damaged)"
     return (w, h), ""
 
 
@@ -464,9 +469,13 @@ class LoadImagesAndLabels(Dataset):
 
     # ------------------------------------------------------------------------------------------- samples
     def load_mosaic(self, index: int, rng: np.random.Generator):
-        """Image `index` and three random others in a mosaic, then warped and cropped to img_size square."""
+        """Image `index` and three random others in a mosaic, then warped and cropped to img_size square.
+
+        The four are placed in a random order, as YOLOv5 does: were `index` always top-left, the crop
+        around the mosaic centre would only ever show the bottom-right part of it.
+        """
         others = rng.integers(0, self.n, 3)
-        indices = [index, *(int(i) for i in others)]
+        indices = [[index, *(int(i) for i in others)][j] for j in rng.permutation(4)]
         images = [self.load_image(i)[0] for i in indices]
         img, labels = mosaic4(images, [self.labels[i] for i in indices], self.img_size, rng)
         h = self.hyp
