@@ -15,6 +15,7 @@ from models.yolo import Model
 from utils.checkpoint import half_state_dict, save_checkpoint
 from utils.coco import coco_evaluate, yolo_labels_to_coco_gt
 from utils.dataloaders import create_dataloader
+from utils.ema import ModelEMA
 from utils.loss import ComputeLoss
 
 IMG = 128
@@ -67,27 +68,34 @@ def _checkpoint(path, nc=80, names=None, emit_boxes=True):
 
 
 def test_run_never_modifies_the_given_model(tiny_data, tmp_path):
+    """val.run(model=ema.ema, half=True), as train.py calls it, leaves every EMA tensor bitwise unchanged and
+    in place. On a CUDA machine this runs the FP16 (autocast) path; on the CPU, half is ignored."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hyp = yaml.safe_load(open(val.ROOT / "hyp" / "hyp.scratch-low.yaml"))
-    model = Model("yolov5n.yaml", nc=80, verbose=False)
+    model = Model("yolov5n.yaml", nc=80, verbose=False).to(device)
     model.hyp = hyp
-    model.train()
-    model.model[3].eval()  # a mixed state must come back as it was
     with torch.no_grad():  # non-trivial BN statistics: a BN update in train mode would show
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    flags = [m.training for m in model.modules()]
+    ema = ModelEMA(model)
+    ema.ema.train()
+    ema.ema.model[3].eval()  # a mixed state must come back as it was
+    state = ema.ema.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    places = {k: (v.dtype, v.data_ptr()) for k, v in state.items()}  # a .half()/.float() round trip moves them
+    flags = [m.training for m in ema.ema.modules()]
     # no dataloader given: run() builds one from the yaml's val split
-    results, maps, times = val.run(str(tiny_data), model=model, imgsz=IMG, batch_size=8, workers=0, half=True,
-                                   plots=False, save_dir=tmp_path, compute_loss=ComputeLoss(model, hyp))  # fmt: skip
-    after = model.state_dict()
-    assert all(after[k].dtype == dtypes[k] and torch.equal(after[k], before[k]) for k in before)
-    assert [m.training for m in model.modules()] == flags
+    results, maps, times = val.run(str(tiny_data), model=ema.ema, imgsz=IMG, batch_size=8, workers=0, half=True,
+                                   plots=False, save_dir=tmp_path, save_txt=True, compute_loss=ComputeLoss(model, hyp))  # fmt: skip
+    after = ema.ema.state_dict()
+    assert {k: (v.dtype, v.data_ptr()) for k, v in after.items()} == places
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [m.training for m in ema.ema.modules()] == flags
     assert len(results) == 7 and maps.shape == (80,) and len(times) == 3
     assert all(x > 0 for x in results[4:])  # box, obj, cls losses of an untrained model on real boxes
+    assert len(list((tmp_path / "labels").glob("*.txt"))) == 8  # --save-txt also works for a given model
 
 
 class OracleDetector(nn.Module):
