@@ -94,6 +94,14 @@ def test_coco80_to_91_matches_coco128_categories(coco128):
 def test_image_ids_from_file_names():
     assert image_id_from_path("/a/images/000000000009.jpg") == 9
     assert image_id_from_path("frame_12.png") == "frame_12"
+    assert image_id_from_path("/x/\u00bd.jpg") == "\u00bd"  # a numeric character that int() refuses
+
+
+@pytest.mark.parametrize("files", [["a/000000000007.jpg", "b/7.jpg"], ["a/000000000007.jpg", "a/cat.jpg"]])
+def test_gt_refuses_image_ids_cocoeval_cannot_tell_apart(files):
+    ds = SimpleNamespace(im_files=files, labels=[np.zeros((0, 5), np.float32)] * 2, shapes=np.array([[64, 48]] * 2))
+    with pytest.raises(ValueError, match=f"{files[0]} and {files[1]}"):
+        yolo_labels_to_coco_gt(ds, names=["0"])
 
 
 def test_find_annotations_json(tmp_path, coco128):

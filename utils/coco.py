@@ -33,7 +33,7 @@ def category_map(nc: int) -> list[int]:
 def image_id_from_path(path) -> int | str:
     """COCO image id of an image file: its stem as an int when numeric ('000000000009' -> 9), else the stem."""
     stem = Path(path).stem
-    return int(stem) if stem.isnumeric() else stem
+    return int(stem) if stem.isdecimal() else stem  # isnumeric() also admits '½', which int() refuses
 
 
 def predictions_to_coco(detections, image_id, class_map: list[int]) -> list[dict]:
@@ -72,8 +72,13 @@ def yolo_labels_to_coco_gt(dataset, class_map: list[int] | None = None, names: l
     class_map = class_map if class_map is not None else category_map(nc)
     names = names if names is not None else [str(i) for i in range(nc)]
     images, annotations = [], []
+    files_by_id: dict = {}
     for im_file, labels, (w, h) in zip(dataset.im_files, dataset.labels, np.asarray(dataset.shapes)):
         image_id = image_id_from_path(im_file)
+        # COCOeval keys everything by image id: a shared id would silently merge two images' boxes
+        if image_id in files_by_id:
+            raise ValueError(f"{files_by_id[image_id]} and {im_file} have the same COCO image id {image_id!r}")
+        files_by_id[image_id] = im_file
         images.append({"id": image_id, "file_name": Path(im_file).name, "width": int(w), "height": int(h)})
         for cls, cx, cy, bw, bh in np.asarray(labels, dtype=np.float64).reshape(-1, 5):
             box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
@@ -88,6 +93,9 @@ def yolo_labels_to_coco_gt(dataset, class_map: list[int] | None = None, names: l
                     "iscrowd": 0,
                 }
             )
+    example = {type(i): f for i, f in files_by_id.items()}
+    if len(example) > 1:  # COCOeval sorts the ids, and an int and a str do not compare
+        raise ValueError(f"COCO image ids must be all numbers or all names, but {example[int]} and {example[str]} mix them")
     categories = [{"id": class_map[i], "name": names[i], "supercategory": ""} for i in range(nc)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
