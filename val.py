@@ -168,14 +168,10 @@ def run(
             LOGGER.info("--half is only used on CUDA; evaluating in FP32 on the CPU")
         half = half and device.type == "cuda"
         use_autocast = False
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        save_dir.mkdir(parents=True, exist_ok=True)
-
         if weights is None:
             raise CheckpointError("no --weights given")
         ckpt = load_checkpoint(weights)
-        trained_nc = int(ckpt["nc"])
-        if not (single_cls and trained_nc == 1):
+        if not (single_cls and ckpt["nc"] == 1):
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
         model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse and convert
         del ckpt
@@ -188,6 +184,8 @@ def run(
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
             model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # only once the weights are good
+        save_dir.mkdir(parents=True, exist_ok=True)
     if save_txt:
         (save_dir / "labels").mkdir(parents=True, exist_ok=True)
     if dataloader is None:  # the command, or a caller that passes a model but no loader

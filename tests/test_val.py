@@ -226,6 +226,7 @@ def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
         assert val.main(["--weights", str(three)] + common) == 1
     msg = _one_error_line(caplog)
     assert "3 classes" in msg and "80" in msg
+    assert not (tmp_path / "runs").exists()  # refused weights leave no empty run folder behind
 
     caplog.clear()
     ok = _checkpoint(tmp_path / "ok.pt", emit_boxes=False)

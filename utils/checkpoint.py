@@ -47,9 +47,7 @@ def _plain(obj: Any, where: str) -> Any:
         return obj
     if isinstance(obj, np.generic) and not isinstance(obj, np.object_):
         return obj.item()  # before the float/int checks: np.float64 is a float subclass
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, int):  # IntEnum and friends would need their class to load
+    if isinstance(obj, int):  # IntEnum and friends would need their class to load (bool cannot be subclassed)
         return int(obj)
     if isinstance(obj, float):
         return float(obj)
