@@ -46,6 +46,17 @@ def test_matching_prefers_best_iou_among_free_boxes():
     assert correct.all()  # matched box 1 at IoU 1 (box 0 would fail above IoU 0.818)
 
 
+def test_matching_gives_an_iou_tie_to_the_later_box():
+    # Boxes A = [0, 10] and B = [5, 15] (x; y 0..10). The first prediction, x 2..13, overlaps each by
+    # 80 / 130 = 0.615; COCOeval's scan keeps the later of equal IoUs, so it takes B at t <= 0.6, which
+    # leaves A to the second prediction (A itself) at every threshold. Taking A would make it a duplicate.
+    gt = np.array([[0, 0, 10, 10], [5, 0, 15, 10]], dtype=float)
+    preds = np.array([[2, 0, 13, 10], [0, 0, 10, 10]], dtype=float)
+    correct = match_predictions(preds, [0.9, 0.8], [0, 0], gt, [0, 0])
+    assert correct[0].tolist() == (IOU_THRESHOLDS <= 80 / 130).tolist()
+    assert correct[1].all()
+
+
 def test_ap_hand_computed_101_point_envelope():
     # 2 boxes; predictions by score: TP, FP, TP (exact overlaps -> same at every IoU threshold).
     # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> envelope 1, 2/3, 2/3.
