@@ -17,6 +17,7 @@ IMG = 256
 ANCHORS_PX = [[(10, 13), (16, 30), (33, 23)], [(30, 61), (62, 45), (59, 119)], [(116, 90), (156, 198), (373, 326)]]
 STRIDES = (8, 16, 32)
 OBJ_LOGIT, CLS_LOGITS = -2.0, (1.0, 0.3)
+XY_LOGITS, WH_LOGITS = (0.4, -0.3), (0.2, -0.5)  # away from 0, where 2*sigmoid is 1 and hides exponents
 
 # One box, class 1, centre (99, 61) px, size 36 x 44 px in a 256 x 256 image. Worked by hand:
 #  P3 (grid 32): wh 4.5 x 5.5 cells fits all 3 anchors (worst ratios 3.6, 2.25, 1.9 < 4); centre (12.375, 7.625)
@@ -47,6 +48,8 @@ def _constant_preds(bs=2):
     preds = []
     for s in STRIDES:
         p = torch.zeros(bs, 3, IMG // s, IMG // s, 7)
+        p[..., 0], p[..., 1] = XY_LOGITS
+        p[..., 2], p[..., 3] = WH_LOGITS
         p[..., 4] = OBJ_LOGIT
         p[..., 5], p[..., 6] = CLS_LOGITS
         preds.append(p)
@@ -68,6 +71,10 @@ def _ciou_by_hand(p, t):
     v = 4 / math.pi ** 2 * (math.atan(tw / th) - math.atan(pw / ph)) ** 2
     alpha = v / (1 - iou + v)
     return iou - rho2 / (cw ** 2 + ch ** 2) - alpha * v
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
 
 
 def _bce(logit, target):
@@ -100,6 +107,18 @@ def test_target_in_first_cell_gets_no_neighbour_outside_the_image(model):
     _, _, indices, _ = cl.build_targets(_constant_preds(1), t)
     b, a, gj, gi = indices[0]
     assert set(zip(gj.tolist(), gi.tolist())) == {(31, 0), (30, 0)}
+    assert len(gj) == 2 * 3  # own cell and the upper one, for each of the 3 anchors; no clamped duplicates
+
+
+def test_neighbour_cells_within_half_a_cell():
+    cl = ComputeLoss(Model("yolov5n.yaml", nc=2, verbose=False), HYP)
+    # P3 grid centre (5.45, 5.55): 0.45 from its left border, 0.45 from its lower one -> both neighbours
+    t = torch.tensor([[0, 0, 5.45 * 8 / IMG, 5.55 * 8 / IMG, 12 / IMG, 14 / IMG]])
+    _, tbox, indices, _ = cl.build_targets(_constant_preds(1), t)
+    b, a, gj, gi = indices[0]
+    assert sorted(set(zip(gj.tolist(), gi.tolist()))) == [(5, 4), (5, 5), (6, 5)]
+    # the centre, seen from each assigned cell's corner, lies in (-0.5, 1.5) where 2*sigmoid-0.5 can reach
+    assert ((tbox[0][:, :2] > -0.5) & (tbox[0][:, :2] < 1.5)).all()
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -114,10 +133,12 @@ def test_loss_terms_equal_hand_computation(model, smoothing):
     for level, balance in enumerate((4.0, 1.0, 0.4)):
         s = STRIDES[level]
         cious = []
+        # YOLOv5 decoding: offset 2*sigmoid - 0.5 cells from the cell corner, size (2*sigmoid)^2 * anchor
+        px, py = (2 * _sigmoid(v) - 0.5 for v in XY_LOGITS)
+        gw, gh = ((2 * _sigmoid(v)) ** 2 for v in WH_LOGITS)
         for a, gy, gx in EXPECTED_MATCHES[level]:
             aw, ah = ANCHORS_PX[level][a]
-            # zero logits: offset 2*0.5-0.5 = 0.5 cell, size (2*0.5)^2 * anchor = anchor
-            cious.append(_ciou_by_hand((0.5, 0.5, aw / s, ah / s), (cx / s - gx, cy / s - gy, w / s, h / s)))
+            cious.append(_ciou_by_hand((px, py, gw * aw / s, gh * ah / s), (cx / s - gx, cy / s - gy, w / s, h / s)))
         cious = np.array(cious)
         lbox += np.mean(1 - cious)
         n_cells = 2 * 3 * (IMG // s) ** 2
@@ -128,6 +149,23 @@ def test_loss_terms_equal_hand_computation(model, smoothing):
     want = torch.tensor([lbox * HYP["box"], lobj * HYP["obj"], lcls * HYP["cls"]], dtype=torch.float32)
     assert torch.allclose(items, want, rtol=1e-4, atol=1e-6)
     assert math.isclose(loss.item(), 2 * want.sum().item(), rel_tol=1e-4)  # scaled by batch size 2
+
+
+def test_class_targets_follow_each_targets_class(model):
+    """Two targets of different classes: each matched row's BCE target is one-hot on its own class."""
+    cl = ComputeLoss(model, HYP)
+    targets = torch.cat((_targets(), torch.tensor([[1, 0, 0.3, 0.7, 0.2, 0.1]])))
+    _, items = cl(_constant_preds(bs=2), targets)
+    tcls, _, _, _ = cl.build_targets(_constant_preds(bs=2), targets)
+    row0 = _bce(CLS_LOGITS[0], 1) + _bce(CLS_LOGITS[1], 0)  # summed BCE of a class-0 row
+    row1 = _bce(CLS_LOGITS[0], 0) + _bce(CLS_LOGITS[1], 1)
+    want = 0.0
+    for level_cls in tcls:
+        n1 = int((level_cls == 1).sum())
+        n0 = len(level_cls) - n1
+        assert n0 and n1
+        want += (n0 * row0 + n1 * row1) / (2 * (n0 + n1))
+    assert math.isclose(items[2].item(), want * HYP["cls"], rel_tol=1e-5)
 
 
 def test_no_targets_leaves_only_background_objectness(model):
