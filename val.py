@@ -89,11 +89,11 @@ def save_one_txt(predn: torch.Tensor, save_conf: bool, shape, file: Path) -> Non
             f.write(("%g " * len(row)).rstrip() % row + "\n")
 
 
-def output_to_target(output: list[torch.Tensor], max_det: int = 300) -> torch.Tensor:
+def output_to_target(output: list[torch.Tensor]) -> torch.Tensor:
     """NMS output per image -> rows [img_idx, cls, cx, cy, w, h, conf] (pixels) for plot_images."""
     rows = []
     for i, det in enumerate(output):
-        det = det[:max_det].detach().float().cpu()
+        det = det.detach().float().cpu()
         idx = torch.full((len(det), 1), float(i))
         rows.append(torch.cat((idx, det[:, 5:6], xyxy2xywh(det[:, :4]), det[:, 4:5]), 1))
     return torch.cat(rows, 0) if rows else torch.zeros((0, 7))
@@ -255,7 +255,7 @@ def run(
 
             if plots and batch_i < PLOTTED_BATCHES:
                 plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-                plot_images(im, output_to_target(preds, max_det=15 * 16), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+                plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
 
     # Metrics over the whole split
     correct = np.concatenate(correct_all, 0) if correct_all else np.zeros((0, len(IOU_THRESHOLDS)), bool)
