@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.yolo import Model
+from utils import autoanchor
 from utils.autoanchor import anchor_fit, check_anchor_order, check_anchors, kmean_anchors, kmeans, label_wh
 
 # Nine well-separated (w, h) sizes in pixels at 640, sorted by area.
@@ -106,3 +107,25 @@ def test_no_labels_keeps_anchors(caplog):
     with caplog.at_level("WARNING", logger="yolo"):
         assert check_anchors(ds, model) is False
     assert torch.equal(model.model[-1].anchors, before) and "no labels" in caplog.text
+
+
+def test_recall_just_under_98_percent_triggers_new_anchors(caplog):
+    """90% of the labels sit on the YOLOv5 anchors, 10% are thin strips no anchor fits: BPR about 0.9."""
+    fit = _clustered_dataset(YOLOV5_ANCHORS, per_cluster=40)
+    strips = _clustered_dataset([np.array([600.0, 5.0])], per_cluster=40, seed=1)
+    ds = SimpleNamespace(shapes=np.concatenate([fit.shapes, strips.shapes]), labels=fit.labels + strips.labels)
+    model = Model("yolov5n.yaml", verbose=False)
+    bpr, _ = anchor_fit(torch.tensor(YOLOV5_ANCHORS), torch.from_numpy(label_wh(ds, 640)))
+    assert 0.85 < bpr < 0.95
+    with caplog.at_level("INFO", logger="yolo"):
+        assert check_anchors(ds, model, thr=4.0, imgsz=640) is True
+    assert "poor fit" in caplog.text
+
+
+def test_new_anchors_no_better_are_not_used(caplog, monkeypatch):
+    model = Model("yolov5n.yaml", anchors=3, verbose=False)
+    before = model.model[-1].anchors.clone()
+    monkeypatch.setattr(autoanchor, "kmean_anchors", lambda *a, **k: np.full((9, 2), 1e4, np.float32))
+    with caplog.at_level("INFO", logger="yolo"):
+        assert check_anchors(_clustered_dataset(TRUE_WH), model, thr=4.0, imgsz=640) is False
+    assert torch.equal(model.model[-1].anchors, before) and "no better" in caplog.text
