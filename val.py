@@ -220,7 +220,7 @@ def run(
                 im = im.to(device, non_blocking=True)
                 im = (im.half() if half else im.float()) / 255
                 targets = targets.to(device)
-                nb, _, height, width = im.shape
+                height, width = im.shape[2:]
             with watches[1], amp:
                 out = model(im, augment=augment) if augment else model(im)
                 preds, train_out = (out if isinstance(out, (list, tuple)) else (out, None))
