@@ -465,3 +465,34 @@ def test_coco128_batches_at_img_160(coco128):
     imgs, targets, _, shapes = next(iter(train_loader))
     assert imgs.shape == (4, 3, 160, 160) and len(targets) > 0
     assert ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all() and set(targets[:, 0].tolist()) <= {0, 1, 2, 3}
+
+
+def test_each_hyp_key_drives_its_own_augmentation(tmp_path):
+    """One hyp key on at a time, against the plain letterboxed sample of the same image."""
+    images = make_object_split(tmp_path / "ds")
+    off = dict(hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, degrees=0.0, translate=0.0, scale=0.0, shear=0.0, perspective=0.0,
+               flipud=0.0, fliplr=0.0, mosaic=0.0, mixup=0.0)
+
+    def sample(epoch=0, **on):
+        ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp={**off, **on}, nc=4)
+        return ds[(epoch, 0)]
+
+    base_img, base_t, _, base_shapes = sample()
+    assert base_shapes is not None
+    img, t, _, _ = sample(fliplr=1.0)
+    assert torch.equal(img, base_img.flip(2)) and torch.allclose(t[:, 2], 1 - base_t[:, 2])
+    img, t, _, _ = sample(flipud=1.0)
+    assert torch.equal(img, base_img.flip(1)) and torch.allclose(t[:, 3], 1 - base_t[:, 3])
+    img, t, _, _ = sample(hsv_v=0.9)
+    assert not torch.equal(img, base_img) and torch.equal(t, base_t)
+    moved = [sample(e, translate=0.1)[1] for e in range(3)]  # small enough to keep the object inside
+    assert all(torch.allclose(m[:, 4:], base_t[:, 4:], atol=1e-3) for m in moved)  # same size ...
+    assert any(not torch.allclose(m[:, 2:4], base_t[:, 2:4], atol=1e-3) for m in moved)  # ... elsewhere
+    scaled = [sample(e, scale=0.3)[1] for e in range(3)]
+    aspect = base_t[:, 4] / base_t[:, 5]
+    assert all(torch.allclose(s[:, 4] / s[:, 5], aspect, rtol=0.05) for s in scaled)  # zoom keeps aspect
+    assert any(not torch.allclose(s[:, 4:], base_t[:, 4:], rtol=0.05) for s in scaled)
+    rotated = [sample(e, degrees=30.0)[1] for e in range(3)]
+    assert any(not torch.allclose(r[:, 4] / r[:, 5], aspect, rtol=0.05) for r in rotated)
+    assert sample(mosaic=1.0)[3] is None
+    assert sample(mosaic=1.0, mixup=1.0)[1].shape[0] > sample(mosaic=1.0)[1].shape[0]

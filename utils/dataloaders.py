@@ -441,7 +441,8 @@ class LoadImagesAndLabels(Dataset):
         for f in self.im_files:
             d = Path(f).parent
             if d not in folders:
-                folders[d] = d if writable_dir(d) else user_cache_dir() / "npy" / hashlib.sha1(str(d).encode()).hexdigest()[:16]
+                fallback = user_cache_dir() / "npy" / hashlib.sha1(str(d).encode()).hexdigest()[:16]
+                folders[d] = d if writable_dir(d) else fallback
                 if folders[d] != d:
                     LOGGER.info(f"{self.prefix}Image folder {d} is read-only; .npy cache kept in {folders[d]}")
         npy = [str(folders[Path(f).parent] / (Path(f).stem + ".npy")) for f in self.im_files]
