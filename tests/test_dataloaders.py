@@ -162,6 +162,16 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
         LoadImagesAndLabels(images, img_size=64)
     with pytest.raises(DatasetError, match="does not exist"):
         LoadImagesAndLabels(tmp_path / "absent", img_size=64)
+    archive = tmp_path / "ds.zip"
+    archive.write_bytes(b"PK\x03\x04\xff\xfe binary")
+    with pytest.raises(DatasetError, match="neither an image folder"):
+        LoadImagesAndLabels(archive, img_size=64)
+
+
+def test_single_image_source(tmp_path):
+    images = make_split(tmp_path / "ds", n=2)
+    ds = LoadImagesAndLabels(images / "1.jpg", img_size=64)
+    assert ds.im_files == [str(images / "1.jpg")] and ds.labels[0].shape == (2, 5)
 
 
 # -------------------------------------------------------------------------------------------- label cache

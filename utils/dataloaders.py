@@ -76,15 +76,21 @@ def img2label_paths(img_paths) -> list[str]:
 
 def list_image_files(path, prefix: str = "") -> list[str]:
     """Sorted absolute image paths from a folder (searched recursively), a .txt list of image paths
-    (relative ones are relative to the list's folder), or a list of those."""
+    (relative ones are relative to the list's folder), a single image, or a list of those."""
     sources = path if isinstance(path, (list, tuple)) else [path]
     files = []
     for src in sources:
         p = Path(src).expanduser()
         if p.is_dir():
             files += [str(f) for f in p.rglob("*") if f.suffix[1:].lower() in IMG_FORMATS and f.is_file()]
+        elif p.is_file() and p.suffix[1:].lower() in IMG_FORMATS:
+            files.append(str(p))
         elif p.is_file():
-            lines = p.read_text(encoding="utf-8").splitlines()
+            try:
+                lines = p.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise DatasetError(f"{prefix}{p} is neither an image folder, an image, nor a text list of image "
+                                   "paths") from None
             for line in (x.strip() for x in lines):
                 if line:
                     f = Path(line).expanduser()
