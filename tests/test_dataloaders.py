@@ -155,6 +155,15 @@ def test_duplicates_dropped_missing_and_empty_labels_are_backgrounds(tmp_path, l
     assert "4 images, 2 backgrounds (1 without a label file), 0 corrupt, 2 duplicate rows dropped" in summary_of(log)
 
 
+def test_label_file_with_byte_order_mark_and_crlf(tmp_path, log):
+    images = make_split(tmp_path / "ds", n=1)
+    windows_text = b"\xef\xbb\xbf" + GOOD_LABEL.replace("\n", "\r\n").encode()
+    (tmp_path / "ds" / "labels" / "train" / "0.txt").write_bytes(windows_text)
+    ds = LoadImagesAndLabels(images, img_size=64)
+    np.testing.assert_allclose(ds.labels[0], [[0, 0.5, 0.5, 0.4, 0.3], [1, 0.25, 0.25, 0.2, 0.2]])
+    assert not warnings_of(log)
+
+
 def test_nothing_usable_is_a_clear_error(tmp_path):
     images = make_split(tmp_path / "ds", n=1)
     (images / "0.jpg").write_bytes(b"junk")

@@ -140,7 +140,7 @@ def _check_image(im_file: str) -> tuple[tuple[int, int] | None, str]:
 def _parse_label_file(lb_file: str, nc: int | None) -> tuple[np.ndarray | None, int, str]:
     """(labels (n, 5) float32 with duplicates removed, duplicates dropped, '') or (None, 0, reason)."""
     try:
-        text = Path(lb_file).read_text(encoding="utf-8")
+        text = Path(lb_file).read_text(encoding="utf-8-sig")  # editors on Windows may add a BOM
     except (OSError, UnicodeDecodeError) as e:
         return None, 0, f"unreadable label file {lb_file} ({type(e).__name__})"
     rows = []
