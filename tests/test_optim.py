@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.train_helpers import walked_optimizer_steps
 from utils.early_stopping import EarlyStopping
 from utils.optim import (BIAS_GROUP, DECAY_GROUP, NORM_GROUP, apply_warmup, build_optimizer, build_scheduler,
-                         lr_factor, nominal_accumulate, scaled_weight_decay, split_parameters, warmup_accumulate,
-                         warmup_iterations)
+                         lr_factor, nominal_accumulate, planned_optimizer_steps, scaled_weight_decay,
+                         split_parameters, warmup_accumulate, warmup_iterations)
 from utils.rng import capture_rng_state, restore_rng_state
 
 
@@ -112,20 +113,10 @@ def test_early_stopping_counts_patience_and_round_trips():
 
 
 def test_planned_optimizer_steps_matches_hand_count_and_a_full_walk():
-    from utils.optim import planned_optimizer_steps
     # 3 batches/epoch of 4 images, nbs 64, 100 warm-up iterations: accumulate 1 for ni 0-3, then 2 up to ni 8
     # (steps at 0, 1, 2, 3, 5, 7) -> 5 steps in 2 epochs, 6 in 3.
     assert planned_optimizer_steps(3, 2, 100, 64, 4) == 5 and planned_optimizer_steps(3, 3, 100, 64, 4) == 6
 
-    def walk(nb, epochs, nw, nbs, bs):  # every iteration, the rule as train.py applies it
-        last, steps, acc = -1, 0, max(round(nbs / bs), 1)
-        for ni in range(nb * epochs):
-            if ni <= nw:
-                acc = max(1, int(np.interp(ni, [0, nw], [1, nbs / bs]).round()))
-            if ni - last >= acc:
-                last, steps = ni, steps + 1
-        return steps
-
     for case in [(50, 10, 150, 64, 16), (8, 30, 100, 64, 16), (7, 40, 100, 64, 5), (20, 3, 100, 64, 64),
                  (13, 11, 100, 64, 3), (1, 500, 100, 64, 16)]:
-        assert planned_optimizer_steps(*case) == walk(*case), case
+        assert planned_optimizer_steps(*case) == walked_optimizer_steps(*case), case

@@ -2,12 +2,11 @@
 extension with --epochs; refusals that leave the disk untouched."""
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, run_train, tiny_model_yaml,
-                                 tiny_run_args, tree_digest)
+                                 tiny_run_args, tree_digest, walked_optimizer_steps)
 from train import TrainError, parse_opt, prepare_resume
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -15,16 +14,8 @@ N_IMAGES, BATCH, EPOCHS = 12, 4, 3
 NB = N_IMAGES // BATCH  # 3 batches per epoch
 
 
-def expected_optimizer_steps(epochs, nb=NB, batch=BATCH, nbs=64, warmup_epochs=3.0):
-    """Optimizer steps of YOLOv5's accumulation rule: step when ni - last_step >= accumulate, where
-    accumulate ramps from 1 to nbs/batch over max(round(warmup_epochs * nb), 100) iterations."""
-    nw, last, steps, accumulate = max(round(warmup_epochs * nb), 100), -1, 0, max(round(nbs / batch), 1)
-    for ni in range(nb * epochs):
-        if ni <= nw:
-            accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch]).round()))
-        if ni - last >= accumulate:
-            steps, last = steps + 1, ni
-    return steps
+def expected_optimizer_steps(epochs):
+    return walked_optimizer_steps(NB, epochs, nw=max(round(3.0 * NB), 100), nbs=64, batch=BATCH)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"  # train.py's test hook: SIGKILL itself at this global iteration
+from train import KILL_HOOK_ENV, ROOT  # KILL_HOOK_ENV: train.py SIGKILLs itself at this global iteration
 
 
 def make_dataset(root: Path, n: int = 12, size: int = 64, nc: int = 2, seed: int = 0) -> Path:
@@ -66,6 +65,18 @@ def run_train(args: list, timeout: float = 300, **env) -> subprocess.CompletedPr
 def tiny_run_args(data: Path, cfg: Path, project: Path, name: str, epochs: int = 3, *extra) -> list:
     return ["--data", data, "--cfg", cfg, "--img", 64, "--epochs", epochs, "--batch-size", 4, "--workers", 0,
             "--project", project, "--name", name, "--deterministic", "--noplots", *extra]
+
+
+def walked_optimizer_steps(nb: int, epochs: int, nw: int, nbs: int, batch: int) -> int:
+    """Optimizer steps of YOLOv5's accumulation rule, walked iteration by iteration: a step when
+    ni - last_step >= accumulate, where accumulate ramps from 1 to nbs/batch over the nw warm-up iterations."""
+    last, steps, accumulate = -1, 0, max(round(nbs / batch), 1)
+    for ni in range(nb * epochs):
+        if ni <= nw:
+            accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch]).round()))
+        if ni - last >= accumulate:
+            last, steps = ni, steps + 1
+    return steps
 
 
 def tree_digest(folder: Path) -> dict:

@@ -15,15 +15,12 @@ class EarlyStopping:
         self.best_fitness = 0.0
         self.best_epoch = 0
         self.patience = float("inf") if patience <= 0 else patience  # patience 0 or less never stops
-        self.possible_stop = False  # True when the next epoch without improvement will stop the run
 
     def __call__(self, epoch: int, fitness: float) -> bool:
         if fitness >= self.best_fitness:  # >= so that a run stuck at 0 in its first epochs keeps going
             self.best_epoch = epoch
             self.best_fitness = float(fitness)
-        waited = epoch - self.best_epoch
-        self.possible_stop = waited >= self.patience - 1
-        stop = waited >= self.patience
+        stop = epoch - self.best_epoch >= self.patience
         if stop:
             LOGGER.info(f"Stopping training early: no improvement in the last {self.patience} epochs. "
                         f"Best results were at epoch {self.best_epoch}. "
