@@ -132,3 +132,17 @@ def test_mixup_blends_and_concatenates():
     out, labels = mixup(a, la, b, lb, np.random.default_rng(9))
     assert out[0, 0, 0] == int(200 * r) and out[0, 0, 1] == int(100 * (1 - r))
     np.testing.assert_array_equal(labels, np.concatenate([la, lb]))
+
+
+def test_random_perspective_keeps_whole_boxes_however_much_it_zooms_out():
+    """box_candidates compares the warped area with the zoomed original: an object shrunk to a tenth of
+    its area but fully visible is still an object."""
+    im = np.zeros((200, 200, 3), np.uint8)
+    labels = np.array([[0, 50, 50, 150, 150]], np.float32)  # centred: any zoom keeps it inside
+    zooms = []
+    for seed in range(20):
+        _, lb = random_perspective(im, labels.copy(), np.random.default_rng(seed), degrees=0, translate=0,
+                                   scale=0.9, shear=0, perspective=0)
+        assert len(lb) == 1, seed
+        zooms.append((lb[0, 3] - lb[0, 1]) / 100)
+    assert min(zooms) < 0.3  # some draws shrank the area below box_candidates' 10%
