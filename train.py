@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,7 @@ METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "met
 RAW_COLUMNS = ("raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95")
 EMA_ATTRS = ("yaml", "nc", "hyp", "names", "stride", "class_weights")
 KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"
+DDP_TIMEOUT = timedelta(hours=3)
 
 
 class TrainError(Exception):
@@ -204,10 +205,18 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
+def device_spec(device: str, procs: Processes, cuda_available: bool) -> str:
+    """The --device string this process hands to select_device. Under torchrun without --device, CUDA
+    processes take GPU LOCAL_RANK (one process per GPU); select_device alone would put them all on GPU 0."""
+    if procs.distributed and cuda_available and str(device).strip().lower() in ("", "auto"):
+        return str(procs.local_rank)
+    return device
+
+
 def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
     """The device of this process; under torchrun also the process group (gloo on CPU, NCCL on CUDA)."""
     try:
-        device = select_device(opt.device, batch_size=opt.batch_size)
+        device = select_device(device_spec(opt.device, procs, torch.cuda.is_available()), batch_size=opt.batch_size)
     except ValueError as e:
         raise TrainError(str(e)) from None
     if procs.distributed:
@@ -215,7 +224,9 @@ def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
             raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {procs.world_size}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # The other ranks wait in a collective while rank 0 validates and saves; NCCL's default 10-minute
+        # timeout would kill the run on a large validation set.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
     return device
 
 
