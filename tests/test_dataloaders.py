@@ -415,7 +415,7 @@ def test_mosaic_places_the_sample_image_in_a_random_quadrant(tmp_path):
 
 # -------------------------------------------------------------------------------------------- image caches
 
-def test_ram_and_disk_caches_give_identical_samples(tmp_path, user_cache):
+def test_ram_and_disk_caches_give_identical_samples(tmp_path, user_cache, monkeypatch):
     images = make_split(tmp_path / "ds", n=3, sizes=[(80, 60), (60, 80), (64, 64)])
     plain = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP)
     ram = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="ram")
@@ -423,9 +423,15 @@ def test_ram_and_disk_caches_give_identical_samples(tmp_path, user_cache):
     assert all(im is not None for im in ram.ims)
     assert sorted(p.name for p in images.glob("*.npy")) == ["0.npy", "1.npy", "2.npy"]
     np.testing.assert_array_equal(np.load(images / "1.npy"), cv2.imread(str(images / "1.jpg")))
-    for i in range(3):
-        for e in range(2):
-            a, b, c = plain[(e, i)], ram[(e, i)], disk[(e, i)]
+    expected = {(e, i): plain[(e, i)] for i in range(3) for e in range(2)}
+
+    def no_decoding(*args):
+        raise AssertionError("a cached image was decoded again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dataloaders.cv2, "imread", no_decoding)
+        for (e, i), a in expected.items():
+            b, c = ram[(e, i)], disk[(e, i)]
             assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
 
     # colour-only augmentation of an image that needs no resizing nor padding works in place:
