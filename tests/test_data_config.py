@@ -1,4 +1,6 @@
 """Dataset yaml resolution: search order, bare names, required keys, missing data and download."""
+import io
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -120,12 +122,21 @@ def test_missing_dataset_lists_searched_paths_and_failed_download(fake_repo, tmp
         check_dataset(script)
 
 
-def test_download_unpacks_into_first_writable_candidate(fake_repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_download_unpacks_into_first_writable_candidate(fake_repo, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("DATASETS_DIR", str(tmp_path / "env"))
-    archive = tmp_path / "toy.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("toy/images/train/0.jpg", b"x")
-        z.writestr("toy/labels/train/0.txt", "0 0.5 0.5 0.1 0.1\n")
+    archive = tmp_path / f"toy.{kind}"
+    members = {"toy/images/train/0.jpg": b"x", "toy/labels/train/0.txt": b"0 0.5 0.5 0.1 0.1\n"}
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as z:
+            for name, data in members.items():
+                z.writestr(name, data)
+    else:
+        with tarfile.open(archive, "w:gz") as t:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
     cfg = write_yaml(tmp_path / "toy.yaml", path="toy", train="images/train", val="images/train", names=["a"],
                      download=archive.as_uri())
     d = check_dataset(cfg)
