@@ -484,6 +484,7 @@ def test_coco128_batches_at_img_160(coco128):
         np.testing.assert_allclose(got[:, 1], cx, atol=2e-3)
         np.testing.assert_allclose(got[:, 2], cy, atol=2e-3)
         np.testing.assert_allclose(got[:, 3], raw[:, 3] * w0 * rw / W, atol=2e-3)
+        np.testing.assert_allclose(got[:, 4], raw[:, 4] * h0 * rh / H, atol=2e-3)
 
     train_loader, _ = create_dataloader(coco128 / "images" / "train2017", 160, 4, 32, hyp=AUG_HYP, augment=True,
                                         shuffle=True, workers=0)
