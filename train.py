@@ -62,9 +62,12 @@ from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from utils.torch_utils import de_parallel, init_seeds, model_info, select_device  # noqa: E402
 
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
-            "nbs", "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s",
+            "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s",
             "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
-            "mixup", "copy_paste", "ema_decay", "ema_tau", "ema_schedule", "ema_update_every")
+            "mixup", "copy_paste")
+# What YOLOv5's own hyp files lack, so that they work here unchanged: the nominal batch YOLOv5 hard-codes
+# and the settings of its ModelEMA.
+HYP_DEFAULTS = {"nbs": 64, "ema_decay": 0.9999, "ema_tau": 2000, "ema_schedule": "ramp", "ema_update_every": 1}
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
 MAX_GRAD_NORM = 10.0
@@ -140,7 +143,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_hyp(hyp: str | Path | dict) -> dict:
-    """The hyperparameter dict from a yaml path (or a dict), checked for every key training uses."""
+    """The hyperparameter dict from a yaml path (or a dict): every key training uses, HYP_DEFAULTS filling in
+    the ones a YOLOv5 hyp file does not have."""
     if isinstance(hyp, dict):
         d, where = dict(hyp), "hyp dict"
     else:
@@ -155,7 +159,10 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     missing = [k for k in HYP_KEYS if k not in d]
     if missing:
         raise TrainError(f"{where}: missing hyperparameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    return d
+    defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
+    if defaulted:
+        LOGGER.info(f"{where}: using the defaults " + ", ".join(f"{k}={v}" for k, v in defaulted.items()))
+    return {**d, **defaulted}
 
 
 # ------------------------------------------------------------------------------------------------ resume

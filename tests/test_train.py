@@ -24,10 +24,14 @@ def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
     assert high["copy_paste"] == 0.1 and high["momentum"] == 0.937 and high["warmup_bias_lr"] == 0.1
     for h in (low, med, high):
         assert (h["nbs"], h["ema_decay"], h["ema_tau"], h["ema_schedule"], h["ema_update_every"]) == (64, 0.9999, 2000, "ramp", 1)
+    # A YOLOv5 hyp file has no nbs (YOLOv5 hard-codes 64) and no EMA keys: YOLOv5's values fill them in.
+    yolov5 = {k: v for k, v in low.items() if k != "nbs" and not k.startswith("ema_")}
+    (tmp_path / "yolov5.yaml").write_text(yaml.safe_dump(yolov5))
+    assert train.load_hyp(tmp_path / "yolov5.yaml") == low
     broken = dict(low)
-    del broken["ema_tau"], broken["nbs"]
+    del broken["lr0"], broken["obj"]
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(broken))
-    with pytest.raises(train.TrainError, match=r"missing hyperparameters nbs, ema_tau"):
+    with pytest.raises(train.TrainError, match=r"h.yaml: missing hyperparameters lr0, obj$"):
         train.load_hyp(tmp_path / "h.yaml")
 
 
