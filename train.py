@@ -329,7 +329,10 @@ def class_weights_from_labels(labels: list[np.ndarray], nc: int) -> torch.Tensor
 def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> ModelEMA:
     """The EMA of the model, with decay, tau, schedule and update_every from the hyp file; total_steps (the
     run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
-    return ModelEMA.from_hyp(model, hyp, total_steps=total_steps)
+    try:
+        return ModelEMA.from_hyp(model, hyp, total_steps=total_steps)
+    except ValueError as e:  # an unknown schedule or key, a decay outside [0, 1]...
+        raise TrainError(f"hyp: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ steps

@@ -35,6 +35,16 @@ def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
         train.load_hyp(tmp_path / "h.yaml")
 
 
+def test_bad_ema_settings_in_hyp_are_one_line_errors():
+    hyp = train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml")
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert train.make_ema(net, hyp).updates == 0
+    with pytest.raises(train.TrainError, match=r"^hyp: unknown EMA schedule 'cosine'"):
+        train.make_ema(net, {**hyp, "ema_schedule": "cosine"})
+    with pytest.raises(train.TrainError, match=r"^hyp: EMA decay must be in \[0, 1\], got 1.5"):
+        train.make_ema(net, {**hyp, "ema_decay": 1.5})
+
+
 def test_parse_opt_defaults_and_resume_forms():
     opt = train.parse_opt([])
     assert opt.imgsz == 640 and opt.batch_size == 16 and opt.hyp.endswith("hyp.scratch-low.yaml")
