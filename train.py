@@ -195,8 +195,8 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
                              f"({done} done); pass a larger --epochs to extend it")
         LOGGER.info(f"Extending {path} from {planned} to {opt.epochs} epochs")
     elif finished:
-        raise TrainError(f"--resume: {path} finished all {planned} epochs; pass --epochs larger than {planned} "
-                         f"to train it further")
+        what = f"finished all {planned} epochs" if done == planned else f"stopped early after {done} of {planned} epochs"
+        raise TrainError(f"--resume: {path} {what}; pass --epochs larger than {planned} to train it further")
     try:
         data = check_dataset(saved["data"], autodownload=False)
     except DatasetError as e:
@@ -531,8 +531,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
                     f"accumulating to a nominal batch of {hyp['nbs']} ({accumulate} x {opt.batch_size}); "
                     f"{nw} warm-up iterations\nLogging results to {save_dir}\n"
                     f"Starting training for {opt.epochs} epochs...")
-    if resume_ckpt is not None and procs.main:
-        truncate_results(results_csv, start_epoch)
+    end_epoch = opt.epochs
+    if resume_ckpt is not None:
+        if procs.main:
+            truncate_results(results_csv, start_epoch)
+        if opt.epochs == int(resume_ckpt["opt"]["epochs"]) and stopper.stopped(start_epoch - 1):
+            LOGGER.info(f"The run had stopped early after epoch {start_epoch - 1}; finishing it")
+            end_epoch = start_epoch  # killed while finishing: train no further than the run left alone did
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above disturbs the restored generators
 
@@ -541,7 +546,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     raw_results = (0.0,) * len(RAW_COLUMNS)
     t0 = time.time()
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, opt.epochs):
+    for epoch in range(start_epoch, end_epoch):
         model.train()
         set_epoch = getattr(train_loader, "set_epoch", None) or train_loader.sampler.set_epoch
         set_epoch(epoch)

@@ -124,3 +124,26 @@ def test_resume_refusals_change_nothing(setup, tmp_path):
     shutil.rmtree(gone / "images")
     line = _refused(["--resume", last, "--epochs", 5], tmp_path)
     assert "data" in line and str(gone / "images" / "train") in line
+
+
+def test_a_run_killed_while_stopping_early_is_finished_not_trained_further(setup, tmp_path):
+    """Early stopping writes last.pt with its resume state and strips that state only afterwards; a resume of
+    a run killed in between must finish it, not train another epoch. Such a checkpoint is made from one
+    killed after epoch 1 by giving it a patience of 1 spent since a better epoch 0."""
+    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path, "stop", EPOCHS)
+    assert run_train(args, **{KILL_HOOK_ENV: 2 * NB + 1}).returncode == -9
+    last = tmp_path / "stop" / "weights" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 1 and "resume" in ckpt
+    ckpt["opt"]["patience"] = 1
+    ckpt["train_state"]["early_stopping"] = {"best_fitness": 1.0, "best_epoch": 0}
+    save_checkpoint(ckpt, last)
+
+    out = run_train(["--resume", last])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "stopped early after epoch 1" in out.stdout
+    after = load_checkpoint(last)
+    assert after["epoch"] == 1 and after["updates"] == ckpt["updates"] and "resume" not in after
+    assert len((tmp_path / "stop" / "results.csv").read_text().splitlines()) == 1 + 2
+    with pytest.raises(TrainError, match="stopped early after 2 of 3 epochs; pass --epochs larger than 3"):
+        prepare_resume(parse_opt(["--resume", str(last)]))

@@ -20,12 +20,16 @@ class EarlyStopping:
         if fitness >= self.best_fitness:  # >= so that a run stuck at 0 in its first epochs keeps going
             self.best_epoch = epoch
             self.best_fitness = float(fitness)
-        stop = epoch - self.best_epoch >= self.patience
+        stop = self.stopped(epoch)
         if stop:
             LOGGER.info(f"Stopping training early: no improvement in the last {self.patience} epochs. "
                         f"Best results were at epoch {self.best_epoch}. "
                         f"Use --patience 0 to disable early stopping, or a larger --patience.")
         return stop
+
+    def stopped(self, epoch: int) -> bool:
+        """Whether the call for `epoch` said stop: a resumed run learns from the saved state that it had ended."""
+        return epoch - self.best_epoch >= self.patience
 
     def state_dict(self) -> dict:
         return {"best_fitness": self.best_fitness, "best_epoch": self.best_epoch}
