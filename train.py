@@ -667,7 +667,9 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
         stopper.load_state_dict(state["early_stopping"])
     if ema is not None:
         if resume is not None:
+            planned_steps = ema.total_steps  # of this run, which an --epochs extension makes longer
             ema.load_state_dict(resume["ema"])
+            ema.total_steps = planned_steps
         else:
             ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()})
             ema.updates = int(ckpt["updates"])

@@ -45,6 +45,24 @@ def test_bad_ema_settings_in_hyp_are_one_line_errors():
         train.make_ema(net, {**hyp, "ema_decay": 1.5})
 
 
+def test_extending_an_unfinished_run_keeps_the_longer_plan_of_ema_steps():
+    """The saved EMA state holds the planned optimizer steps of the original length ('exp' decays by them);
+    an --epochs extension must keep the EMA's new, longer plan."""
+    hyp = {**train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml"), "ema_schedule": "exp"}
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    saved = train.make_ema(net, hyp, total_steps=10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    scheduler, lf = train.build_scheduler(optimizer, 6, 0.01)  # built for the extended length, as train() does
+    ckpt = {"epoch": 1, "best_fitness": 0.0, "updates": 0, "optimizer": None, "opt": {"epochs": 3}, "train_state": {},
+            "resume": {"ema": saved.state_dict(), "scheduler": scheduler.state_dict(), "scaler": None, "rng": None}}
+    ema = train.make_ema(net, hyp, total_steps=20)
+    opt = argparse.Namespace(epochs=6, resume="last.pt")
+    train.restore_training_state(ckpt, opt, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
+                                 train.EarlyStopping(), ema, lf, 1)
+    assert ema.total_steps == 20
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lf(2))  # the stretched schedule, from epoch 2
+
+
 def test_parse_opt_defaults_and_resume_forms():
     opt = train.parse_opt([])
     assert opt.imgsz == 640 and opt.batch_size == 16 and opt.hyp.endswith("hyp.scratch-low.yaml")
