@@ -37,9 +37,17 @@ def test_reference_run_checkpoint_contents(setup):
     assert all(v.dtype == torch.float16 for v in ckpt["ema"].values() if v.is_floating_point())
     # Steps by hand: accumulate is 1 for ni 0-3 and 2 for ni 4-8 -> steps at ni 0, 1, 2, 3, 5, 7.
     assert ckpt["updates"] == expected_optimizer_steps(EPOCHS) == 6
+    assert set(ckpt) == {"format", "version", "epoch", "best_fitness", "model", "ema", "updates", "optimizer", "opt",
+                         "hyp", "yaml", "nc", "names", "date", "train_state"}
     rows = (setup["ref"] / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + EPOCHS and rows[0].split(",")[0].strip() == "epoch"
     assert [h.strip() for h in rows[0].split(",")][-3:] == ["x/lr0", "x/lr1", "x/lr2"]
+    # Every iteration is in warm-up (100 of them): the lr logged after epoch e's last iteration ni = 3e + 2
+    # is on the way from 0.1 (biases) or 0 (other groups) to lr0 * lf(e), lf linear from 1 to lrf = 0.01.
+    for e, row in enumerate(rows[1:]):
+        ni, target = NB * e + NB - 1, 0.01 * (1 - 0.99 * e / EPOCHS)
+        lrs = [float(v) for v in row.split(",")[-3:]]
+        assert lrs == pytest.approx([0.1 + ni / 100 * (target - 0.1)] + [ni / 100 * target] * 2, rel=1e-4), e
 
 
 @pytest.mark.parametrize("kill_at, workers, resume_workers", [(4, 0, None), (7, 2, 2)],

@@ -17,13 +17,22 @@ ROOT = train.ROOT
 
 
 # ------------------------------------------------------------------------------------------ options and hyp
+# YOLOv5's data/hyps/hyp.scratch-low.yaml, value by value, and what -med and -high change.
+YOLOV5_SCRATCH_LOW = dict(
+    lr0=0.01, lrf=0.01, momentum=0.937, weight_decay=0.0005, warmup_epochs=3.0, warmup_momentum=0.8,
+    warmup_bias_lr=0.1, box=0.05, cls=0.5, cls_pw=1.0, obj=1.0, obj_pw=1.0, iou_t=0.20, anchor_t=4.0, fl_gamma=0.0,
+    hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, translate=0.1, scale=0.5, shear=0.0, perspective=0.0, flipud=0.0,
+    fliplr=0.5, mosaic=1.0, mixup=0.0, copy_paste=0.0)
+YOLOV5_MED_CHANGES = dict(lrf=0.1, cls=0.3, obj=0.7, scale=0.9, mixup=0.1)
+YOLOV5_HIGH_CHANGES = dict(YOLOV5_MED_CHANGES, copy_paste=0.1)
+OUR_KEYS = dict(nbs=64, ema_decay=0.9999, ema_tau=2000, ema_schedule="ramp", ema_update_every=1)
+
+
 def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
     low, med, high = (train.load_hyp(ROOT / "hyp" / f"hyp.scratch-{k}.yaml") for k in ("low", "med", "high"))
-    assert (low["lrf"], low["cls"], low["obj"], low["scale"], low["mixup"]) == (0.01, 0.5, 1.0, 0.5, 0.0)
-    assert (med["lrf"], med["cls"], med["obj"], med["scale"], med["mixup"], med["copy_paste"]) == (0.1, 0.3, 0.7, 0.9, 0.1, 0.0)
-    assert high["copy_paste"] == 0.1 and high["momentum"] == 0.937 and high["warmup_bias_lr"] == 0.1
-    for h in (low, med, high):
-        assert (h["nbs"], h["ema_decay"], h["ema_tau"], h["ema_schedule"], h["ema_update_every"]) == (64, 0.9999, 2000, "ramp", 1)
+    assert low == {**YOLOV5_SCRATCH_LOW, **OUR_KEYS}
+    assert med == {**YOLOV5_SCRATCH_LOW, **YOLOV5_MED_CHANGES, **OUR_KEYS}
+    assert high == {**YOLOV5_SCRATCH_LOW, **YOLOV5_HIGH_CHANGES, **OUR_KEYS}
     # A YOLOv5 hyp file has no nbs (YOLOv5 hard-codes 64) and no EMA keys: YOLOv5's values fill them in.
     yolov5 = {k: v for k, v in low.items() if k != "nbs" and not k.startswith("ema_")}
     (tmp_path / "yolov5.yaml").write_text(yaml.safe_dump(yolov5))
@@ -108,6 +117,21 @@ def test_results_rows_are_fixed_format_and_truncate_on_resume(tmp_path):
     assert csv.read_text().splitlines() == lines[:2]
     with pytest.raises(AssertionError):
         train.append_results_row(csv, [0] * 14, val_raw=True)  # --val-raw has 4 more columns
+
+
+def test_optimizer_step_with_grad_scaler_skips_overflow_and_lowers_the_scale():
+    """The AMP path (a CPU GradScaler stands in for CUDA's): an overflowing step is skipped, the scale halves,
+    and the next step applies the unscaled gradient."""
+    net = nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    bias = net.bias.detach().clone()
+    (scaler.scale(net(torch.ones(1, 3)).sum()) * float("inf")).backward()
+    assert train.optimizer_step(net, opt, scaler) is False
+    assert scaler.get_scale() == 512.0 and torch.equal(net.bias, bias)
+    scaler.scale(net(torch.ones(1, 3)).sum()).backward()
+    assert train.optimizer_step(net, opt, scaler) is True
+    assert scaler.get_scale() == 512.0 and torch.allclose(net.bias, bias - 0.1)
 
 
 def test_optimizer_step_skips_non_finite_gradients():
