@@ -212,18 +212,10 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def device_spec(device: str, procs: Processes, cuda_available: bool) -> str:
-    """The --device string this process hands to select_device. Under torchrun without --device, CUDA
-    processes take GPU LOCAL_RANK (one process per GPU); select_device alone would put them all on GPU 0."""
-    if procs.distributed and cuda_available and str(device).strip().lower() in ("", "auto"):
-        return str(procs.local_rank)
-    return device
-
-
 def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
     """The device of this process; under torchrun also the process group (gloo on CPU, NCCL on CUDA)."""
     try:
-        device = select_device(device_spec(opt.device, procs, torch.cuda.is_available()), batch_size=opt.batch_size)
+        device = select_device(opt.device, batch_size=opt.batch_size)
     except ValueError as e:
         raise TrainError(str(e)) from None
     if procs.distributed:

@@ -5,7 +5,6 @@ import sys
 import torch
 
 from tests.train_helpers import ROOT, make_dataset, tiny_model_yaml, tiny_run_args, train_env
-from train import Processes, device_spec
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -29,13 +28,3 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     rows = (run / "results.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs, written by rank 0 only
     assert out.stdout.count("Starting training for 2 epochs") == 1  # rank 0 logs, the other rank is quiet
-
-
-def test_torchrun_cuda_processes_take_their_local_gpu_without_device():
-    rank1 = Processes(rank=1, local_rank=1, world_size=2)
-    assert device_spec("", rank1, cuda_available=True) == "1"
-    assert device_spec("", Processes(rank=3, local_rank=0, world_size=4), cuda_available=True) == "0"  # 2nd node
-    assert device_spec("2,3", rank1, cuda_available=True) == "2,3"  # select_device indexes it by LOCAL_RANK
-    assert device_spec("cpu", rank1, cuda_available=True) == "cpu"
-    assert device_spec("", rank1, cuda_available=False) == ""
-    assert device_spec("", Processes(), cuda_available=True) == ""  # one process: select_device's default

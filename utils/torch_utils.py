@@ -12,28 +12,31 @@ from utils.log import LOGGER
 
 
 def select_device(device: str = "", batch_size: int = 0) -> torch.device:
-    """Turn a '--device' string ('' auto, 'cpu', '0', 'cuda:0') into a torch.device, with a clear error.
+    """Turn a '--device' string ('' auto, 'cpu', '0', '0,1', 'cuda:0') into a torch.device, with a clear error.
 
-    Under torchrun, LOCAL_RANK picks the GPU of this process.
+    Under torchrun each process takes the LOCAL_RANK-th of the listed GPUs (of all visible GPUs when none
+    are listed), so one process drives one GPU.
     """
     spec = str(device).strip().lower().replace("cuda:", "")
     if spec == "cpu":
         return torch.device("cpu")
-    if spec in ("", "auto"):
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        spec = "0"
+    if spec in ("", "auto") and not torch.cuda.is_available():
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    ids = [int(s) for s in spec.split(",") if s != ""]
+    count = torch.cuda.device_count()
+    ids = list(range(count)) if spec in ("", "auto") else [int(s) for s in spec.split(",") if s != ""]
     for i in ids:
-        if i >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if i >= count:
+            raise ValueError(f"--device {device}: only {count} CUDA device(s) present")
     local_rank = int(os.getenv("LOCAL_RANK", -1))
-    index = ids[local_rank] if 0 <= local_rank < len(ids) else ids[0]
-    if batch_size and len(ids) > 1 and batch_size % len(ids):
-        raise ValueError(f"--batch-size {batch_size} is not a multiple of the {len(ids)} devices")
-    return torch.device(f"cuda:{index}")
+    if local_rank >= len(ids):
+        raise ValueError(f"LOCAL_RANK {local_rank} has no GPU of its own among {ids}: "
+                         "start at most one process per GPU")
+    if batch_size and len(ids) > 1 and local_rank < 0:
+        LOGGER.warning(f"{len(ids)} GPUs listed but one process runs: using GPU {ids[0]}; "
+                       "start one process per GPU with torchrun to use them all")
+    return torch.device(f"cuda:{ids[max(local_rank, 0)]}")
 
 
 def is_parallel(model: nn.Module) -> bool:
