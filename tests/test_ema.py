@@ -558,3 +558,27 @@ def test_update_with_another_model_of_the_same_architecture_follows_it():
     ema.update(second)
     assert ema.path == "foreach"
     assert_matches(ema, ref)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_replacing_the_ema_modules_own_tensors_does_not_freeze_the_average(flat, caplog):
+    model = make_net(3)
+    ema = ModelEMA(model, decay=0.75, schedule="constant", flat=flat)
+    gen = torch.Generator().manual_seed(5)
+    perturb(model, gen)
+    ema.update(model)
+    ema.ema.half()  # what YOLOv5's validation does to the EMA module: new tensors, the update buffers orphaned
+    ref = snapshot(ema.ema)  # the halved values, as float64
+    perturb(model, gen)
+    ema.update(model)
+    reference_step(ref, snapshot(model), 0.75)
+    assert "ema.ema's tensors were replaced" in caplog.text
+    got = ema.ema.state_dict()
+    for k, v in ref.items():
+        assert got[k].dtype == (torch.float32 if v.is_floating_point() else v.dtype), k
+        torch.testing.assert_close(got[k].to(v.dtype), v, rtol=0, atol=1e-6, msg=k)
+    assert ema.path == ("flat" if flat else "foreach")
+    before = {k: v.clone() for k, v in got.items()}
+    perturb(model, gen)
+    ema.update(model)  # and it keeps averaging afterwards
+    assert not torch.equal(ema.ema.state_dict()["conv.weight"], before["conv.weight"])

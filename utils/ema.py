@@ -338,6 +338,9 @@ class ModelEMA:
         self._slots = [slot for e in model_entries for slot in e.slots]
         self._ptrs = [store[key].data_ptr() for store, key in self._slots]
         self._ptr_indices = list(range(len(self._ptrs)))
+        # One EMA tensor watched: what replaces ema.ema's tensors (.half(), .to(), assign=True) replaces them all.
+        self._ema_probe = ema_entries[0].slots[0] if ema_entries else None
+        self._ema_probe_ptr = ema_entries[0].tensor.data_ptr() if ema_entries else 0
 
     def _paired_entries(self, model: nn.Module) -> tuple[list[_Entry], list[_Entry]]:
         model_entries, ema_entries = _scan(model), _scan(self.ema)
@@ -419,7 +422,23 @@ class ModelEMA:
         except (KeyError, AttributeError, TypeError, RuntimeError):  # a slot was removed or set to None
             return True
 
+    def _ema_replaced(self) -> bool:
+        """Whether ema.ema's own tensors were replaced, leaving the buffers this EMA updates orphaned."""
+        if self._ema_probe is None:
+            return False
+        store, key = self._ema_probe
+        t = store.get(key)
+        return t is None or t.data_ptr() != self._ema_probe_ptr
+
     def _repair(self, model: nn.Module) -> None:
+        if self._ema_replaced():
+            LOGGER.warning("ModelEMA: ema.ema's tensors were replaced (.half(), .to() or load_state_dict(assign=True) "
+                           "on the EMA module); the average goes on in FP32 from their current values. Convert a "
+                           "copy of ema.ema instead.")
+            self.ema.float()
+            if not self._model_changed(model):
+                self._bind(model, self.path == "flat", "flat=False")
+                return
         was = self.path
         self._bind(model, False, "the model's tensors were replaced")
         if was == "flat":
@@ -446,7 +465,7 @@ class ModelEMA:
             outer, model = model, _unwrap(model)
             if model is bound:
                 self._outer_ref = weakref.ref(outer)
-        if self._model_changed(model):
+        if self._model_changed(model) or self._ema_replaced():
             self._repair(model)
         if check_finite and not self._model_is_finite():
             self.updates -= 1
