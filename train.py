@@ -432,12 +432,6 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     cuda = device.type == "cuda"
     kill_at = int(os.getenv(KILL_HOOK_ENV, -1))
 
-    if procs.main:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_opt(opt), sort_keys=False))
-        LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-
     # ---- seeds and data description
     init_seeds(opt.seed + 1 + procs.rank, deterministic=opt.deterministic)
     with main_process_first(procs):
@@ -456,6 +450,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs)
     batch_size = opt.batch_size // procs.world_size  # per process
+
+    # ---- the run folder, once the data and the model are known to be usable
+    if procs.main:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_opt(opt), sort_keys=False))
+        LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
 
     # ---- data
     with main_process_first(procs):

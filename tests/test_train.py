@@ -225,3 +225,14 @@ def test_ema_updates_equal_optimizer_steps_taken_with_a_bad_step(tiny, monkeypat
     for k in ("model.0.conv.weight", "model.1.conv.weight", "model.1.bn.bias"):  # frozen: unchanged
         assert torch.equal(ckpt["model"][k], sd[k]), k
     assert not torch.equal(ckpt["model"]["model.2.cv1.conv.weight"], sd["model.2.cv1.conv.weight"])
+
+
+def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
+    from utils.data_config import DatasetError
+
+    project = tmp_path / "runs"
+    opt = train.parse_opt(["--data", str(tmp_path / "missing.yaml"), "--cfg", "yolov5n.yaml", "--project", str(project),
+                           "--device", "cpu"])
+    with pytest.raises(DatasetError, match="missing.yaml"):
+        train.main(opt)
+    assert not project.exists() or not any(project.iterdir())
