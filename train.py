@@ -59,7 +59,7 @@ from utils.optim import (OPTIMIZERS, apply_warmup, build_optimizer, build_schedu
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
-from utils.torch_utils import de_parallel, init_seeds, model_info, select_device  # noqa: E402
+from utils.torch_utils import de_parallel, init_seeds, model_info, non_finite_tensors, select_device  # noqa: E402
 
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
             "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s",
@@ -354,10 +354,6 @@ def multi_scale_size(imgsz: int, stride: int, seed: int, epoch: int, i: int) -> 
     return max(size, stride)
 
 
-def all_finite(module: nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
-
-
 # ------------------------------------------------------------------------------------------------ records
 def results_header(val_raw: bool) -> list[str]:
     cols = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", *METRIC_COLUMNS, "x/lr0", "x/lr1", "x/lr2"]
@@ -541,8 +537,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     epoch = start_epoch - 1
     for epoch in range(start_epoch, end_epoch):
         model.train()
-        set_epoch = getattr(train_loader, "set_epoch", None) or train_loader.sampler.set_epoch
-        set_epoch(epoch)
+        train_loader.set_epoch(epoch)
         mloss = torch.zeros(3, device=device)
         optimizer.zero_grad()  # a partial accumulation window from the last epoch is dropped
         if procs.main:
@@ -592,7 +587,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         if procs.main:
             final_epoch = epoch + 1 == opt.epochs
             ema.update_attr(de_parallel(model), include=EMA_ATTRS)
-            if not all_finite(ema.ema):
+            if non_finite_tensors(ema.ema):
                 LOGGER.warning(f"epoch {epoch}: the EMA holds non-finite values; its results are not meaningful")
             if not opt.noval or final_epoch:
                 results, _, _ = validate.run(data, batch_size=batch_size * 2, imgsz=imgsz, half=cuda and not opt.bf16,

@@ -42,7 +42,7 @@ from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.paths import increment_path  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from utils.torch_utils import non_finite_tensors, select_device  # noqa: E402
 
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
 
@@ -101,8 +101,7 @@ def output_to_target(output: list[torch.Tensor]) -> torch.Tensor:
 
 def warn_non_finite(model: torch.nn.Module) -> None:
     """Say so when the weights hold NaN/Inf (a diverged run or EMA): the metrics would be silently zero."""
-    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    bad = non_finite_tensors(model)
     if bad:
         LOGGER.warning(f"WARNING: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}); these metrics are meaningless")
 

@@ -43,3 +43,14 @@ def test_de_parallel_unwraps_data_parallel():
     inner = nn.Linear(2, 2)
     assert de_parallel(nn.DataParallel(inner)) is inner
     assert de_parallel(inner) is inner
+
+
+def test_non_finite_tensors_names_parameters_and_buffers():
+    from utils.torch_utils import non_finite_tensors
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert non_finite_tensors(m) == []
+    with torch.no_grad():
+        m[0].bias[1] = float("inf")
+        m[1].running_var[2] = float("nan")
+    assert non_finite_tensors(m) == ["0.bias", "1.running_var"]

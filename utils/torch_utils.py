@@ -62,6 +62,12 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         os.environ["PYTHONHASHSEED"] = str(seed)
 
 
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding NaN or Inf (a diverged model or EMA)."""
+    return [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
