@@ -227,13 +227,15 @@ def _read_label_cache(path: Path, signature: str) -> dict | None:
     return None
 
 
-def _write_atomic_npz(path: Path, arrays: dict) -> None:
+def _write_atomic(path: Path, write) -> None:
+    """write(file) into a temporary file beside path, then rename it over path: concurrent DDP ranks may
+    write the same cache, and each write lands whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # concurrent DDP ranks may write the same cache; each write is whole
+            write(f)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -277,7 +279,7 @@ def scan_labels(im_files, label_files, nc=None, source=None, prefix: str = "") -
         where = None
         for target in targets:
             try:
-                _write_atomic_npz(target, cached)
+                _write_atomic(target, lambda f: np.savez(f, **cached))
                 where = target
                 break
             except OSError as e:  # e.g. a read-only file system that the mode bits did not reveal
@@ -465,7 +467,7 @@ class LoadImagesAndLabels(Dataset):
             im = cv2.imread(self.im_files[i])
             if im is None:
                 raise FileNotFoundError(f"{self.im_files[i]}: image could not be read")
-            _write_atomic_npy(Path(npy[i]), im)
+            _write_atomic(Path(npy[i]), lambda f: np.save(f, im, allow_pickle=False))
 
         for d in set(folders.values()):
             d.mkdir(parents=True, exist_ok=True)
@@ -538,14 +540,6 @@ class LoadImagesAndLabels(Dataset):
         return torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes
 
 
-def _write_atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _available_memory() -> int | None:
