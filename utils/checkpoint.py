@@ -152,6 +152,17 @@ def half_state_dict(state_dict: dict) -> dict:
     return out
 
 
+# What a finished checkpoint for evaluation and fine-tuning holds (best.pt, posthoc_best.pt, epochN.pt): the FP16
+# weights and what describes them, without the optimizer's momenta (as large as the model in FP32) or resume state.
+FINISHED_KEYS = ("format", "version", "epoch", "best_fitness", "model", "ema", "updates", "opt", "hyp", "yaml", "nc",
+                 "names", "date")
+
+
+def finished_checkpoint(ckpt: dict) -> dict:
+    """The entries of ``ckpt`` that a finished checkpoint keeps (FINISHED_KEYS); a shallow copy."""
+    return {k: ckpt[k] for k in FINISHED_KEYS if k in ckpt}
+
+
 def strip_resume_state(path: str | Path) -> bool:
     """Remove the resume-only entry from a finished run's checkpoint (atomic rewrite).
     Returns whether the file changed."""
