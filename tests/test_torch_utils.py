@@ -1,16 +1,21 @@
-"""Device selection (CUDA faked with monkeypatch: CI has no GPU) and de-parallelising."""
+"""Device selection and AMP checks (CUDA faked with monkeypatch: CI has no GPU), de-parallelising, the
+non-finite weight check."""
 import pytest
 import torch
 import torch.nn as nn
 
-from utils.torch_utils import de_parallel, select_device
+from utils.ema import ModelEMA
+from utils.torch_utils import check_amp, de_parallel, non_finite_tensors, select_device
 
 
 @pytest.fixture
 def four_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.current = current  # every device made current, in order
     return monkeypatch
 
 
@@ -26,8 +31,51 @@ def test_single_process_takes_the_first_listed_gpu(four_gpus):
     assert select_device("") == torch.device("cuda:0")
     assert select_device("2") == torch.device("cuda:2")
     assert select_device("cuda:3") == torch.device("cuda:3")
+    assert select_device("cuda") == select_device("CUDA") == select_device(" Cuda ") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="only 4 CUDA device"):
         select_device("5")
+
+
+def test_the_chosen_gpu_becomes_the_current_device(four_gpus):
+    """Without set_device, pinned-memory threads and synchronize() of a process on --device 2 use GPU 0."""
+    select_device("2")
+    select_device("cuda:3")
+    four_gpus.setenv("LOCAL_RANK", "1")
+    select_device("cuda")
+    assert four_gpus.current == [torch.device("cuda:2"), torch.device("cuda:3"), torch.device("cuda:1")]
+    select_device("cpu")
+    assert len(four_gpus.current) == 3
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "0,a", "mps0"])
+def test_device_strings_that_name_no_device_are_one_line_errors(four_gpus, spec):
+    with pytest.raises(ValueError, match=r"is not a device: use cpu, cuda, a GPU index such as 0"):
+        select_device(spec)
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for spec in ("cuda", "CUDA", "0", "cuda:1"):
+        with pytest.raises(ValueError, match="CUDA is not available; use --device cpu"):
+            select_device(spec)
+
+
+def test_bf16_refused_on_a_gpu_without_native_bf16(monkeypatch):
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an older GPU: bf16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"^--amp bf16: Tesla T4 has no native bfloat16; use --amp fp16$"):
+        check_amp("bf16", torch.device("cuda:0"))
+    assert asked == [False]  # emulation must not count as support
+    assert check_amp("fp16", torch.device("cuda:0")) is torch.float16
+    assert check_amp("bf16", torch.device("cpu")) is torch.bfloat16 and check_amp("off", torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="--amp 'fp8' is not one of fp16, bf16, off"):
+        check_amp("fp8", torch.device("cpu"))
 
 
 def test_torchrun_processes_take_their_local_rank_gpu(four_gpus):
@@ -46,11 +94,30 @@ def test_de_parallel_unwraps_data_parallel():
 
 
 def test_non_finite_tensors_names_parameters_and_buffers():
-    from utils.torch_utils import non_finite_tensors
-
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
     assert non_finite_tensors(m) == []
     with torch.no_grad():
         m[0].bias[1] = float("inf")
         m[1].running_var[2] = float("nan")
     assert non_finite_tensors(m) == ["0.bias", "1.running_var"]
+
+
+def test_non_finite_tensors_of_a_flat_ema_and_an_fp16_model():
+    """ema.ema's tensors are views into one flat buffer, checked as that buffer: every tensor is still seen,
+    the first and the last included; FP16 values near the top of the range are finite, not overflows."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    ema = ModelEMA(m)
+    assert ema.path == "flat" and non_finite_tensors(ema.ema) == []
+    names = [n for n, t in list(ema.ema.named_parameters()) + list(ema.ema.named_buffers()) if t.is_floating_point()]
+    for name in (names[0], names[-1], "1.running_mean"):
+        t = dict(list(ema.ema.named_parameters()) + list(ema.ema.named_buffers()))[name]
+        with torch.no_grad():
+            saved = t.clone()
+            t.view(-1)[-1] = float("nan")
+        assert non_finite_tensors(ema.ema) == [name]
+        with torch.no_grad():
+            t.copy_(saved)
+    half = nn.Conv2d(3, 4, 1).half()
+    with torch.no_grad():
+        half.weight.fill_(65504.0)  # the largest FP16 value
+    assert non_finite_tensors(half) == []
