@@ -582,3 +582,237 @@ def test_replacing_the_ema_modules_own_tensors_does_not_freeze_the_average(flat,
     perturb(model, gen)
     ema.update(model)  # and it keeps averaging afterwards
     assert not torch.equal(ema.ema.state_dict()["conv.weight"], before["conv.weight"])
+
+
+# ------------------------------------------------------------------------------------------------ power schedule
+from utils.ema import SIGMA_REL_MAX, power_gamma, power_sigma_rel  # noqa: E402
+
+
+class Vec(nn.Module):
+    """A model that is one float vector: its EMA is a weighted sum whose weights can be read off directly."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(n))
+
+
+def set_vec(model, values):
+    with torch.no_grad():
+        model.v.copy_(torch.as_tensor(values, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("gamma", [-0.2, 0.0, 1.0, 6.94, 16.97, 50.0])
+def test_power_sigma_rel_is_the_profiles_relative_std_and_inverts(gamma):
+    # Profile t**gamma on [0, 1], normalised: E[t] = (g+1)/(g+2), E[t^2] = (g+1)/(g+3); sigma_rel is its std.
+    g = gamma
+    std = math.sqrt((g + 1) / (g + 3) - ((g + 1) / (g + 2)) ** 2)
+    assert power_sigma_rel(g) == pytest.approx(std, rel=1e-12)
+    assert power_gamma(power_sigma_rel(g)) == pytest.approx(g, rel=1e-9, abs=1e-9)
+
+
+def test_power_sigma_rel_limits():
+    assert SIGMA_REL_MAX == pytest.approx(0.30028, abs=1e-5)
+    gammas = [-0.9 + 0.001 * i for i in range(5000)]  # the widest profile on a fine grid
+    assert max(power_sigma_rel(g) for g in gammas) == pytest.approx(SIGMA_REL_MAX, abs=1e-7)
+    assert power_gamma(SIGMA_REL_MAX) == pytest.approx((math.sqrt(5) - 1) / 2 - 1, abs=1e-5)
+    assert power_gamma(0.10) == pytest.approx(6.9372, abs=1e-4) and power_gamma(0.05) == pytest.approx(16.972, abs=1e-3)
+    for bad in (0.31, 0.0, -0.05):
+        with pytest.raises(ValueError, match="no power-function EMA"):
+            power_gamma(bad)
+    with pytest.raises(ValueError, match="above -1"):
+        power_sigma_rel(-1.0)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 10, 1000, 123456])
+def test_power_schedule_closed_form(t):
+    ema = ModelEMA(make_net(), schedule="power", gamma=6.94)
+    assert ema.decay_at(t) == pytest.approx((1 - 1 / t) ** 7.94, rel=1e-12, abs=0)
+    assert ema.decay_at(1) == 0.0  # the first step copies the model
+    by_width = ModelEMA(make_net(), schedule="power", sigma_rel=0.1)
+    assert by_width.gamma == pytest.approx(power_gamma(0.1)) and by_width.sigma_rel == pytest.approx(0.1)
+
+
+def test_power_schedule_settings_are_checked():
+    model = make_net()
+    with pytest.raises(ValueError, match="ema_gamma or ema_sigma_rel"):
+        ModelEMA(model, schedule="power")
+    with pytest.raises(ValueError, match="not both"):
+        ModelEMA(model, schedule="power", gamma=3.0, sigma_rel=0.1)
+    with pytest.raises(ValueError, match="0.3003"):
+        ModelEMA.from_hyp(model, {"ema_schedule": "power", "ema_sigma_rel": 0.35})
+    with pytest.raises(ValueError, match="above -1"):
+        ModelEMA(model, schedule="power", gamma=-1.5)
+    ema = ModelEMA.from_hyp(model, {"ema_schedule": "power", "ema_sigma_rel": 0.05, "ema_unit": "images", "nbs": 32})
+    assert (ema.schedule, ema.unit, ema.nbs) == ("power", "images", 32.0)
+    assert ema.gamma == pytest.approx(16.9722, abs=1e-4)
+    with pytest.raises(ValueError, match="unit"):
+        ModelEMA(model, unit="epochs")
+
+
+def test_discrete_power_ema_of_linearly_moving_weights():
+    T, g, a, b = 1000, 6.94, 0.5, 1e-3
+    model = Vec(3)
+    ema = ModelEMA(model, schedule="power", gamma=g)
+    for t in range(1, T + 1):
+        set_vec(model, [a + b * t, -(a + b * t), a])
+        ema.update(model)
+    # beta_s = (1 - 1/s)**(g+1), so prod_{s>t} beta_s = (t/T)**(g+1) and the weight of step t is
+    # (1 - beta_t) (t/T)**(g+1) = (t**(g+1) - (t-1)**(g+1)) / T**(g+1).
+    expected = sum((t ** (g + 1) - (t - 1) ** (g + 1)) / T ** (g + 1) * (a + b * t) for t in range(1, T + 1))
+    got = ema.ema.v.double()
+    # The FP32 lerp rounds once per step (2**-24 relative): 2.3e-6 measured here after 1000 steps.
+    tol = 1e-5
+    assert got[0].item() == pytest.approx(expected, rel=tol)
+    assert got[1].item() == pytest.approx(-expected, rel=tol)
+    assert got[2].item() == pytest.approx(a, rel=tol)  # the weights sum to 1
+    continuous = a + b * T * (g + 1) / (g + 2)  # the integral: off by ~0.06%, far outside the tolerance above
+    assert abs(continuous - expected) / expected > 30 * tol
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_power_update_every_k_is_one_minus_k_over_t(k):
+    g, model, gen = 6.94, make_net(), torch.Generator().manual_seed(21)
+    every_step = ModelEMA(model, schedule="power", gamma=g)
+    every_k = ModelEMA(model, schedule="power", gamma=g, update_every=k)
+    ref = snapshot(every_k.ema)
+    for t in range(1, 6 * k + 1):
+        if t % k == 1 or k == 1:  # the model moves once per window of k steps
+            perturb(model, gen)
+        every_step.update(model)
+        if every_k.update(model):
+            d = (1 - k / t) ** (g + 1)  # EDM2's beta with k steps (images) per update
+            assert every_k._window_decay(t) == pytest.approx(d, rel=1e-12, abs=1e-300)
+            assert d == pytest.approx(math.prod((1 - 1 / s) ** (g + 1) for s in range(t - k + 1, t + 1)), rel=1e-12)
+            reference_step(ref, snapshot(model), d)
+            for (key, x), y in zip(every_step.ema.state_dict().items(), every_k.ema.state_dict().values()):
+                assert torch.allclose(x, y, rtol=0, atol=2e-6), (t, key)
+    assert_matches(every_k, ref)
+
+
+# ------------------------------------------------------------------------------------------------ images unit
+def images_profile(schedule, batches, nbs=16, unit="images", **settings):
+    """Weight per image of an EMA fed with model states that each mark the images of their step: after the
+    step covering images [s, e) the model holds 1/(e - s) on them and 0 elsewhere, so the EMA's value on an
+    image is its step's weight divided by the step's image count."""
+    n = sum(batches)
+    model = Vec(n)
+    ema = ModelEMA(model, schedule=schedule, unit=unit, nbs=nbs, **settings)
+    start = 0
+    for b in batches:
+        values = torch.zeros(n, dtype=torch.float64)
+        values[start:start + b] = 1.0 / b
+        set_vec(model, values)
+        ema.update(model, images=b)
+        start += b
+    return ema.ema.v.double(), ema
+
+
+def expected_image_profile(batches, cumulative):
+    """Per-image weight when the step covering images (s, e] gets cumulative(e) - cumulative(s)."""
+    out, start = [], 0
+    for b in batches:
+        out += [(cumulative(start + b) - cumulative(start)) / b] * b
+        start += b
+    return torch.tensor(out, dtype=torch.float64)
+
+
+CUTS = {"batch 8": [8] * 12, "batch 24": [24] * 4, "ramping": [8, 16, 24, 8, 40]}  # 96 images, nbs 16
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_images_unit_profile_over_the_image_stream_is_the_same_for_any_batch_size(cut):
+    batches, nbs, total = CUTS[cut], 16, 96
+    T = total / nbs  # the clock in nominal batches
+
+    # constant decay d per nominal batch: the weight left on images before x is d**((total - x) / nbs)
+    got, _ = images_profile("constant", batches, decay=0.8)
+    want = expected_image_profile(batches, lambda x: 0.8 ** ((total - x) / nbs))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+    # power: the weight on images before x is (x / total)**(gamma + 1) (EDM2's profile in images)
+    got, _ = images_profile("power", batches, gamma=3.0)
+    want = expected_image_profile(batches, lambda x: (x / total) ** 4.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+    # ramp d(n) = decay (1 - exp(-n / tau)) holds over nominal batch n, i.e. images ((n-1) nbs, n nbs]:
+    # the weight left on images before x is the product over n of d(n) ** (share of batch n after x)
+    def ramp_left(x):
+        return math.prod(ramp(n, 0.9, 2.0) ** (min(1.0, max(0.0, n - x / nbs))) for n in range(1, int(T) + 1))
+
+    got, _ = images_profile("ramp", batches, decay=0.9, tau=2.0)
+    want = expected_image_profile(batches, ramp_left)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_images_unit_blocks_agree_across_cuts_and_steps_unit_does_not():
+    block_sums = {}
+    for cut, batches in CUTS.items():
+        for unit in ("images", "steps"):
+            profile, _ = images_profile("ramp", batches, unit=unit, decay=0.9, tau=2.0)
+            block_sums[cut, unit] = torch.stack([profile[a:b].sum() for a, b in ((0, 24), (24, 48), (48, 96))])
+    for cut in CUTS:
+        torch.testing.assert_close(block_sums[cut, "images"], block_sums["batch 8", "images"], rtol=0, atol=1e-7)
+    # counting steps, 12 steps of 8 images average over a shorter stretch of images than 4 steps of 24
+    assert (block_sums["batch 8", "steps"] - block_sums["batch 24", "steps"]).abs().max() > 0.05
+
+
+def test_images_unit_with_nominal_batches_equals_steps_unit():
+    model_a, model_b, gen_a, gen_b = make_net(), make_net(), torch.Generator(), torch.Generator()
+    gen_a.manual_seed(17), gen_b.manual_seed(17)
+    steps = ModelEMA(model_a, decay=0.95, tau=5)
+    images = ModelEMA(model_b, decay=0.95, tau=5, unit="images", nbs=64)
+    for _ in range(10):
+        perturb(model_a, gen_a), perturb(model_b, gen_b)
+        steps.update(model_a, images=32), images.update(model_b, images=64)
+    for (k, a), b in zip(steps.ema.state_dict().items(), images.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert images.images == 640 and steps.images == 0  # 'steps' ignores images=...
+    with pytest.raises(ValueError, match="images=B"):
+        images.update(model_b)
+
+
+def test_images_unit_with_update_every_counts_every_calls_images():
+    # update_every=2 with steps of 8 and 24 images: one averaging per 32 images = 2 nominal batches of 16
+    profile, ema = images_profile("constant", [8, 24] * 3, decay=0.8, update_every=2)
+    total = 96
+    want = expected_image_profile([32] * 3, lambda x: 0.8 ** ((total - x) / 16))
+    # each averaging folds in the model of its second call (which marks only that call's 24 images)
+    got_blocks = torch.stack([profile[i:i + 32].sum() for i in range(0, 96, 32)])
+    want_blocks = torch.stack([want[i:i + 32].sum() for i in range(0, 96, 32)])
+    torch.testing.assert_close(got_blocks, want_blocks, rtol=0, atol=1e-7)
+    assert ema.pending_images == 0 and ema.images == 96
+
+
+def test_power_and_images_state_round_trip_continues_the_same_profile():
+    model, gen = make_net(), torch.Generator().manual_seed(19)
+    original = ModelEMA(model, schedule="power", sigma_rel=0.1, unit="images", nbs=16, update_every=3)
+    for b in (4, 8, 12, 8):  # ends mid-window: 1 call pending
+        perturb(model, gen)
+        original.update(model, images=b)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["gamma"] == original.gamma and state["sigma_rel"] == pytest.approx(0.1)
+    assert (state["unit"], state["nbs"], state["images"], state["pending_images"]) == ("images", 16.0, 32.0, 8.0)
+
+    twin = copy.deepcopy(model)
+    resumed = ModelEMA(twin)  # default settings: the state brings its own
+    resumed.load_state_dict(state)
+    assert (resumed.schedule, resumed.gamma, resumed.unit, resumed.nbs) == ("power", original.gamma, "images", 16.0)
+    for b in (8, 4, 16, 8, 8):
+        perturb(model, gen)
+        twin.load_state_dict(model.state_dict())
+        original.update(model, images=b), resumed.update(twin, images=b)
+    for (k, a), b in zip(original.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_schedule_can_take_gamma_param(private_registry):
+    register_schedule("scaled_power", lambda d, s, t, gamma: 0.5 * (1 - 1 / s) ** (gamma + 1), params=("gamma",))
+    ema = ModelEMA(make_net(), schedule="scaled_power", gamma=1.0)
+    assert ema.decay_at(2) == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="needs gamma"):
+        ModelEMA(make_net(), schedule="scaled_power")
+    with pytest.raises(ValueError, match="'gamma', 'sigma_rel'"):
+        register_schedule("bad", lambda d, s, t, rho: d, params=("rho",))

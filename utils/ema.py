@@ -16,6 +16,19 @@ held a tensor when the EMA was attached; after swapping whole submodules for new
 
 Tensors are paired with the EMA's by registration order, never by name, so a ``torch.compile``d model
 (keys prefixed ``_orig_mod.``) or a DDP/DataParallel wrapper works the same.
+
+The schedule's clock (``unit``): ``'steps'`` (YOLOv5's) counts optimizer steps. ``'images'`` counts nominal
+batches of ``nbs`` images: ``update(model, images=B)`` says how many images the step's gradient covered, and the
+step is given the decay of the stretch ``(x - B / nbs, x]`` of that clock, where ``x`` is the images seen so far
+divided by ``nbs`` (Busbridge et al. 2023: ``decay ** (B / nbs)`` for a constant decay). Decays over stretches
+compose exactly (the decay over ``(a, b]`` times the decay over ``(b, c]`` is the decay over ``(a, c]``), so an
+EMA's weight on any span of the image stream does not depend on how the stream was cut into optimizer steps:
+the batch size, accumulation and the number of processes leave the horizon unchanged. A schedule defined per
+step, ``d(n)``, is read as holding over the n-th nominal batch ``(n - 1, n]`` (images ``(n - 1) * nbs`` to
+``n * nbs``): a step covering the fraction ``f`` of that batch gets ``d(n) ** f``, and the ramp's step ``n`` is
+the nominal batch an image falls in, ``ceil(images / nbs)``. The ``power`` schedule has its own exact form,
+``(a / b) ** (gamma + 1)`` over ``(a, b]``. ``tau``, ``update_after_step`` and ``total_steps`` are counted in
+the same unit.
 """
 from __future__ import annotations
 
@@ -33,10 +46,25 @@ from utils.log import LOGGER
 from utils.torch_utils import de_parallel
 
 ScheduleFn = Callable[..., float]
+# window(start, end, total_steps, **params): the decay over the stretch (start, end] of the schedule's clock
+WindowFn = Callable[..., float]
 
-# name -> (function(decay, step, total_steps, **params), names of the ModelEMA settings it takes as params)
-_SCHEDULES: dict[str, tuple[ScheduleFn, tuple[str, ...]]] = {}
-_BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp")
+
+@dataclass(frozen=True)
+class _Schedule:
+    fn: ScheduleFn  # fn(decay, step, total_steps, **params): the decay of averaging step `step` (1, 2, ...)
+    params: tuple[str, ...]  # names of the ModelEMA settings passed to fn (and window) as keywords
+    window: WindowFn | None  # exact decay over a stretch; None: composed from fn step by step
+
+
+_SCHEDULES: dict[str, _Schedule] = {}
+_BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp", "power")
+SCHEDULE_PARAMS = ("tau", "beta", "gamma", "sigma_rel")  # ModelEMA settings a schedule may take
+UNITS = ("steps", "images")
+
+# The power-function EMA's relative width sqrt(g + 1) / ((g + 2) * sqrt(g + 3)) peaks where u = g + 1 solves
+# u**2 + u - 1 = 0 (its log-derivative in u vanishes there): no power EMA is wider than this.
+_GAMMA_WIDEST = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # -0.382
 
 # Every view starts on a 64-byte boundary so vectorised and cuDNN kernels on the model see aligned weights.
 _ALIGN_BYTES = 64
@@ -54,15 +82,54 @@ HYP_KEYS = {
     "ema_update_every": "update_every",
     "ema_update_after_step": "update_after_step",
     "ema_flat": "flat",
+    "ema_gamma": "gamma",
+    "ema_sigma_rel": "sigma_rel",
+    "ema_unit": "unit",
 }
+DEFAULT_NBS = 64  # YOLOv5's nominal batch, when the hyp dict has no 'nbs'
 
 
-def register_schedule(name: str, fn: ScheduleFn, params: tuple[str, ...] = (), overwrite: bool = False) -> None:
+def power_sigma_rel(gamma: float) -> float:
+    """Relative width (standard deviation over length) of the power-function EMA profile with exponent gamma:
+    ``sqrt(gamma + 1) / ((gamma + 2) * sqrt(gamma + 3))`` (Karras et al. 2023, EDM2)."""
+    gamma = float(gamma)
+    if not gamma > -1.0 or not math.isfinite(gamma):
+        raise ValueError(f"power EMA gamma must be a finite number above -1, got {gamma}")
+    return math.sqrt(gamma + 1.0) / ((gamma + 2.0) * math.sqrt(gamma + 3.0))
+
+
+SIGMA_REL_MAX = power_sigma_rel(_GAMMA_WIDEST)  # 0.3003
+
+
+def power_gamma(sigma_rel: float) -> float:
+    """The exponent gamma of the power EMA with relative width sigma_rel: the root of
+    ``power_sigma_rel(gamma) = sigma_rel`` above -0.382 (below it the width shrinks again toward gamma = -1).
+    sigma_rel wider than any power EMA reaches (SIGMA_REL_MAX, 0.3003) is refused."""
+    s = float(sigma_rel)
+    if not 0.0 < s <= SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel {sigma_rel} is outside (0, {SIGMA_REL_MAX:.4f}]: no power-function EMA has "
+                         "that relative width")
+    # power_sigma_rel falls monotonically from SIGMA_REL_MAX to 0 on [_GAMMA_WIDEST, inf); it is below s at
+    # gamma = 1 / s (about 1 / gamma there), so bisect between the two.
+    lo, hi = _GAMMA_WIDEST, max(1.0 / s, 1.0)
+    while hi - lo > 1e-13 * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if power_sigma_rel(mid) > s else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def register_schedule(name: str, fn: ScheduleFn, params: tuple[str, ...] = (), overwrite: bool = False,
+                      window: WindowFn | None = None) -> None:
     """Make ``fn(decay, step, total_steps) -> float`` selectable as ``ModelEMA(schedule=name)`` or in the hyp yaml.
 
-    ``step`` counts optimizer steps since averaging began (1 on the first averaged step); ``total_steps`` is
+    ``step`` counts averaging steps in the EMA's unit (1 on the first averaged step); ``total_steps`` is
     what the EMA was given (may be None). ``params`` names further ModelEMA settings passed as keywords
-    (``'tau'``, ``'beta'``), as the built-in ``ramp`` and ``exp`` use.
+    (``'tau'``, ``'beta'``, ``'gamma'``, ``'sigma_rel'``), as the built-in ``ramp``, ``exp`` and ``power`` use.
+    ``window(start, end, total_steps, **params)``, optional, is the exact decay over the stretch ``(start, end]``
+    (used by ``update_every`` and ``unit='images'``); it must equal the product of ``fn`` over the steps of an
+    integer stretch. Without it the stretch's decay is composed from ``fn`` (see the module docstring).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"schedule name must be a non-empty string, got {name!r}")
@@ -70,12 +137,15 @@ def register_schedule(name: str, fn: ScheduleFn, params: tuple[str, ...] = (), o
         raise TypeError(f"schedule {name!r}: {fn!r} is not callable")
     if name in _SCHEDULES and not overwrite:
         raise ValueError(f"EMA schedule {name!r} is already registered (pass overwrite=True to replace it)")
-    if name in _BUILTIN_SCHEDULES and _SCHEDULES.get(name, (fn,))[0] is not fn:
+    if name in _BUILTIN_SCHEDULES and name in _SCHEDULES and _SCHEDULES[name].fn is not fn:
         raise ValueError(f"EMA schedule {name!r} is built in and cannot be replaced")
-    unknown = set(params) - {"tau", "beta"}
+    if window is not None and not callable(window):
+        raise TypeError(f"schedule {name!r}: window {window!r} is not callable")
+    unknown = set(params) - set(SCHEDULE_PARAMS)
     if unknown:
-        raise ValueError(f"schedule {name!r}: unknown params {sorted(unknown)}; a schedule can take 'tau', 'beta'")
-    _SCHEDULES[name] = (fn, tuple(params))
+        raise ValueError(f"schedule {name!r}: unknown params {sorted(unknown)}; a schedule can take "
+                         f"{', '.join(map(repr, SCHEDULE_PARAMS))}")
+    _SCHEDULES[name] = _Schedule(fn, tuple(params), window)
 
 
 def available_schedules() -> list[str]:
@@ -103,10 +173,21 @@ def _exp(decay: float, step: int, total_steps: int | None, beta: float) -> float
     return decay * (1.0 - math.exp(-beta * step / total_steps))
 
 
+def _power(decay: float, step: int, total_steps: int | None, gamma: float) -> float:
+    # EDM2's power-function EMA: the average of steps 1..t weighted as t**gamma, whatever decay says.
+    return (1.0 - 1.0 / step) ** (gamma + 1.0)
+
+
+def _power_window(start: float, end: float, total_steps: int | None, gamma: float) -> float:
+    # The per-step decays (1 - 1/s)**(gamma + 1) telescope: their product over s in (a, b] is (a / b)**(gamma + 1).
+    return 0.0 if start <= 0.0 else (start / end) ** (gamma + 1.0)
+
+
 register_schedule("ramp", _ramp, params=("tau",))
 register_schedule("constant", _constant)
 register_schedule("threshold", _threshold)
 register_schedule("exp", _exp, params=("beta",))
+register_schedule("power", _power, params=("gamma",), window=_power_window)
 
 
 def copy_attr(a: object, b: object, include: tuple | list = (), exclude: tuple | list = ()) -> None:
@@ -215,22 +296,30 @@ class ModelEMA:
     ``ema = d * ema + (1 - d) * model`` for every floating-point parameter and persistent buffer (BatchNorm
     statistics included); integer buffers (``num_batches_tracked``) are copied. ``d`` comes from the
     schedule: ``ramp`` (default, ``decay * (1 - exp(-step / tau))``), ``constant``, ``threshold``
-    (``min(decay, (1 + step) / (10 + step))``), ``exp`` (``decay * (1 - exp(-beta * step / total_steps))``)
-    or a function added with :func:`register_schedule`.
+    (``min(decay, (1 + step) / (10 + step))``), ``exp`` (``decay * (1 - exp(-beta * step / total_steps))``),
+    ``power`` (``(1 - 1 / step) ** (gamma + 1)``: EDM2's power-function EMA, the average of everything so far
+    weighted as ``t ** gamma``; ``decay`` is not used) or a function added with :func:`register_schedule`.
 
     Args:
         model: the model being trained (DDP/DataParallel/torch.compile wrappers are looked through).
-        decay, tau: the ramp's final decay and time constant in optimizer steps.
+        decay, tau: the ramp's final decay and time constant (in the unit's steps).
         updates: optimizer steps already counted (resume).
         schedule, beta, total_steps: schedule name and the settings some schedules need.
+        gamma, sigma_rel: the power schedule's exponent, or its relative width (one of the two; sigma_rel is
+            converted with :func:`power_gamma` and may not exceed SIGMA_REL_MAX, 0.3003).
         update_every: average only every k-th call; the decay over the k steps is compounded (``d ** k`` for a
-            constant schedule) so the averaging horizon in optimizer steps does not change.
+            constant schedule, ``(1 - k / t) ** (gamma + 1)`` for ``power``) so the averaging horizon in optimizer
+            steps does not change.
         update_after_step: copy the weights instead of averaging for the first n steps.
         flat: move the model's tensors into one flat buffer (default) so an update is a single kernel;
             ``False`` keeps the model untouched and uses per-tensor ``torch._foreach_lerp_``.
+        unit, nbs: the schedule's clock: ``'steps'`` (optimizer steps, default) or ``'images'`` (nominal batches
+            of ``nbs`` images; every update then says ``images=B``). See the module docstring.
+        images: images already counted (resume with ``unit='images'``); default ``updates * nbs``.
 
     Attributes: ``ema`` (the averaged nn.Module, eval mode, FP32, no gradients), ``updates``, ``skipped``
-    (updates refused by ``check_finite``), ``path`` ('flat' or 'foreach').
+    (updates refused by ``check_finite``), ``path`` ('flat' or 'foreach'), ``images`` (images counted),
+    ``sigma_rel`` (the power schedule's relative width, else None).
     """
 
     def __init__(
@@ -245,18 +334,32 @@ class ModelEMA:
         update_every: int = 1,
         update_after_step: int = 0,
         flat: bool = True,
+        gamma: float | None = None,
+        sigma_rel: float | None = None,
+        unit: str = "steps",
+        nbs: float = DEFAULT_NBS,
+        images: float | None = None,
     ):
         self.decay = float(decay)
         self.tau = float(tau)
         self.schedule = schedule
         self.beta = float(beta)
+        if gamma is not None and sigma_rel is not None:
+            raise ValueError(f"EMA: give gamma ({gamma}) or sigma_rel ({sigma_rel}), not both")
+        self.gamma = None if gamma is None else float(gamma)
+        if sigma_rel is not None:
+            self.gamma = power_gamma(sigma_rel)
         self.total_steps = None if total_steps is None else int(total_steps)
         self.update_every = int(update_every)
         self.update_after_step = int(update_after_step)
+        self.unit = unit
+        self.nbs = float(nbs)
         self.updates = int(updates)
         self.skipped = 0
         self.flat = bool(flat)
         self._check_settings()
+        self.images = float(self.updates * self.nbs if images is None else images)
+        self.pending_images = 0.0  # images of the calls since the last averaging (update_every > 1)
 
         source = _unwrap(model)
         self.ema = copy.deepcopy(source).float().eval()
@@ -268,14 +371,21 @@ class ModelEMA:
 
     @classmethod
     def from_hyp(cls, model: nn.Module, hyp: dict, updates: int = 0, total_steps: int | None = None, **kwargs):
-        """Build from a hyp dict: ``ema_decay, ema_tau, ema_schedule, ema_beta, ema_update_every,
-        ema_update_after_step, ema_flat`` (all optional; keyword arguments win)."""
+        """Build from a hyp dict: ``ema_decay, ema_tau, ema_schedule, ema_beta, ema_gamma, ema_sigma_rel,
+        ema_update_every, ema_update_after_step, ema_flat, ema_unit`` and ``nbs`` (all optional; keyword
+        arguments win). With ``ema_unit: images``, ``total_steps`` counts nominal batches."""
         unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in HYP_KEYS)
         if unknown:
             raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(HYP_KEYS)}")
         settings = {arg: hyp[key] for key, arg in HYP_KEYS.items() if key in hyp}
+        settings["nbs"] = hyp.get("nbs", DEFAULT_NBS)
         settings.update(kwargs)
         return cls(model, updates=updates, total_steps=total_steps, **settings)
+
+    @property
+    def sigma_rel(self) -> float | None:
+        """Relative width of the power-function profile with exponent ``gamma`` (None when gamma is not set)."""
+        return None if self.gamma is None else power_sigma_rel(self.gamma)
 
     # ---------------------------------------------------------------- settings and the decay schedule
     def _check_settings(self) -> None:
@@ -291,24 +401,55 @@ class ModelEMA:
             raise ValueError(f"EMA update_after_step must be >= 0, got {self.update_after_step}")
         if self.schedule == "exp" and not self.total_steps:
             raise ValueError("EMA schedule 'exp' needs total_steps (optimizer steps in the whole run)")
+        if self.gamma is not None:
+            power_sigma_rel(self.gamma)  # refuses gamma <= -1
+        if self.schedule == "power" and self.gamma is None:
+            raise ValueError("EMA schedule 'power' needs gamma or sigma_rel (hyp: ema_gamma or ema_sigma_rel, "
+                             "e.g. ema_sigma_rel: 0.1)")
+        needs = [p for p in _SCHEDULES[self.schedule].params if p in ("gamma", "sigma_rel") and self.gamma is None]
+        if needs:
+            raise ValueError(f"EMA schedule {self.schedule!r} needs {needs[0]} (hyp: ema_{needs[0]})")
+        if self.unit not in UNITS:
+            raise ValueError(f"EMA unit must be one of {UNITS}, got {self.unit!r}")
+        if not self.nbs > 0 or not math.isfinite(self.nbs):
+            raise ValueError(f"EMA nbs (nominal batch size) must be positive, got {self.nbs}")
 
     def decay_at(self, step: int) -> float:
         """The schedule's decay at averaging step ``step`` (1 = first averaged step); 0 before that (a copy)."""
         if step <= 0:
             return 0.0
-        fn, params = _SCHEDULES[self.schedule]
-        d = float(fn(self.decay, step, self.total_steps, **{p: getattr(self, p) for p in params}))
+        entry = _SCHEDULES[self.schedule]
+        d = float(entry.fn(self.decay, step, self.total_steps, **{p: getattr(self, p) for p in entry.params}))
         if not 0.0 <= d <= 1.0:  # also rejects NaN
             raise ValueError(f"EMA schedule {self.schedule!r} returned decay {d} at step {step}; must be in [0, 1]")
+        return d
+
+    def decay_over(self, start: float, end: float) -> float:
+        """The decay of one averaging that stands for the stretch ``(start, end]`` of the schedule's clock
+        (averaging steps or nominal batches): the schedule's exact window if it has one, else the product of
+        ``decay_at(n) ** f`` over the steps ``(n - 1, n]`` the stretch overlaps by the fraction ``f``. Averaging
+        once with it equals averaging at every step of the stretch while the model stays put."""
+        entry = _SCHEDULES[self.schedule]
+        if entry.window is not None:
+            d = float(entry.window(start, end, self.total_steps, **{p: getattr(self, p) for p in entry.params}))
+            if not 0.0 <= d <= 1.0:
+                raise ValueError(f"EMA schedule {self.schedule!r} returned decay {d} over ({start}, {end}]; "
+                                 "must be in [0, 1]")
+            return d
+        d = 1.0
+        n = math.floor(start) + 1
+        while n - 1 < end:
+            overlap = min(end, n) - max(start, n - 1)
+            if overlap > 0:
+                dn = self.decay_at(n)
+                d *= dn if overlap == 1 else dn ** overlap
+            n += 1
         return d
 
     def _window_decay(self, step: int) -> float:
         # Averaging once for the last k steps with the product of their decays equals averaging at each of
         # them while the model stays put: the horizon in optimizer steps is that of update_every=1.
-        d = 1.0
-        for s in range(step - self.update_every + 1, step + 1):
-            d *= self.decay_at(s)
-        return d
+        return self.decay_over(step - self.update_every, step)
 
     # ---------------------------------------------------------------- pairing model and EMA tensors
     def attach(self, model: nn.Module, flat: bool | None = None) -> None:
@@ -447,14 +588,23 @@ class ModelEMA:
                            "path from now on. Call ema.attach(model) to flatten again.")
 
     # ---------------------------------------------------------------- the update
-    def update(self, model: nn.Module, check_finite: bool = False) -> bool:
+    def update(self, model: nn.Module, check_finite: bool = False, images: float | None = None) -> bool:
         """Count one optimizer step and fold ``model`` into the average. Returns whether the EMA changed.
 
         With ``check_finite`` a model holding NaN/inf is not averaged in: the step is not counted and
         ``skipped`` goes up, so one bad step cannot poison the average (it costs one read of the model).
+        ``images``: the images this step's gradient covered (over all processes); required with
+        ``unit='images'``, ignored with ``'steps'``.
         """
         # No torch.no_grad() needed: every tensor written or read here is a detached alias or a plain buffer,
         # and on small models each Python-level step of this function shows in the timings.
+        by_images = self.unit == "images"
+        if by_images:
+            if images is None or not images > 0:
+                raise ValueError(f"ModelEMA with unit 'images' needs update(model, images=B) with B > 0, got {images}")
+            images = float(images)
+            self.images += images
+            self.pending_images += images
         self.updates += 1
         if self.updates % self.update_every:
             return False
@@ -470,10 +620,18 @@ class ModelEMA:
         if check_finite and not self._model_is_finite():
             self.updates -= 1
             self.skipped += 1
+            if by_images:
+                self.images -= images
+                self.pending_images -= images
             LOGGER.warning(f"ModelEMA: model has non-finite values; update skipped ({self.skipped} so far)")
             return False
-        step = self.updates - self.update_after_step
-        d = self.decay_at(step) if self.update_every == 1 else self._window_decay(step)
+        if by_images:
+            end = self.images / self.nbs - self.update_after_step
+            d = self.decay_over(end - self.pending_images / self.nbs, end)
+            self.pending_images = 0.0
+        else:
+            step = self.updates - self.update_after_step
+            d = self.decay_at(step) if self.update_every == 1 else self._window_decay(step)
         if self.path == "flat":
             for g in self._groups:
                 if not g.is_float or d == 0.0:
@@ -538,6 +696,12 @@ class ModelEMA:
             "total_steps": self.total_steps,
             "update_every": self.update_every,
             "update_after_step": self.update_after_step,
+            "gamma": self.gamma,
+            "sigma_rel": self.sigma_rel,  # for readers; loading restores gamma
+            "unit": self.unit,
+            "nbs": self.nbs,
+            "images": self.images,
+            "pending_images": self.pending_images,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -546,7 +710,7 @@ class ModelEMA:
         if missing:
             raise KeyError(f"ModelEMA state is missing {missing}; got keys {sorted(state)}")
         settings = {k: state[k] for k in ("decay", "tau", "schedule", "beta", "total_steps", "update_every",
-                                          "update_after_step") if k in state}
+                                          "update_after_step", "gamma", "unit", "nbs") if k in state}
         if settings.get("schedule", self.schedule) not in _SCHEDULES:
             raise ValueError(f"checkpoint uses EMA schedule {settings['schedule']!r}, which is not registered here "
                              f"(available: {available_schedules()}); register_schedule() it before loading")
@@ -562,8 +726,11 @@ class ModelEMA:
             raise
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
+        self.images = float(state.get("images", self.updates * self.nbs))
+        self.pending_images = float(state.get("pending_images", 0.0))
 
     def __repr__(self) -> str:
         return (f"ModelEMA(path={self.path!r}, updates={self.updates}, skipped={self.skipped}, "
-                f"schedule={self.schedule!r}, decay={self.decay}, tau={self.tau}, update_every={self.update_every}, "
-                f"update_after_step={self.update_after_step})")
+                f"schedule={self.schedule!r}, decay={self.decay}, tau={self.tau}, gamma={self.gamma}, "
+                f"update_every={self.update_every}, update_after_step={self.update_after_step}, unit={self.unit!r}, "
+                f"nbs={self.nbs})")
