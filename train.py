@@ -7,80 +7,163 @@ Usage:
     torchrun --nproc_per_node 2 train.py --data coco128.yaml --cfg yolov5n.yaml --device cpu
 
 A run, top to bottom: options -> set-up (seeds, device, processes, data, model, EMA, optimizer, schedule,
-resume state) -> epochs (warm-up, AMP forward/backward, gradient accumulation, optimizer step, EMA update
-after each step actually taken) -> epoch end (validation of the EMA, results.csv, best.pt, early stopping,
-last.pt) -> finish (resume state stripped, best.pt validated, plots).
+resume state) -> epochs (warm-up, autocast forward/backward, gradient accumulation, optimizer step, EMA update
+after each step actually taken) -> epoch end (validation of the EMA, results.csv, TensorBoard, best.pt, early
+stopping, last.pt) -> finish (resume state stripped, best.pt validated, plots).
+
+Precision: --amp fp16 (the default on CUDA) is fp16 autocast with a GradScaler on whatever device runs, the
+CPU included; bf16 is bfloat16 autocast without a scaler; off is FP32. One code path for all of them.
 
 Checkpoints (utils/checkpoint.py format) carry, while a run is unfinished, a `resume` entry with the FP32
 model and EMA, GradScaler, scheduler and RNG states, so a run killed at any instant and resumed ends
 bit-identical to the same run left alone (given --deterministic and the same hardware).
 
-Test hook: the environment variable YOLO_TEST_KILL_AT_ITER=N makes the process SIGKILL itself at the
-start of global training iteration N (the tests use it to interrupt a run mid-epoch).
+Test hooks, environment variables naming a global training iteration N (counted from 0, at its start):
+    YOLO_TEST_KILL_AT_ITER=N             the process SIGKILLs itself
+    YOLO_TEST_INTERRUPT_AT_ITER=N        the process sends itself SIGINT, as Ctrl-C does
+    YOLO_TEST_OVERFLOW_AT_ITER=N[,M...]  the loss of those iterations is multiplied by inf (an fp16 overflow)
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
-import signal
 import sys
-import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import yaml
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.cli import HelpFormatter, shown_path  # noqa: E402
+
+DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
+DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
+# The choices of utils.optim.OPTIMIZERS and utils.torch_utils.AMP_DTYPES, spelled out here so that --help
+# answers without importing torch (tests check that they agree).
+OPTIMIZER_CHOICES = ("SGD", "Adam", "AdamW")
+AMP_CHOICES = ("fp16", "bf16", "off")
+
+
+class TrainError(Exception):
+    """A run that cannot start or go on; the message is one line for the user."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says where the run stopped and how to continue it."""
+
+
+# ------------------------------------------------------------------------------------------------ options
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--weights", type=str, default="", help="initial weights (our checkpoint or a YOLOv5 .pt); '' for scratch")
+    p.add_argument("--cfg", type=str, default="", help=f"model yaml, e.g. yolov5n.yaml ({DEFAULT_CFG} without --weights)")
+    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml: a name in data/ or a path")
+    p.add_argument("--hyp", type=str, default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="hyperparameter yaml")
+    p.add_argument("--epochs", type=int, default=None, help=f"total training epochs (default {DEFAULT_EPOCHS}; "
+                                                             "with --resume, the run's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="total batch size over all processes")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train and val image size (pixels)")
+    p.add_argument("--rect", action="store_true", help="rectangular training batches")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the latest run, or the given last.pt")
+    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
+    p.add_argument("--noval", action="store_true", help="only validate after the final epoch")
+    p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors")
+    p.add_argument("--noplots", action="store_true", help="save no plot files")
+    p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
+    p.add_argument("--cache", type=str, nargs="?", const="ram", choices=("ram", "disk"),
+                   help="cache images in ram or on disk (default: no cache)")
+    p.add_argument("--device", type=str, default=None,
+                   help="cpu, cuda, a GPU index (0) or list (0,1,2,3) (default: the first GPU, else cpu; with "
+                        "--resume, the run's own)")
+    p.add_argument("--amp", choices=AMP_CHOICES, default=None,
+                   help="mixed precision: fp16 autocast with a GradScaler, bf16 autocast, or off "
+                        "(default: fp16 on CUDA, off on the CPU)")
+    p.add_argument("--bf16", action="store_true", help="same as --amp bf16")
+    p.add_argument("--multi-scale", action="store_true", help="vary the image size by +/- 50%% per batch")
+    p.add_argument("--single-cls", action="store_true", help="train every class as one class")
+    p.add_argument("--optimizer", type=str, choices=OPTIMIZER_CHOICES, default="SGD", help="optimizer")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA DDP only)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"most dataloader workers per process; fewer are used when cores or the batch are fewer "
+                        f"(default {DEFAULT_WORKERS}; with --resume, the run's own)")
+    p.add_argument("--project", default=str(ROOT / "runs" / "train"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name folder")
+    p.add_argument("--cos-lr", action="store_true", help="cosine lr schedule instead of linear")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon, in [0, 1)")
+    p.add_argument("--patience", type=int, default=100, help="early stopping patience in epochs (0 disables)")
+    p.add_argument("--freeze", nargs="+", type=int, default=[0],
+                   help="freeze layers: the first N (one number) or the listed layer indices")
+    p.add_argument("--save-period", type=int, default=-1, help="also save weights/epochN.pt every N epochs (-1 off)")
+    p.add_argument("--seed", type=int, default=0, help="global training seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
+    p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    opt = p.parse_args(argv)
+    if opt.bf16:
+        if opt.amp not in (None, "bf16"):
+            p.error(f"--bf16 contradicts --amp {opt.amp}")
+        opt.amp = "bf16"
+    return opt
+
+
+if __name__ == "__main__":
+    CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timedelta, timezone  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import (CheckpointError, half_state_dict, load_checkpoint, model_from_checkpoint,  # noqa: E402
-                              save_checkpoint, strip_resume_state)
+from utils.checkpoint import (CheckpointError, finished_checkpoint, half_state_dict, load_checkpoint,  # noqa: E402
+                              model_from_checkpoint, save_checkpoint, strip_resume_state)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import increment_path  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
-from utils.optim import (OPTIMIZERS, apply_warmup, build_optimizer, build_scheduler, nominal_accumulate,  # noqa: E402
+from utils.optim import (apply_warmup, build_optimizer, build_scheduler, nominal_accumulate,  # noqa: E402
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
+from utils.paths import increment_path  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
-from utils.torch_utils import de_parallel, init_seeds, model_info, non_finite_tensors, select_device  # noqa: E402
+from utils.tensorboard_log import TensorBoardLog  # noqa: E402
+from utils.torch_utils import (autocast, check_amp, de_parallel, init_seeds, model_info,  # noqa: E402
+                               non_finite_tensors, select_device)
 
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
             "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s",
             "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic",
             "mixup", "copy_paste")
-# What YOLOv5's own hyp files lack, so that they work here unchanged: the nominal batch YOLOv5 hard-codes
-# and the settings of its ModelEMA.
-HYP_DEFAULTS = {"nbs": 64, "ema_decay": 0.9999, "ema_tau": 2000, "ema_schedule": "ramp", "ema_update_every": 1}
-DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
-DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
+# What YOLOv5's own hyp files lack, so that they work here unchanged: the nominal batch YOLOv5 hard-codes,
+# the settings of its ModelEMA, and torch's GradScaler defaults.
+HYP_DEFAULTS = {"nbs": 64, "ema_decay": 0.9999, "ema_tau": 2000, "ema_schedule": "ramp", "ema_update_every": 1,
+                "amp_init_scale": 65536.0, "amp_growth_factor": 2.0, "amp_backoff_factor": 0.5,
+                "amp_growth_interval": 2000}
 MAX_GRAD_NORM = 10.0
 METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
 RAW_COLUMNS = ("raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95")
 EMA_ATTRS = ("yaml", "nc", "hyp", "names", "stride", "class_weights")
 KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"
+INTERRUPT_HOOK_ENV = "YOLO_TEST_INTERRUPT_AT_ITER"
+OVERFLOW_HOOK_ENV = "YOLO_TEST_OVERFLOW_AT_ITER"
 DDP_TIMEOUT = timedelta(hours=3)
-
-
-class TrainError(Exception):
-    """A run that cannot start or resume; the message is one line for the user."""
+PLOTTED_TRAIN_BATCHES = 3  # train_batch{0,1,2}.jpg
 
 
 @dataclass(frozen=True)
@@ -103,43 +186,22 @@ class Processes:
         return cls(int(os.getenv("RANK", -1)), int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("WORLD_SIZE", 1)))
 
 
-# ------------------------------------------------------------------------------------------------ options
-def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", type=str, default="", help="initial weights (our checkpoint or a YOLOv5 .pt); '' for scratch")
-    p.add_argument("--cfg", type=str, default="", help=f"model yaml, e.g. yolov5n.yaml (default {DEFAULT_CFG} without --weights)")
-    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml")
-    p.add_argument("--hyp", type=str, default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="hyperparameter yaml")
-    p.add_argument("--epochs", type=int, default=None, help=f"total training epochs (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=int, default=16, help="total batch size over all processes")
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train and val image size (pixels)")
-    p.add_argument("--rect", action="store_true", help="rectangular training batches")
-    p.add_argument("--resume", nargs="?", const=True, default=False, help="resume the latest run, or the given last.pt")
-    p.add_argument("--nosave", action="store_true", help="only save the final checkpoint")
-    p.add_argument("--noval", action="store_true", help="only validate after the final epoch")
-    p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors")
-    p.add_argument("--noplots", action="store_true", help="save no plot files")
-    p.add_argument("--cache", type=str, nargs="?", const="ram", choices=("ram", "disk"), help="cache images in ram or on disk")
-    p.add_argument("--device", type=str, default=None, help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    p.add_argument("--multi-scale", action="store_true", help="vary the image size by +/- 50%% per batch")
-    p.add_argument("--single-cls", action="store_true", help="train every class as one class")
-    p.add_argument("--optimizer", type=str, choices=OPTIMIZERS, default="SGD", help="optimizer")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (DDP only)")
-    p.add_argument("--workers", type=int, default=None, help=f"dataloader workers per process (default {DEFAULT_WORKERS})")
-    p.add_argument("--project", default=str(ROOT / "runs" / "train"), help="save to project/name")
-    p.add_argument("--name", default="exp", help="save to project/name")
-    p.add_argument("--exist-ok", action="store_true", help="reuse an existing project/name folder")
-    p.add_argument("--cos-lr", action="store_true", help="cosine lr schedule instead of linear")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon")
-    p.add_argument("--patience", type=int, default=100, help="early stopping patience in epochs (0 disables)")
-    p.add_argument("--freeze", nargs="+", type=int, default=[0], help="freeze layers: first N (one number) or the listed indices")
-    p.add_argument("--save-period", type=int, default=-1, help="also save weights/epochN.pt every N epochs (<1 off)")
-    p.add_argument("--seed", type=int, default=0, help="global training seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
-    p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA; no GradScaler)")
-    p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+def check_opt(opt: argparse.Namespace) -> None:
+    """Refuse numeric flags outside their meaning, in one line, before anything is created on disk."""
+    rules = [
+        (opt.epochs is None or opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
+        (opt.batch_size >= 1, f"--batch-size must be at least 1, got {opt.batch_size}"),
+        (opt.imgsz >= 1, f"--img must be a positive number of pixels, got {opt.imgsz}"),
+        (opt.workers is None or opt.workers >= 0, f"--workers must be 0 or more, got {opt.workers}"),
+        (opt.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {opt.patience}"),
+        (opt.save_period == -1 or opt.save_period >= 1,
+         f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
+        (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
+        (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise TrainError(message)
 
 
 def load_hyp(hyp: str | Path | dict) -> dict:
@@ -206,6 +268,8 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     new.resume, new.epochs = str(path), opt.epochs or planned
     new.workers = opt.workers if opt.workers is not None else saved.get("workers", DEFAULT_WORKERS)
     new.device = opt.device if opt.device is not None else saved.get("device", "")
+    if saved.get("amp") is None:  # a run saved before --amp existed: what its --bf16 and the device meant
+        new.amp = "bf16" if saved.get("bf16") else None
     new.save_dir = str(path.resolve().parent.parent)
     new.data = data.get("yaml_file") or saved["data"]
     return new, ckpt
@@ -213,16 +277,17 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 
 # ------------------------------------------------------------------------------------------------ set-up
 def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
-    """The device of this process; under torchrun also the process group (gloo on CPU, NCCL on CUDA)."""
+    """The device of this process (made the current CUDA device) and its precision (opt.amp resolved); under
+    torchrun also the process group (gloo on CPU, NCCL on CUDA)."""
     try:
         device = select_device(opt.device, batch_size=opt.batch_size)
+        opt.amp = opt.amp or ("fp16" if device.type == "cuda" else "off")
+        check_amp(opt.amp, device)
     except ValueError as e:
         raise TrainError(str(e)) from None
     if procs.distributed:
         if opt.batch_size % procs.world_size:
             raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {procs.world_size}")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         # The other ranks wait in a collective while rank 0 validates and saves; NCCL's default 10-minute
         # timeout would kill the run on a large validation set.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
@@ -286,7 +351,10 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, resume_ckpt: dict |
 
 def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
     """Turn off gradients for layers model.0 .. model.N-1 (one number N) or the listed layer indices."""
+    n_layers = len(model.model)
     layers = freeze if len(freeze) > 1 else range(freeze[0])
+    if len(freeze) == 1 and freeze[0] > n_layers or len(freeze) > 1 and max(freeze) >= n_layers:
+        raise TrainError(f"--freeze {' '.join(map(str, freeze))}: the model has {n_layers} layers (0-{n_layers - 1})")
     prefixes = tuple(f"model.{i}." for i in layers)
     frozen = []
     for name, p in model.named_parameters():
@@ -327,8 +395,22 @@ def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> Mod
         raise TrainError(f"hyp: {e}") from None
 
 
-# ------------------------------------------------------------------------------------------------ steps
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+def make_scaler(amp: str, device: torch.device, hyp: dict) -> torch.amp.GradScaler:
+    """The GradScaler of the run: enabled for fp16 on any device, its settings from the hyp's amp_* keys; for
+    bf16 and FP32 a disabled one, whose calls pass gradients and steps through unchanged."""
+    try:
+        return torch.amp.GradScaler(device.type, init_scale=float(hyp["amp_init_scale"]),
+                                    growth_factor=float(hyp["amp_growth_factor"]),
+                                    backoff_factor=float(hyp["amp_backoff_factor"]),
+                                    growth_interval=int(hyp["amp_growth_interval"]), enabled=amp == "fp16")
+    except (AssertionError, ValueError, TypeError) as e:  # torch asserts growth_factor > 1 and backoff < 1
+        raise TrainError(f"hyp: invalid GradScaler settings amp_*: {e or 'growth_factor must be > 1, backoff < 1'}"
+                         ) from None
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   where: str = "") -> bool:
     """Unscale, clip and apply the accumulated gradients; False (and no step) when they are not finite.
 
     The total gradient norm that clipping computes anyway tells whether every gradient is finite, so
@@ -337,13 +419,64 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
     stepped = bool(torch.isfinite(norm))
+    scale = scaler.get_scale() if scaler.is_enabled() else None
     if stepped:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad()
     if not stepped:
-        LOGGER.warning(f"Skipped an optimizer step: gradient norm is {norm.item()}")
+        scaled = f"; GradScaler scale {scale:g} -> {scaler.get_scale():g}" if scale is not None else ""
+        LOGGER.warning(f"Skipped the optimizer step{where}: gradient norm is {norm.item()}{scaled}; "
+                       "the EMA is not updated")
     return stepped
+
+
+class TrainStep:
+    """One training iteration: the autocast forward pass, the loss and its (scaled) backward pass, and, once
+    `accumulate` iterations have gathered gradients, the clipped optimizer step, followed by the EMA update
+    only when that step was actually taken (so ``ema.updates`` counts the steps taken).
+
+    The same code for every device and precision: for fp16 the GradScaler is enabled and may skip a step on
+    an overflow; otherwise it is disabled and its calls pass everything through. `timer(name)` wraps each
+    phase (bench/profile_train.py measures them); `overflow_at` is the test hook named in the module docstring.
+    """
+
+    def __init__(self, model: nn.Module, compute_loss, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, ema: ModelEMA | None, amp_dtype: torch.dtype | None,
+                 world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=()):
+        self.model, self.compute_loss, self.optimizer, self.scaler, self.ema = model, compute_loss, optimizer, scaler, ema
+        self.amp_dtype, self.world_size, self.last_opt_step = amp_dtype, world_size, last_opt_step
+        self.timer = timer or (lambda name: contextlib.nullcontext())
+        self.overflow_at = frozenset(overflow_at)
+        self.skipped: list[int] = []  # global iterations whose optimizer step was skipped
+
+    def drop_partial_window(self) -> None:
+        """Forget gradients gathered since the last step (at an epoch start, as YOLOv5 does)."""
+        self.optimizer.zero_grad()
+
+    def __call__(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int) -> torch.Tensor:
+        """Train on one batch at global iteration ni; returns the loss items (box, obj, cls), detached."""
+        device = imgs.device
+        with self.timer("forward"), autocast(device, self.amp_dtype):
+            pred = self.model(imgs)
+        with self.timer("loss"), autocast(device, self.amp_dtype):
+            loss, loss_items = self.compute_loss(pred, targets.to(device))
+            if self.world_size > 1:
+                loss = loss * self.world_size  # DDP averages gradients over processes
+            if ni in self.overflow_at:
+                loss = loss * math.inf
+        with self.timer("backward"):
+            self.scaler.scale(loss).backward()
+        if ni - self.last_opt_step >= accumulate:
+            with self.timer("optimizer"):
+                stepped = optimizer_step(self.model, self.optimizer, self.scaler, where=f" at iteration {ni}")
+            if stepped and self.ema is not None:
+                with self.timer("ema"):
+                    self.ema.update(self.model)
+            elif not stepped:
+                self.skipped.append(ni)
+            self.last_opt_step = ni
+        return loss_items
 
 
 def multi_scale_size(imgsz: int, stride: int, seed: int, epoch: int, i: int) -> int:
@@ -418,24 +551,83 @@ def build_checkpoint(*, epoch: int, best_fitness: float, model: nn.Module, ema: 
     return ckpt
 
 
-# ------------------------------------------------------------------------------------------------ the run
-def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes, resume_ckpt: dict | None):
-    save_dir = Path(opt.save_dir)
-    weights_dir = save_dir / "weights"
-    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
-    results_csv = save_dir / "results.csv"
-    plots = not opt.noplots
-    cuda = device.type == "cuda"
-    kill_at = int(os.getenv(KILL_HOOK_ENV, -1))
+def file_size(path: Path) -> str:
+    return f"{path.stat().st_size / 1e6:.1f} MB"
 
-    # ---- seeds and data description
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """What a training run holds: made by setup_run(), used by the epoch loop, the epoch end and finish()."""
+    opt: argparse.Namespace
+    hyp: dict
+    device: torch.device
+    procs: Processes
+    data: dict
+    names: list[str]
+    imgsz: int
+    gs: int
+    batch_size: int  # per process
+    model: nn.Module  # DDP-wrapped under torchrun
+    ema: ModelEMA | None  # rank 0 only
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lf: object  # epoch -> lr factor
+    scaler: torch.amp.GradScaler
+    stopper: EarlyStopping
+    train_loader: object
+    val_loader: object | None  # rank 0 only
+    compute_loss: ComputeLoss
+    step: TrainStep
+    nb: int  # batches per epoch
+    nw: int  # warm-up iterations
+    accumulate: int
+    start_epoch: int = 0
+    end_epoch: int = 0
+    best_fitness: float = 0.0
+    tensorboard: TensorBoardLog | None = None
+    saved_epoch: int | None = None  # the epoch last.pt holds
+    position: tuple[int, int] = (0, -1)  # (epoch, batch) being trained
+    results: tuple = (0.0,) * len(METRIC_COLUMNS)
+    raw_results: tuple = (0.0,) * len(RAW_COLUMNS)
+    unreadable: set = field(default_factory=set)  # image files that could not be read during training
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.opt.save_dir)
+
+    @property
+    def last(self) -> Path:
+        return self.save_dir / "weights" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.save_dir / "weights" / "best.pt"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.save_dir / "results.csv"
+
+    @property
+    def plots(self) -> bool:
+        return not self.opt.noplots
+
+    def resume_hint(self) -> str:
+        if self.saved_epoch is None or not self.last.exists():
+            return "no epoch has been saved yet, so there is nothing to resume: start the run again"
+        return (f"{shown_path(self.last)} holds epoch {self.saved_epoch}; continue with: "
+                f"python train.py --resume {shown_path(self.last)}")
+
+
+def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes,
+              resume_ckpt: dict | None) -> Run:
+    """Everything before the first epoch: seeds, data, model, run folder, loaders, EMA, optimizer, schedule,
+    scaler, and the state of a resumed run (restored last, so nothing here disturbs its RNG state)."""
     init_seeds(opt.seed + 1 + procs.rank, deterministic=opt.deterministic)
     with main_process_first(procs):
         data = check_dataset(opt.data)
     nc = 1 if opt.single_cls else data["nc"]
     names = ["item"] if opt.single_cls and len(data["names"]) != 1 else list(data["names"])
-
-    # ---- model
     try:
         model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
     except (FileNotFoundError, ValueError) as e:  # a missing or malformed --cfg
@@ -446,44 +638,25 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs)
     batch_size = opt.batch_size // procs.world_size  # per process
-
-    # ---- the run folder, once the data and the model are known to be usable
-    if procs.main:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-        (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_opt(opt), sort_keys=False))
-        LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-
-    # ---- data
-    with main_process_first(procs):
-        train_loader, dataset = create_dataloader(
-            data["train"], imgsz, batch_size, gs, single_cls=opt.single_cls, hyp=hyp, augment=True,
-            cache=opt.cache, rect=opt.rect, rank=procs.rank, world_size=procs.world_size, workers=opt.workers,
-            shuffle=True, seed=opt.seed, nc=data["nc"], prefix="train: ")
+    if procs.main:  # the run folder, once the data and the model are known to be usable
+        make_run_folder(opt, hyp)
+    train_loader, dataset, val_loader = build_loaders(opt, hyp, data, imgsz, batch_size, gs, procs, device)
     max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
     if max_label >= nc:
         raise TrainError(f"label class {max_label} exceeds nc={nc} in {opt.data}; classes must be 0..{nc - 1}")
-    nb = len(train_loader)
-    val_loader = None
-    if procs.main:
-        val_loader, _ = create_dataloader(
-            data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
-            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-            seed=opt.seed, nc=data["nc"], prefix="val: ")
-        if resume_ckpt is None:
-            if plots:
-                plot_labels(np.concatenate([lb for lb in dataset.labels if len(lb)] or [np.zeros((0, 5))], 0),
-                            names, save_dir)
-            if not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+    if procs.main and resume_ckpt is None:
+        if not opt.noplots:
+            plot_labels(np.concatenate([lb for lb in dataset.labels if len(lb)] or [np.zeros((0, 5))], 0),
+                        names, Path(opt.save_dir))
+        if not opt.noautoanchor:
+            check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
 
-    # ---- model attributes the loss, EMA and checkpoints use
-    nl = model.model[-1].nl
+    # Model attributes the loss, the EMA and the checkpoints use
     model.nc, model.names = nc, names
-    model.hyp = loss_gains(hyp, nc, nl, imgsz, opt.label_smoothing)
+    model.hyp = loss_gains(hyp, nc, model.model[-1].nl, imgsz, opt.label_smoothing)
     model.class_weights = class_weights_from_labels(dataset.labels, nc).to(device)
 
-    # ---- EMA (rank 0), optimizer, schedule
+    nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     ema = make_ema(model, hyp, planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)) \
         if procs.main else None
@@ -491,153 +664,94 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
     scheduler, lf = build_scheduler(optimizer, opt.epochs, hyp["lrf"], cos=opt.cos_lr)
-    use_scaler = cuda and not opt.bf16
-    amp_dtype = torch.bfloat16 if opt.bf16 else torch.float16
-    autocast_on = cuda or opt.bf16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = make_scaler(opt.amp, device, hyp)
     stopper = EarlyStopping(patience=opt.patience)
-
-    # ---- resume state
     start_epoch, best_fitness, last_opt_step, rng_state = 0, 0.0, -1, None
     if resume_ckpt is not None:
         start_epoch, best_fitness, last_opt_step, accumulate, rng_state = restore_training_state(
             resume_ckpt, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate)
 
-    # ---- processes
     if procs.distributed:
-        if opt.sync_bn:
-            if cuda:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-                LOGGER.info("Using SyncBatchNorm")
-            else:
-                LOGGER.warning("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); ignored on CPU")
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        model = wrap_ddp(model, opt, device)
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
-
+    overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
+    step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
+                     last_opt_step, overflow_at=overflow_at)
+    run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
+              batch_size=batch_size, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, lf=lf,
+              scaler=scaler, stopper=stopper, train_loader=train_loader, val_loader=val_loader,
+              compute_loss=compute_loss, step=step, nb=nb, nw=nw, accumulate=accumulate, start_epoch=start_epoch,
+              end_epoch=opt.epochs, best_fitness=best_fitness,
+              saved_epoch=start_epoch - 1 if resume_ckpt is not None else None)
     if procs.main:
-        model_info(de_parallel(model), "Model")
-        LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val; {opt.workers} dataloader workers; "
-                    f"accumulating to a nominal batch of {hyp['nbs']} ({accumulate} x {opt.batch_size}); "
-                    f"{nw} warm-up iterations\nLogging results to {save_dir}\n"
-                    f"Starting training for {opt.epochs} epochs...")
-    end_epoch = opt.epochs
+        log_run_plan(run)
+        if not opt.no_tensorboard:
+            run.tensorboard = TensorBoardLog(run.save_dir, start_epoch)
     if resume_ckpt is not None:
         if procs.main:
-            truncate_results(results_csv, start_epoch)
+            truncate_results(run.results_csv, start_epoch)
         if opt.epochs == int(resume_ckpt["opt"]["epochs"]) and stopper.stopped(start_epoch - 1):
             LOGGER.info(f"The run had stopped early after epoch {start_epoch - 1}; finishing it")
-            end_epoch = start_epoch  # killed while finishing: train no further than the run left alone did
+            run.end_epoch = start_epoch  # killed while finishing: train no further than the run left alone did
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above disturbs the restored generators
+    return run
 
-    # ---- epochs
-    results = (0.0,) * len(METRIC_COLUMNS)
-    raw_results = (0.0,) * len(RAW_COLUMNS)
-    t0 = time.time()
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, end_epoch):
-        model.train()
-        train_loader.set_epoch(epoch)
-        mloss = torch.zeros(3, device=device)
-        optimizer.zero_grad()  # a partial accumulation window from the last epoch is dropped
-        if procs.main:
-            LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
-        bar = tqdm(enumerate(train_loader), total=nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
-        for i, (imgs, targets, paths, _) in bar:
-            ni = i + nb * epoch  # global iteration
-            if ni == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
-            imgs = imgs.to(device, non_blocking=True).float() / 255
 
-            if ni <= nw:
-                accumulate = warmup_accumulate(ni, nw, hyp["nbs"], opt.batch_size)
-                apply_warmup(optimizer, ni, nw, lf(epoch), hyp)
+def make_run_folder(opt: argparse.Namespace, hyp: dict) -> None:
+    save_dir = Path(opt.save_dir)
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+    (save_dir / "opt.yaml").write_text(yaml.safe_dump(plain_opt(opt), sort_keys=False))
+    LOGGER.info("hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hyp.items()))
 
-            if opt.multi_scale:
-                size = multi_scale_size(imgsz, gs, opt.seed, epoch, i)
-                scale = size / max(imgs.shape[2:])
-                if scale != 1:
-                    new_shape = [math.ceil(x * scale / gs) * gs for x in imgs.shape[2:]]
-                    imgs = nn.functional.interpolate(imgs, size=new_shape, mode="bilinear", align_corners=False)
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=autocast_on):
-                pred = model(imgs)
-                loss, loss_items = compute_loss(pred, targets.to(device))
-                if procs.distributed:
-                    loss = loss * procs.world_size  # DDP averages gradients over processes
-            scaler.scale(loss).backward()
-
-            if ni - last_opt_step >= accumulate:
-                if optimizer_step(model, optimizer, scaler) and ema is not None:
-                    ema.update(model)  # only after a step actually taken: updates == steps
-                last_opt_step = ni
-
-            if procs.main:
-                mloss = (mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved(device) / 1e9:.3g}G" if cuda else "0G"
-                bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                    f"{epoch}/{opt.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
-                if plots and ni < 3:
-                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names=names)
-
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        scheduler.step()
-
-        stop = False
-        if procs.main:
-            final_epoch = epoch + 1 == opt.epochs
-            ema.update_attr(de_parallel(model), include=EMA_ATTRS)
-            if non_finite_tensors(ema.ema):
-                LOGGER.warning(f"epoch {epoch}: the EMA holds non-finite values; its results are not meaningful")
-            if not opt.noval or final_epoch:
-                results, _, _ = validate.run(data, batch_size=batch_size * 2, imgsz=imgsz, half=cuda and not opt.bf16,
-                                             model=ema.ema, single_cls=opt.single_cls, dataloader=val_loader,
-                                             save_dir=save_dir, plots=False, compute_loss=compute_loss)
-                if opt.val_raw:
-                    raw, _, _ = validate.run(data, batch_size=batch_size * 2, imgsz=imgsz, half=cuda and not opt.bf16,
-                                             model=de_parallel(model), single_cls=opt.single_cls,
-                                             dataloader=val_loader, save_dir=save_dir, plots=False)
-                    raw_results = tuple(raw[:4])
-            fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
-            stop = stopper(epoch, fi)
-            best_fitness = max(best_fitness, fi)
-            row = [epoch, *mloss.tolist(), *[float(x) for x in results], *lrs]
-            append_results_row(results_csv, row + (list(raw_results) if opt.val_raw else []), opt.val_raw)
-
-            if not opt.nosave or final_epoch or stop:
-                ckpt = build_checkpoint(epoch=epoch, best_fitness=best_fitness, model=model, ema=ema,
-                                        optimizer=optimizer, scaler=scaler, scheduler=scheduler, stopper=stopper,
-                                        last_opt_step=last_opt_step, accumulate=accumulate, opt=opt, hyp=hyp,
-                                        names=names, finished=False)
-                # last.pt is written last: it is the commit point a resume starts from, so a kill before
-                # it repeats this epoch and rewrites the files above with identical contents.
-                if best_fitness == fi:
-                    save_checkpoint(ckpt, best)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_checkpoint({k: v for k, v in ckpt.items() if k != "resume"}, weights_dir / f"epoch{epoch}.pt")
-                save_checkpoint(ckpt, last)
-                del ckpt
-        stop = broadcast(stop, procs)
-        if stop:
-            break
-
-    # ---- finish
+def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: int, procs: Processes,
+                  device: torch.device):
+    """(train loader, its dataset, val loader): every process trains on its share; rank 0 validates."""
+    with main_process_first(procs):
+        train_loader, dataset = create_dataloader(
+            data["train"], imgsz, batch_size, gs, single_cls=opt.single_cls, hyp=hyp, augment=True,
+            cache=opt.cache, rect=opt.rect, rank=procs.rank, world_size=procs.world_size, workers=opt.workers,
+            shuffle=True, seed=opt.seed, nc=data["nc"], prefix="train: ")
+    val_loader = None
     if procs.main:
-        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in (best, last):  # last.pt last: while it holds resume state, a resume can finish the job
-            if f.exists():
-                strip_resume_state(f)
-        if best.exists() and not opt.noval:
-            LOGGER.info(f"\nValidating {best}...")
-            best_model = model_from_checkpoint(load_checkpoint(best)).to(device)
-            results, _, _ = validate.run(data, batch_size=batch_size * 2, imgsz=imgsz, model=best_model,
-                                         half=cuda and not opt.bf16, single_cls=opt.single_cls,
-                                         dataloader=val_loader, save_dir=save_dir, plots=plots, verbose=True,
-                                         compute_loss=compute_loss)
-        if plots and results_csv.exists():
-            plot_results(results_csv)
-        LOGGER.info(f"Results saved to {save_dir}")
-    return results
+        val_loader, _ = create_dataloader(
+            data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
+            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+            seed=opt.seed, nc=data["nc"], prefix="val: ")
+    return train_loader, dataset, val_loader
+
+
+def wrap_ddp(model: nn.Module, opt, device: torch.device) -> nn.Module:
+    cuda = device.type == "cuda"
+    if opt.sync_bn:
+        if cuda:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+            LOGGER.info("Using SyncBatchNorm")
+        else:
+            LOGGER.warning("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernels); ignored on CPU")
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+
+
+def log_run_plan(run: Run) -> None:
+    opt, hyp = run.opt, run.hyp
+    model_info(de_parallel(run.model), "Model")
+    nominal = nominal_accumulate(hyp["nbs"], opt.batch_size)
+    first_ni = run.start_epoch * run.nb
+    if first_ni > run.nw:
+        warmup = f"warm-up of {run.nw} iterations done"
+    elif first_ni > 0:
+        warmup = (f"warm-up: {run.nw - first_ni} of {run.nw} iterations left, accumulating "
+                  f"{run.accumulate} batch{'es' if run.accumulate > 1 else ''} per step now, ramping up")
+    else:
+        warmup = f"warm-up: {run.nw} iterations, accumulation ramping up from 1 batch per step"
+    precision = {"fp16": "fp16 autocast with GradScaler", "bf16": "bf16 autocast", "off": "FP32"}[opt.amp]
+    LOGGER.info(f"Image sizes {run.imgsz} train, {run.imgsz} val; {run.train_loader.num_workers} dataloader "
+                f"workers; {precision} on {run.device}\n"
+                f"Accumulating {nominal} x {opt.batch_size} = {nominal * opt.batch_size} images per optimizer step "
+                f"(nominal batch {hyp['nbs']}); {warmup}\nLogging results to {run.save_dir}\n"
+                f"Starting training for {opt.epochs} epochs...")
 
 
 def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int):
@@ -664,7 +778,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
     planned = int(ckpt["opt"]["epochs"])
     if resume is not None:
         scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler"):
+        if resume.get("scaler") and scaler.is_enabled():  # a disabled scaler saved {}: nothing to restore
             scaler.load_state_dict(resume["scaler"])
     else:
         scheduler.last_epoch = start_epoch - 1
@@ -678,10 +792,174 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
             resume["rng"] if resume is not None else None)
 
 
+def train_epoch(run: Run, epoch: int) -> torch.Tensor:
+    """One pass over the training data; returns the mean loss items (box, obj, cls)."""
+    opt, hyp, procs, device = run.opt, run.hyp, run.procs, run.device
+    kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(os.getenv(INTERRUPT_HOOK_ENV, -1))
+    run.model.train()
+    run.train_loader.set_epoch(epoch)
+    run.step.drop_partial_window()
+    mloss = torch.zeros(3, device=device)
+    unreadable_before = len(run.unreadable)
+    if procs.main:
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+    bar = tqdm(enumerate(run.train_loader), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
+    for i, batch in bar:
+        imgs, targets, paths = batch[0], batch[1], batch[2]
+        ni = i + run.nb * epoch  # global iteration
+        run.position = (epoch, i)
+        if ni == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hooks, see module docstring
+        if ni == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        note_unreadable(run, batch)
+        imgs = imgs.to(device, non_blocking=True).float() / 255
+        if ni <= run.nw:
+            run.accumulate = warmup_accumulate(ni, run.nw, hyp["nbs"], opt.batch_size)
+            apply_warmup(run.optimizer, ni, run.nw, run.lf(epoch), hyp)
+        if opt.multi_scale:
+            size = multi_scale_size(run.imgsz, run.gs, opt.seed, epoch, i)
+            scale = size / max(imgs.shape[2:])
+            if scale != 1:
+                new_shape = [math.ceil(x * scale / run.gs) * run.gs for x in imgs.shape[2:]]
+                imgs = nn.functional.interpolate(imgs, size=new_shape, mode="bilinear", align_corners=False)
+
+        loss_items = run.step(imgs, targets, ni, run.accumulate)
+
+        if procs.main:
+            mloss = (mloss * i + loss_items) / (i + 1)
+            mem = f"{torch.cuda.memory_reserved(device) / 1e9:.3g}G" if device.type == "cuda" else "0G"
+            bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                f"{epoch}/{opt.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
+            if run.plots and ni < PLOTTED_TRAIN_BATCHES:
+                f = plot_images(imgs, targets, paths, run.save_dir / f"train_batch{ni}.jpg", names=run.names)
+                if run.tensorboard is not None:
+                    run.tensorboard.image(f"train_batch{ni}", f)
+    if procs.main and len(run.unreadable) > unreadable_before:
+        LOGGER.warning(f"epoch {epoch}: {len(run.unreadable) - unreadable_before} image file(s) could not be read "
+                       f"and were replaced by other samples ({len(run.unreadable)} in this run so far)")
+    return mloss
+
+
+def note_unreadable(run: Run, batch) -> None:
+    """Warn once per image file that could not be read (changed or removed since the scan); the loader trained
+    on a substitute sample instead."""
+    for f in getattr(batch, "unreadable", ()):
+        if f not in run.unreadable:
+            run.unreadable.add(f)
+            LOGGER.warning(f"WARNING: {f} could not be read (changed or removed since the label scan?); "
+                           "training on a substitute sample in its place")
+
+
+def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
+    """Schedule step, and on rank 0 validation of the EMA, results.csv, TensorBoard and checkpoints.
+    Returns whether early stopping ends the run."""
+    lrs = [g["lr"] for g in run.optimizer.param_groups]
+    run.scheduler.step()
+    if not run.procs.main:
+        return False
+    opt, ema = run.opt, run.ema
+    final_epoch = epoch + 1 == opt.epochs
+    ema.update_attr(de_parallel(run.model), include=EMA_ATTRS)
+    if non_finite_tensors(ema.ema):
+        LOGGER.warning(f"epoch {epoch}: the EMA holds non-finite values; its results are not meaningful")
+    if not opt.noval or final_epoch:
+        run.results = validate_model(run, ema.ema, compute_loss=run.compute_loss)
+        if opt.val_raw:
+            run.raw_results = tuple(validate_model(run, de_parallel(run.model))[:4])
+    fi = float(fitness(np.array(run.results[:4]).reshape(1, -1))[0])
+    stop = run.stopper(epoch, fi)
+    run.best_fitness = max(run.best_fitness, fi)
+    row = [epoch, *mloss.tolist(), *[float(x) for x in run.results], *lrs]
+    row += list(run.raw_results) if opt.val_raw else []
+    append_results_row(run.results_csv, row, opt.val_raw)
+    if run.tensorboard is not None:
+        scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
+        scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(ema.updates)})
+        run.tensorboard.scalars(epoch, scalars)
+    if not opt.nosave or final_epoch or stop:
+        save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)
+    return stop
+
+
+def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
+    """val.run on the run's validation loader, under the run's autocast precision (weights untouched)."""
+    results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=model,
+                                 amp_dtype=check_amp(run.opt.amp, run.device), single_cls=run.opt.single_cls,
+                                 dataloader=run.val_loader, save_dir=run.save_dir, plots=False,
+                                 compute_loss=compute_loss)
+    return tuple(results)
+
+
+def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
+    """best.pt when fitness improved and weights/epochN.pt every --save-period epochs (both finished
+    checkpoints, without optimizer or resume state), then last.pt with everything a resume needs.
+
+    last.pt is written last: it is the commit point a resume starts from, so a kill before it repeats this
+    epoch and rewrites the files above with identical contents. A failed write (a full disk) ends the run
+    with one line saying what last.pt still holds.
+    """
+    ckpt = build_checkpoint(epoch=epoch, best_fitness=run.best_fitness, model=run.model, ema=run.ema,
+                            optimizer=run.optimizer, scaler=run.scaler, scheduler=run.scheduler, stopper=run.stopper,
+                            last_opt_step=run.step.last_opt_step, accumulate=run.accumulate, opt=run.opt,
+                            hyp=run.hyp, names=run.names, finished=False)
+    try:
+        if improved:
+            save_checkpoint(finished_checkpoint(ckpt), run.best)
+        if run.opt.save_period > 0 and epoch % run.opt.save_period == 0:
+            save_checkpoint(finished_checkpoint(ckpt), run.last.parent / f"epoch{epoch}.pt")
+        save_checkpoint(ckpt, run.last)
+    except CheckpointError as e:
+        raise TrainError(f"{e}; {run.resume_hint()}") from None
+    run.saved_epoch = epoch
+
+
+def finish(run: Run, epochs_done: int, t0: float) -> None:
+    """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
+    LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if run.last.exists():
+        strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
+    sizes = ", ".join(f"{f.name} {file_size(f)}" for f in (run.best, run.last) if f.exists())
+    if sizes:
+        LOGGER.info(f"Checkpoints: {sizes} (best.pt without optimizer state: for evaluation and fine-tuning)")
+    if run.best.exists() and not run.opt.noval:
+        LOGGER.info(f"\nValidating {run.best}...")
+        best_model = model_from_checkpoint(load_checkpoint(run.best)).to(run.device)
+        run.results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=best_model,
+                                         amp_dtype=check_amp(run.opt.amp, run.device), single_cls=run.opt.single_cls,
+                                         dataloader=run.val_loader, save_dir=run.save_dir, plots=run.plots,
+                                         verbose=True, compute_loss=run.compute_loss)
+    if run.plots and run.results_csv.exists():
+        plot_results(run.results_csv)
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+    LOGGER.info(f"Results saved to {run.save_dir}")
+
+
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes, resume_ckpt: dict | None):
+    run = setup_run(hyp, opt, device, procs, resume_ckpt)
+    t0 = time.time()
+    epoch = run.start_epoch - 1
+    try:
+        for epoch in range(run.start_epoch, run.end_epoch):
+            mloss = train_epoch(run, epoch)
+            stop = end_epoch(run, epoch, mloss)
+            if broadcast(stop, procs):
+                break
+    except KeyboardInterrupt:
+        at_epoch, batch = run.position
+        raise Interrupted(f"interrupted in epoch {at_epoch} at batch {batch + 1} of {run.nb}; "
+                          f"{run.resume_hint()}") from None
+    if procs.main:
+        finish(run, epoch - run.start_epoch + 1, t0)
+    return run.results
+
+
 def main(opt: argparse.Namespace):
     """Run training for parsed options; raises TrainError (one line) for a run that cannot start."""
     procs = Processes.from_env()
     set_logging(procs.rank)
+    check_opt(opt)
     resume_ckpt = None
     if opt.resume:
         opt, resume_ckpt = prepare_resume(opt)
@@ -690,8 +968,6 @@ def main(opt: argparse.Namespace):
         opt.workers = DEFAULT_WORKERS if opt.workers is None else opt.workers
         opt.device = "" if opt.device is None else opt.device
     hyp = load_hyp(resume_ckpt["hyp"] if resume_ckpt is not None else opt.hyp)
-    if opt.batch_size < 1:
-        raise TrainError(f"--batch-size must be at least 1, got {opt.batch_size}")
     device = setup_processes(opt, procs)
     try:
         if not opt.resume:
@@ -703,10 +979,24 @@ def main(opt: argparse.Namespace):
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli(opt: argparse.Namespace) -> int:
+    """train.py's exit status: 0 done, 1 a one-line error, 130 interrupted with Ctrl-C."""
     try:
-        main(parse_opt())
+        main(opt)
     except (TrainError, CheckpointError, DatasetError) as e:
         set_logging()
         LOGGER.error(f"train: {e}")
-        sys.exit(1)
+        return 1
+    except Interrupted as e:
+        if Processes.from_env().main:
+            LOGGER.error(f"train: {e}")
+        return 130
+    except KeyboardInterrupt:  # before the first epoch began
+        if Processes.from_env().main:
+            LOGGER.error("train: interrupted before training began; nothing was saved")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(CLI_OPT))

@@ -4,9 +4,12 @@
     python val.py --weights best.pt --data coco128.yaml --save-json      # + pycocotools COCOeval
     python val.py --weights best.pt --data coco128.yaml --task speed     # timing only
 
+Without --weights it validates the latest training run's best.pt; without --img, at the size the weights
+were trained at.
+
 train.py calls run(model=ema.ema, dataloader=...) after every epoch. run() never modifies the model it is
-given: it evaluates under torch.autocast instead of converting the weights, and puts every module's
-train/eval flag back as it found it.
+given: it evaluates under torch.autocast instead of converting the weights (--half is fp16 autocast on any
+device), and puts every module's train/eval flag back as it found it.
 """
 from __future__ import annotations
 
@@ -17,13 +20,53 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
+
+from utils.cli import HelpFormatter, shown_path  # noqa: E402
+
+DEFAULT_IMGSZ = 640  # when neither --img nor the checkpoint says
+
+
+class ValError(Exception):
+    """A validation that cannot start (a bad --device or --task, no weights to find); one line for the user."""
+
+
+def parse_opt(argv=None):
+    p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector", formatter_class=HelpFormatter)
+    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml: a name in data/ or a path")
+    p.add_argument("--weights", type=str, default=None,
+                   help="checkpoint path (default: the latest runs/train/*/weights/best.pt)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                   help=f"inference size in pixels (default: the size the weights were trained at, else {DEFAULT_IMGSZ})")
+    p.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
+    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
+    p.add_argument("--task", default="val", choices=("val", "test", "speed"),
+                   help="the dataset split to validate, or speed (timing only, at conf 0.25 and IoU 0.45)")
+    p.add_argument("--device", default="", help="cpu, cuda, or a GPU index such as 0 (default: the first GPU, else cpu)")
+    p.add_argument("--workers", type=int, default=8, help="most dataloader workers")
+    p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    p.add_argument("--augment", action="store_true", help="test-time augmentation")
+    p.add_argument("--verbose", action="store_true", help="per-class results")
+    p.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    p.add_argument("--save-json", action="store_true", help="save a COCO-json results file and run COCOeval")
+    p.add_argument("--project", default=str(ROOT / "runs" / "val"), help="save to project/name")
+    p.add_argument("--name", default="exp", help="save to project/name")
+    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    p.add_argument("--half", action="store_true", help="FP16 inference: fp16 autocast, on any device")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
@@ -42,28 +85,46 @@ from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.paths import increment_path  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
-from utils.torch_utils import non_finite_tensors, select_device  # noqa: E402
+from utils.torch_utils import autocast, non_finite_tensors, select_device  # noqa: E402
 
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
 
 
 class Stopwatch:
-    """Accumulated wall time of a code block; waits for queued CUDA work so GPU time is counted."""
+    """Accumulated wall time of a code block; waits for queued CUDA work on `device` so GPU time is counted."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device if device.type == "cuda" else None
         self.total = 0.0
 
     def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
         self.total += time.perf_counter() - self._start
+
+
+def latest_best(search_dir: Path = ROOT / "runs" / "train") -> Path:
+    """The newest best.pt of the training runs (what `val.py` without --weights validates)."""
+    found = sorted(Path(search_dir).glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise ValError(f"no --weights given and no trained weights found under {shown_path(search_dir)}; "
+                       "pass --weights path/to/best.pt")
+    return found[-1]
+
+
+def trained_imgsz(ckpt: dict) -> int | None:
+    """The image size a checkpoint's run trained at, when its options say."""
+    opt = ckpt.get("opt")
+    size = opt.get("imgsz", opt.get("img_size")) if isinstance(opt, dict) else None
+    if isinstance(size, (list, tuple)) and size:  # YOLOv5 once stored [train, test] sizes
+        size = size[-1]
+    return int(size) if isinstance(size, (int, float)) and size > 0 else None
 
 
 @contextlib.contextmanager
@@ -120,7 +181,7 @@ def run(
     data,
     weights=None,
     batch_size: int = 32,
-    imgsz: int = 640,
+    imgsz: int | None = None,
     conf_thres: float = 0.001,
     iou_thres: float = 0.6,
     max_det: int = 300,
@@ -136,7 +197,8 @@ def run(
     project=ROOT / "runs" / "val",
     name: str = "exp",
     exist_ok: bool = False,
-    half: bool = True,
+    half: bool = False,
+    amp_dtype: torch.dtype | None = None,
     model=None,
     dataloader=None,
     save_dir=Path(""),
@@ -146,43 +208,49 @@ def run(
     """Evaluate and report. Returns ((P, R, mAP50, mAP50-95, box_loss, obj_loss, cls_loss), maps, times):
     maps (nc,) is each class's mAP50-95 (classes without boxes get the overall value), times the
     (pre-process, inference, NMS) milliseconds per image. Losses are 0 without compute_loss.
+
+    Precision: the model's weights are never converted; `amp_dtype` (train.py passes its run's) or, with
+    `half`, float16 is the autocast dtype on whatever device runs, CPU included.
     """
     training = model is not None
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
     data_dict = data if given_dict and dataloader is not None else check_dataset(data)
+    amp_dtype = amp_dtype if amp_dtype is not None else (torch.float16 if half else None)
     if training:  # called by train.py: the caller's model, device and dataloader
         device = next(model.parameters()).device
-        use_autocast = half and device.type == "cuda"  # FP16 compute without touching the FP32 weights
-        half = False
         save_dir = Path(save_dir)
         model_names = getattr(model, "names", None)
         stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
+        imgsz = imgsz or DEFAULT_IMGSZ
     else:
         if task not in ("val", "test", "speed"):
-            raise ValueError(f"--task must be val, test or speed, not {task!r}")
+            raise ValError(f"--task must be val, test or speed, not {task!r}")
         if task == "speed":  # timing only, at YOLOv5's deployment thresholds
             conf_thres, iou_thres, save_json, save_txt, plots = 0.25, 0.45, False, False, False
-        device = select_device(device, batch_size)
-        if half and device.type != "cuda":
-            LOGGER.info("--half is only used on CUDA; evaluating in FP32 on the CPU")
-        half = half and device.type == "cuda"
-        use_autocast = False
+        try:
+            device = select_device(device, batch_size)
+        except ValueError as e:
+            raise ValError(str(e)) from None
         if weights is None:
-            raise CheckpointError("no --weights given")
+            weights = latest_best()
+            LOGGER.info(f"No --weights given: validating the latest run's {shown_path(weights)}")
         ckpt = load_checkpoint(weights)
         if not (single_cls and ckpt["nc"] == 1):
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
-        model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse and convert
+        if imgsz is None:
+            imgsz = trained_imgsz(ckpt) or DEFAULT_IMGSZ
+            LOGGER.info(f"Validating at --img {imgsz}, " + ("the size the weights were trained at"
+                                                             if trained_imgsz(ckpt) else "the default"))
+        model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse
         del ckpt
         model_names = model.names
         model.fuse()
         model.to(device)
-        if half:
-            model.half()
         stride = int(max(model.stride.max(), 32))
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
-            model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+            with autocast(device, amp_dtype):
+                model(torch.zeros(1, 3, imgsz, imgsz, device=device))
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # only once the weights are good
         save_dir.mkdir(parents=True, exist_ok=True)
     if save_txt:
@@ -207,20 +275,26 @@ def run(
     jdict: list[dict] = []
     class_map = category_map(int(data_dict["nc"]))
     seen = 0
+    excluded: dict[str, None] = {}  # images that could not be read, in order (validated without them)
     header = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-    amp = torch.autocast(device_type="cuda", dtype=torch.float16) if use_autocast else contextlib.nullcontext()
 
     dataset = dataloader.dataset
     dataset_labels = {str(Path(f)): lb for f, lb in zip(dataset.im_files, dataset.labels)}
 
     with eval_mode(model):
-        for batch_i, (im, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}")):
+        for batch_i, batch in enumerate(tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}")):
+            if batch.unreadable:  # their samples are grey stand-ins: leave them out of the metrics
+                excluded.update(dict.fromkeys(batch.unreadable))
+                batch = batch.readable()
+                if not len(batch.paths):
+                    continue
+            im, targets, paths, shapes, _ = batch
             with watches[0]:
                 im = im.to(device, non_blocking=True)
-                im = (im.half() if half else im.float()) / 255
+                im = im.float() / 255
                 targets = targets.to(device)
                 height, width = im.shape[2:]
-            with watches[1], amp:
+            with watches[1], autocast(device, amp_dtype):
                 out = model(im, augment=augment) if augment else model(im)
                 preds, train_out = (out if isinstance(out, (list, tuple)) else (out, None))
             if compute_loss is not None and train_out is not None:
@@ -267,6 +341,9 @@ def run(
     LOGGER.info(header)
     row = "%22s" + "%11i" * 2 + "%11.3g" * 4
     LOGGER.info(row % ("all", seen, n_instances.sum(), mp, mr, map50, map50_95))
+    if excluded:
+        LOGGER.warning(f"WARNING: these {task} metrics exclude {len(excluded)} image{'s' * (len(excluded) > 1)} that "
+                       f"could not be read (removed or changed since the label scan): {', '.join(excluded)}")
     if n_instances.sum() == 0:
         LOGGER.warning(f"WARNING: no labels found in the {task} set; metrics cannot be computed")
     if verbose and nc > 1:
@@ -290,7 +367,8 @@ def run(
     if save_json and not jdict:
         LOGGER.info("No predictions above --conf-thres: nothing to write or score with COCOeval")
     if save_json and jdict:
-        _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, map50_95, map50)
+        _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, map50_95, map50,
+                             excluded)
 
     if not training:
         saved = f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {save_dir / 'labels'}" if save_txt else ""
@@ -302,7 +380,8 @@ def run(
     return (mp, mr, map50, map50_95, *losses), maps, times
 
 
-def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, our_map, our_map50):
+def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, our_map, our_map50,
+                         excluded=()):
     """Write the predictions json and score it with COCOeval, against a ground truth built from the same
     YOLO labels (comparable with our table) and against the dataset's official json when it has one."""
     stem = Path(weights).stem if weights else "model"
@@ -319,7 +398,8 @@ def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weigh
         gt["categories"] = gt["categories"][:1]
     gt_json = save_dir / "labels_gt.json"
     gt_json.write_text(json.dumps(gt))
-    img_ids = [im["id"] for im in gt["images"]]
+    left_out = {image_id_from_path(p) for p in excluded}  # unreadable images, as in our table
+    img_ids = [im["id"] for im in gt["images"] if im["id"] not in left_out]
     LOGGER.info(f"\nCOCOeval against {gt_json.name} (ground truth from the YOLO labels, maxDets={max_det}):")
     coco_map, coco_map50, _ = coco_evaluate(gt, jdict, img_ids=img_ids, max_det=max_det, use_cats=not single_cls)
     LOGGER.info(f"mAP50-95: ours {our_map:.6f}, pycocotools {coco_map:.6f} (difference {our_map - coco_map:+.1e}); "
@@ -335,41 +415,17 @@ def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weigh
             LOGGER.warning(f"WARNING: COCOeval with {official} failed: {type(e).__name__}: {e}")
 
 
-def parse_opt(argv=None):
-    p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector")
-    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml")
-    p.add_argument("--weights", type=str, default=str(ROOT / "yolov5s.pt"), help="checkpoint path")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
-    p.add_argument("--conf-thres", type=float, default=0.001)
-    p.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
-    p.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
-    p.add_argument("--task", default="val", choices=("val", "test", "speed"))
-    p.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
-    p.add_argument("--workers", type=int, default=8, help="max dataloader workers")
-    p.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
-    p.add_argument("--augment", action="store_true", help="test-time augmentation")
-    p.add_argument("--verbose", action="store_true", help="per-class results")
-    p.add_argument("--save-txt", action="store_true", help="save results to *.txt")
-    p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
-    p.add_argument("--save-json", action="store_true", help="save a COCO-json results file and run COCOeval")
-    p.add_argument("--project", default=str(ROOT / "runs" / "val"))
-    p.add_argument("--name", default="exp")
-    p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    p.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    opt = parse_opt(argv)
+    """val.py's exit status: 0, or 1 after a one-line error."""
+    opt = parse_opt(argv) if not isinstance(argv, argparse.Namespace) else argv
     set_logging()
     try:
         run(**vars(opt))
-    except (CheckpointError, DatasetError, FileNotFoundError) as e:
+    except (ValError, CheckpointError, DatasetError, FileNotFoundError) as e:
         LOGGER.error(f"ERROR: {e}")
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(CLI_OPT))
