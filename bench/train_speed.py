@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     it, t_start = 0, None
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        for imgs, targets, _, _ in loader:
+        for imgs, targets, _, _, _ in loader:
             if it == opt.warmup:
                 sync(device)
                 t_start = time.perf_counter()

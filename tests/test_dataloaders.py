@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from utils import dataloaders
-from utils.dataloaders import (LoadImagesAndLabels, SeededSampler, create_dataloader, img2label_paths,
-                               label_cache_paths)
+from utils.augmentations import FILL_VALUE
+from utils.dataloaders import (Batch, LoadImagesAndLabels, SeededSampler, create_dataloader, img2label_paths,
+                               label_cache_paths, substitute_order)
 from utils.data_config import DatasetError
 
 AUG_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=5.0, translate=0.1, scale=0.5, shear=2.0,
@@ -237,7 +238,7 @@ def test_label_cache_kept_in_user_cache_when_labels_read_only(tmp_path, log, use
 
 def _epoch_batches(loader, epoch):
     loader.set_epoch(epoch)
-    return [(imgs.clone(), targets.clone(), paths) for imgs, targets, paths, _ in loader]
+    return [(b.imgs.clone(), b.targets.clone(), b.paths) for b in loader]
 
 
 def _same(a, b):
@@ -251,7 +252,7 @@ def test_batches_identical_whatever_num_workers(tmp_path):
     for workers in (0, 1, 2):
         loader, _ = create_dataloader(images, 64, 4, 32, hyp=AUG_HYP, augment=True, shuffle=True, seed=7,
                                       workers=workers)
-        assert loader.num_workers == min(workers, os.cpu_count())
+        assert loader.num_workers == min(workers, dataloaders.usable_cpus())  # batch 4: not the limit here
         runs[workers] = [_epoch_batches(loader, e) for e in (0, 1)] + [_epoch_batches(loader, 0)]
         del loader
     for workers in (1, 2):
@@ -270,8 +271,8 @@ def test_batches_identical_whatever_num_workers(tmp_path):
     expected = [ds[(1, i)] for i in sampler.order()]
     got = [(img, t) for imgs, targets, _ in runs[2][1] for img, t in zip(imgs, _split_targets(targets, len(imgs)))]
     assert len(got) == len(expected)
-    for (img, t), (e_img, e_t, _, _) in zip(got, expected):
-        assert torch.equal(img, e_img) and torch.equal(t[:, 1:], e_t[:, 1:])
+    for (img, t), e in zip(got, expected):
+        assert torch.equal(img, e.img) and torch.equal(t[:, 1:], e.targets[:, 1:])
 
 
 def _split_targets(targets, n):
@@ -312,7 +313,8 @@ def test_rect_ddp_batches_share_one_shape(tmp_path):
     seen = []
     for rank in range(2):
         loader, ds = create_dataloader(images, 64, 2, 32, rect=True, rank=rank, world_size=2, workers=0)
-        for imgs, targets, paths, shapes in loader:  # collate would fail on mixed shapes
+        for imgs, _, paths, _, unreadable in loader:  # collate would fail on mixed shapes
+            assert unreadable == ()
             for p in paths:
                 i = ds.im_files.index(p)
                 assert tuple(imgs.shape[2:]) == tuple(ds.batch_shapes[ds.batch[i]])
@@ -320,12 +322,208 @@ def test_rect_ddp_batches_share_one_shape(tmp_path):
     assert len(set(seen)) == 7
 
 
+def test_worker_count_is_the_number_used(monkeypatch):
+    """min(requested, this rank's share of the CPUs, batch size), and loader.num_workers says it."""
+    monkeypatch.setattr(dataloaders, "usable_cpus", lambda: 8)
+    workers = dataloaders.dataloader_workers
+    assert workers(8, 16) == 8 and workers(12, 16) == 8  # the CPUs cap a larger request
+    assert workers(8, 16, world_size=2) == 4 and workers(8, 16, world_size=3) == 2  # DDP ranks share them
+    assert workers(8, 16, world_size=16) == 0  # more ranks than CPUs: each loads in its own process
+    assert workers(8, 1) == 1 and workers(8, 3) == 3  # batch 1 still overlaps loading with compute
+    assert workers(0, 16) == 0 and workers(-1, 16) == 0
+
+
+def test_loader_uses_the_computed_workers_and_pins_memory_only_when_asked(tmp_path, monkeypatch):
+    images = make_split(tmp_path / "ds", n=3)
+    monkeypatch.setattr(dataloaders, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine running --device cpu
+    loader, _ = create_dataloader(images, 64, 2, 32, rank=1, world_size=2, workers=8)
+    assert loader.num_workers == 2 and loader.pin_memory is False
+    loader, _ = create_dataloader(images, 64, 1, 32, workers=8, pin_memory=True)
+    assert loader.num_workers == 1 and loader.pin_memory is True
+
+
+# -------------------------------------------------------------------------------------------- unreadable images
+
+def _break(path: Path, how: str):
+    if how == "removed":
+        path.unlink()
+    else:
+        path.write_bytes(b"overwritten by something else")
+
+
+@pytest.mark.parametrize("how", ["removed", "corrupted"])
+@pytest.mark.parametrize("mosaic", [0.0, 1.0])
+def test_unreadable_training_image_replaced_by_the_seeded_stand_in(tmp_path, how, mosaic):
+    """An image lost after the scan is, within epoch e, image j = substitute_order(seed, e, k)[0] with its labels:
+    every sample equals the one of a dataset where file k holds image j, whatever the workers."""
+    sizes = [(64, 48), (48, 64), (64, 64), (60, 40), (40, 60), (64, 32)]
+    hyp = {**AUG_HYP, "mosaic": mosaic, "mixup": 0.3 * mosaic}
+    a = make_split(tmp_path / "a", n=6, sizes=sizes)
+    (tmp_path / "a" / "labels" / "train" / "4.txt").write_text("1 0.3 0.6 0.2 0.4\n")  # labels that tell images apart
+    k, epoch, seed = 2, 1, 7
+    j = int(substitute_order(seed, epoch, k, 6)[0])
+    assert j != k and j == int(substitute_order(seed, epoch, k, 6)[0])
+    b = tmp_path / "b" / "images" / "train"  # the same files, but file k is a copy of image j
+    for src in (a, tmp_path / "a" / "labels" / "train"):
+        dst = b if src == a else tmp_path / "b" / "labels" / "train"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    (b / f"{k}.jpg").write_bytes((a / f"{j}.jpg").read_bytes())
+    (tmp_path / "b" / "labels" / "train" / f"{k}.txt").write_text((tmp_path / "a" / "labels" / "train" / f"{j}.txt").read_text())
+    expected = LoadImagesAndLabels(b, img_size=64, augment=True, hyp=hyp, seed=seed)
+
+    loaders = {w: create_dataloader(a, 64, 2, 32, hyp=hyp, augment=True, shuffle=True, seed=seed, workers=w)
+               for w in (0, 2)}
+    resumed = LoadImagesAndLabels(a, img_size=64, augment=True, hyp=hyp, seed=seed)  # a fresh process, say
+    _break(a / f"{k}.jpg", how)  # after the label scans
+    runs = {}
+    for w, (loader, _) in loaders.items():
+        loader.set_epoch(epoch)
+        runs[w] = list(loader)
+    del loaders
+    order = SeededSampler(6, shuffle=True, seed=seed)
+    order.set_epoch(epoch)
+    lost = str(a / f"{k}.jpg")
+    for batch_0, batch_2, pair in zip(runs[0], runs[2], np.reshape(order.order(), (-1, 2))):
+        assert torch.equal(batch_0.imgs, batch_2.imgs) and torch.equal(batch_0.targets, batch_2.targets)
+        assert batch_0.paths == batch_2.paths and batch_0.unreadable == batch_2.unreadable
+        assert batch_0.unreadable in ((), (lost,))
+        if k in pair:  # this batch needed image k itself
+            assert batch_0.unreadable == (lost,)
+        for pos, i in enumerate(pair):
+            want = expected[(epoch, int(i))]
+            assert torch.equal(batch_0.imgs[pos], want.img)
+            assert torch.equal(batch_0.targets[batch_0.targets[:, 0] == pos, 1:], want.targets[:, 1:])
+            assert batch_0.paths[pos] == str(a / f"{j if i == k else i}.jpg")  # the image shown
+    assert sum(bool(bt.unreadable) for bt in runs[0]) >= 1
+
+    sample = resumed[(epoch, k)]  # another dataset object draws the same stand-in
+    assert sample.unreadable == (lost,) and sample.path == str(a / f"{j}.jpg")
+    assert torch.equal(sample.img, expected[(epoch, k)].img)
+
+
+def test_unreadable_stand_ins_searched_in_order_and_none_readable_is_one_clear_error(tmp_path):
+    images = make_split(tmp_path / "ds", n=5)
+    ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp={**AUG_HYP, "mosaic": 0.0}, seed=3)
+    order = [int(i) for i in substitute_order(3, 0, 1, 5)]
+    assert sorted(order) == [0, 2, 3, 4]
+    (images / "1.jpg").unlink()
+    (images / f"{order[0]}.jpg").unlink()  # the first stand-in is gone too: the second one is used
+    sample = ds[(0, 1)]
+    assert sample.path == str(images / f"{order[1]}.jpg")
+    assert sample.unreadable == (str(images / "1.jpg"), str(images / f"{order[0]}.jpg"))
+    for f in images.glob("*.jpg"):
+        f.unlink()
+    with pytest.raises(DatasetError, match=r"1\.jpg: image could not be read, nor any other image of the dataset"):
+        ds[(0, 1)]
+
+
+def test_unreadable_validation_image_is_grey_without_labels(tmp_path):
+    images = make_split(tmp_path / "ds", n=4, sizes=[(64, 32), (60, 30), (48, 64), (30, 60)])
+    loader, ds = create_dataloader(images, 64, 2, 32, rect=True, pad=0.5, workers=0)
+    before = {p: (s.img.shape, s.shapes, s.targets) for s in (ds[i] for i in range(4)) for p in [s.path]}
+    lost = str(images / "1.jpg")
+    (images / "1.jpg").unlink()
+    k = ds.im_files.index(lost)
+    sample = ds[k]
+    assert sample.path == lost and sample.unreadable == (lost,) and len(sample.targets) == 0
+    assert sample.img.shape == before[lost][0] and (sample.img == FILL_VALUE).all()  # its rect batch's shape
+    assert sample.shapes == before[lost][1]  # where the image would have been: (60, 30) -> 64 x 32
+    batches = list(loader)
+    assert [bt.unreadable for bt in batches] == [(lost,) if lost in bt.paths else () for bt in batches]
+    kept = [bt.readable() for bt in batches]
+    assert [p for bt in kept for p in bt.paths] == [p for p in ds.im_files if p != lost]
+    for bt in kept:  # the readable samples, untouched, their targets re-indexed
+        for pos, p in enumerate(bt.paths):
+            assert bt.imgs[pos].shape == before[p][0]
+            assert torch.equal(bt.targets[bt.targets[:, 0] == pos, 1:], before[p][2][:, 1:])
+
+
+class ContentOracle(torch.nn.Module):
+    """A stand-in detector whose output depends on each image's pixels only: for an image it has been shown
+    (by letterboxed content), jittered copies of its true boxes; for any other image, one confident false box."""
+
+    def __init__(self, loader, nc):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives val a device to read
+        self.nc, self.known = nc, {}
+        rng = np.random.default_rng(0)
+        for batch in loader:
+            h, w = batch.imgs.shape[2:]
+            for pos, img in enumerate(batch.imgs):
+                rows = []
+                for _, c, cx, cy, bw, bh in batch.targets[batch.targets[:, 0] == pos].tolist():
+                    jit = rng.uniform(-0.15, 0.15, 4)
+                    rows.append([(cx + jit[0] * bw) * w, (cy + jit[1] * bh) * h, bw * (1 + jit[2]) * w,
+                                 bh * (1 + jit[3]) * h, rng.uniform(0.2, 0.9), c])
+                self.known[self.key(img.float() / 255)] = rows
+
+    @staticmethod
+    def key(img):
+        return hash((img * 255).round().to(torch.uint8).numpy().tobytes())
+
+    def forward(self, im):
+        out = torch.zeros((len(im), 4, 5 + self.nc))
+        for i, img in enumerate(im):
+            rows = self.known.get(self.key(img), [[10.0, 10.0, 16.0, 16.0, 0.95, 0]])
+            for r, (cx, cy, bw, bh, conf, c) in enumerate(rows):
+                out[i, r, :5] = torch.tensor([cx, cy, bw, bh, conf])
+                out[i, r, 5 + int(c)] = 1.0
+        return out, None
+
+
+def test_validation_metrics_exclude_an_image_lost_after_the_scan(tmp_path, log):
+    """val.run over 8 images, one removed after the scan, gives exactly the metrics of the other 7 and says
+    it left the image out."""
+    import val
+
+    images = make_split(tmp_path / "ds", n=8)  # one size: rect batches have one shape, whoever is in them
+    labels = tmp_path / "ds" / "labels" / "train"
+    for i in range(8):
+        (labels / f"{i}.txt").write_text(f"{i % 2} 0.{3 + i % 5} 0.5 0.3 0.4\n1 0.7 0.3 0.2 0.2\n")
+    seven = tmp_path / "ds" / "seven.txt"
+    seven.write_text("".join(f"images/train/{i}.jpg\n" for i in range(8) if i != 5))
+    kw = dict(rect=True, pad=0.5, workers=0)
+    ref_loader, _ = create_dataloader(seven, 64, 3, 32, **kw)
+    loader, ds = create_dataloader(images, 64, 3, 32, **kw)
+    oracle = ContentOracle(ref_loader, nc=2)
+    data = {"nc": 2, "names": ["a", "b"]}
+    run = dict(model=oracle, half=False, plots=False, save_dir=tmp_path)
+    reference = val.run(data, dataloader=ref_loader, **run)[:2]
+    lost = str(images / "5.jpg")
+    (images / "5.jpg").unlink()
+    log.clear()
+    got = val.run(data, dataloader=loader, **run)[:2]
+    assert 0 < reference[0][3] < 1  # the jitter leaves a mAP50-95 that a false box would change
+    assert got[0] == reference[0] and np.array_equal(got[1], reference[1])
+    table = [r.getMessage() for r in log.records if r.getMessage().split()[:1] == ["all"]]
+    assert table[0].split()[1:3] == ["7", "14"]  # images seen, instances
+    warned = [w for w in warnings_of(log) if "exclude" in w]
+    assert len(warned) == 1 and lost in warned[0] and "1 image that could not be read" in warned[0]
+
+
+def test_batch_readable_drops_listed_samples_and_reindexes_targets():
+    imgs = torch.arange(3).view(3, 1, 1, 1).expand(3, 3, 2, 2).to(torch.uint8)
+    targets = torch.tensor([[0, 5, .1, .1, .1, .1], [2, 6, .2, .2, .2, .2], [2, 7, .3, .3, .3, .3]])
+    batch = Batch(imgs, targets, ("a", "b", "c"), ("sa", "sb", "sc"), ("b",))
+    kept = batch.readable()
+    assert kept.paths == ("a", "c") and kept.shapes == ("sa", "sc") and kept.unreadable == ("b",)
+    assert kept.imgs[:, 0, 0, 0].tolist() == [0, 2]
+    assert kept.targets[:, :2].tolist() == [[0, 5], [1, 6], [1, 7]]
+    assert batch.targets[:, 0].tolist() == [0, 2, 2]  # the original is unchanged
+    whole = Batch(imgs, targets, ("a", "b", "c"), ("sa", "sb", "sc"), ("elsewhere.jpg",))
+    assert whole.readable() is whole  # a stand-in in training shows another image: nothing to drop
+
+
 # -------------------------------------------------------------------------------------------- geometry
 
 def test_letterboxed_sample_labels_and_shapes_hand_computed(tmp_path):
     root = tmp_path / "ds"
     images = make_split(root, n=1, sizes=[(200, 100)], label="2 0.5 0.5 0.5 0.5\n")
-    img, targets, path, shapes = LoadImagesAndLabels(images, img_size=64)[0]
+    img, targets, path, shapes, unreadable = LoadImagesAndLabels(images, img_size=64)[0]
+    assert path == str(images / "0.jpg") and unreadable == ()
     # 200x100 -> 64x32 (ratio 0.32), padded 16 rows above and below to 64x64
     assert img.shape == (3, 64, 64) and img.dtype == torch.uint8
     assert shapes == ((100, 200), ((0.32, 0.32), (0.0, 16.0)))
@@ -339,7 +537,7 @@ def test_rect_batch_shapes_hand_computed(tmp_path):
     assert [Path(f).name for f in ds.im_files] == ["1.jpg", "2.jpg", "0.jpg"]
     # h = ceil(ar * 64 / 32) * 32 for landscape, w likewise for portrait
     assert ds.batch_shapes.tolist() == [[32, 64], [64, 64], [64, 32]]
-    img, _, _, shapes = ds[0]
+    img, _, _, shapes, _ = ds[0]
     assert img.shape == (3, 32, 64) and shapes == ((100, 200), ((0.32, 0.32), (0.0, 0.0)))
 
 
@@ -348,7 +546,7 @@ def test_mosaic_sample_shape_and_boxes_inside(tmp_path):
     ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp={**AUG_HYP, "mosaic": 1.0, "mixup": 0.0})
     n_boxes = 0
     for i in range(12):
-        img, targets, _, shapes = ds[(0, i % 4)]
+        img, targets, _, shapes, _ = ds[(0, i % 4)]
         assert img.shape == (3, 64, 64) and shapes is None
         xyxy = torch.cat([targets[:, 2:4] - targets[:, 4:6] / 2, targets[:, 2:4] + targets[:, 4:6] / 2], 1)
         assert ((xyxy >= -1e-6) & (xyxy <= 1 + 1e-6)).all() and (targets[:, 4:6] > 0).all()
@@ -385,7 +583,7 @@ def test_augmented_boxes_follow_the_objects(tmp_path, mosaic):
     checked = 0
     for epoch in range(4):
         for i in range(4):
-            img, targets, _, _ = ds[(epoch, i)]
+            img, targets, _, _, _ = ds[(epoch, i)]
             im = img.permute(1, 2, 0).numpy().astype(int)
             H, W = im.shape[:2]
             for _, k, cx, cy, w, h in targets.tolist():
@@ -471,7 +669,8 @@ def test_coco128_labels_match_the_coco_json(coco128):
 
 def test_coco128_batches_at_img_160(coco128):
     loader, ds = create_dataloader(coco128 / "images" / "train2017", 160, 4, 32, rect=True, pad=0.5, workers=0)
-    imgs, targets, paths, shapes = next(iter(loader))
+    imgs, targets, paths, shapes, unreadable = next(iter(loader))
+    assert unreadable == ()
     assert imgs.dtype == torch.uint8 and imgs.shape[:2] == (4, 3) and len(paths) == 4
     for i, (path, ((h0, w0), ((rh, rw), (pw, ph)))) in enumerate(zip(paths, shapes)):
         raw = np.loadtxt(img2label_paths([path])[0], ndmin=2).astype(np.float32)
@@ -488,7 +687,7 @@ def test_coco128_batches_at_img_160(coco128):
 
     train_loader, _ = create_dataloader(coco128 / "images" / "train2017", 160, 4, 32, hyp=AUG_HYP, augment=True,
                                         shuffle=True, workers=0)
-    imgs, targets, _, shapes = next(iter(train_loader))
+    imgs, targets, _, shapes, _ = next(iter(train_loader))
     assert imgs.shape == (4, 3, 160, 160) and len(targets) > 0
     assert ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all() and set(targets[:, 0].tolist()) <= {0, 1, 2, 3}
 
@@ -503,13 +702,13 @@ def test_each_hyp_key_drives_its_own_augmentation(tmp_path):
         ds = LoadImagesAndLabels(images, img_size=64, augment=True, hyp={**off, **on}, nc=4)
         return ds[(epoch, 0)]
 
-    base_img, base_t, _, base_shapes = sample()
+    base_img, base_t, _, base_shapes, _ = sample()
     assert base_shapes is not None
-    img, t, _, _ = sample(fliplr=1.0)
+    img, t, _, _, _ = sample(fliplr=1.0)
     assert torch.equal(img, base_img.flip(2)) and torch.allclose(t[:, 2], 1 - base_t[:, 2])
-    img, t, _, _ = sample(flipud=1.0)
+    img, t, _, _, _ = sample(flipud=1.0)
     assert torch.equal(img, base_img.flip(1)) and torch.allclose(t[:, 3], 1 - base_t[:, 3])
-    img, t, _, _ = sample(hsv_v=0.9)
+    img, t, _, _, _ = sample(hsv_v=0.9)
     assert not torch.equal(img, base_img) and torch.equal(t, base_t)
     moved = [sample(e, translate=0.1)[1] for e in range(3)]  # small enough to keep the object inside
     assert all(torch.allclose(m[:, 4:], base_t[:, 4:], atol=1e-3) for m in moved)  # same size ...

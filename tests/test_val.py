@@ -117,7 +117,7 @@ def _oracle_predictions(loader, rng):
     """Jittered true boxes (some duplicated, some missed, some given the wrong class) with random scores,
     plus background boxes."""
     batches = []
-    for im, targets, _, _ in loader:
+    for im, targets, _, _, _ in loader:
         b, _, h, w = im.shape
         rows = [[] for _ in range(b)]
         for i, c, cx, cy, bw, bh in targets.tolist():

@@ -15,6 +15,12 @@ never from a global RNG. The sampler yields (epoch, index) pairs, so the epoch t
 into whichever worker process loads it; the same seed therefore gives identical batches whatever the
 number of workers, and persistent workers need no per-epoch signal. The shuffle order of an epoch comes
 from a torch.Generator seeded from (seed, epoch); under DDP each rank takes a strided share of it.
+
+Images that cannot be read any more (removed or damaged after the label scan) do not stop a run. In
+training, such an image (a mosaic tile too) is replaced by the first readable image of a permutation that
+is a pure function of (seed, epoch, index), so resumed runs, every worker and every DDP rank agree. In
+validation, it becomes a grey image of the shape it would have had, without labels. Either way the sample
+and its collated Batch list the path in `unreadable`; workers never log, the consumer of the batches does.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import os
 import shutil
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -31,7 +38,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils.augmentations import augment_hsv, letterbox, mixup, mosaic4, random_flips, random_perspective
+from utils.augmentations import (FILL_VALUE, augment_hsv, letterbox, mixup, mosaic4, random_flips,
+                                 random_perspective)
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.data_config import DatasetError, writable_dir
 from utils.log import LOGGER
@@ -48,6 +56,44 @@ EXIF_ORIENTATION = 0x0112
 
 # Per-image outcome of the label scan.
 LABELLED, BACKGROUND_MISSING, BACKGROUND_EMPTY, CORRUPT = 0, 1, 2, 3
+SUBSTITUTE_STREAM = 1  # SeedSequence spawn key of the stand-in draws: independent of the augmentation draws
+
+
+class UnreadableImageError(FileNotFoundError):
+    """An image that passed the label scan but cannot be read now (removed or changed since)."""
+
+
+class Sample(NamedTuple):
+    """One dataset item."""
+    img: torch.Tensor  # uint8 (3, H, W) RGB
+    targets: torch.Tensor  # (n, 6) [0, cls, cx, cy, w, h], normalised to img
+    path: str  # the image shown (a stand-in's path when the sample's own image could not be read in training)
+    shapes: tuple | None  # ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h))) when letterboxed, None for mosaics
+    unreadable: tuple[str, ...]  # images this sample needed but could not read
+
+
+class Batch(NamedTuple):
+    """Collated samples; targets' column 0 is the image's position in the batch."""
+    imgs: torch.Tensor  # uint8 (B, 3, H, W)
+    targets: torch.Tensor  # (n, 6)
+    paths: tuple[str, ...]
+    shapes: tuple
+    unreadable: tuple[str, ...]  # distinct image paths that could not be read for this batch (almost always empty)
+
+    def readable(self) -> "Batch":
+        """This batch without the samples whose own image is listed in `unreadable` (validation's grey
+        stand-ins), targets re-indexed; `unreadable` is kept."""
+        bad = set(self.unreadable)
+        keep = [i for i, p in enumerate(self.paths) if p not in bad]
+        if len(keep) == len(self.paths):
+            return self
+        position = torch.full((len(self.paths),), -1, dtype=torch.long)
+        position[keep] = torch.arange(len(keep))
+        new_index = position[self.targets[:, 0].long()]
+        targets = self.targets[new_index >= 0].clone()
+        targets[:, 0] = new_index[new_index >= 0].to(targets.dtype)
+        return Batch(self.imgs[keep], targets, tuple(self.paths[i] for i in keep),
+                     tuple(self.shapes[i] for i in keep), tuple(self.unreadable))
 
 
 def user_cache_dir() -> Path:
@@ -60,6 +106,16 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random generator of one sample: a pure function of (seed, epoch, index)."""
     mask = (1 << 64) - 1  # SeedSequence wants non-negative integers
     return np.random.Generator(np.random.PCG64([int(seed) & mask, int(epoch) & mask, int(index) & mask]))
+
+
+def substitute_order(seed: int, epoch: int, index: int, n: int) -> np.ndarray:
+    """The images, in the order tried, that stand in for image `index` of an n-image dataset when it cannot
+    be read in epoch `epoch`: a permutation of the other indices, a pure function of (seed, epoch, index)."""
+    mask = (1 << 64) - 1
+    seq = np.random.SeedSequence([int(seed) & mask, int(epoch) & mask, int(index) & mask],
+                                 spawn_key=(SUBSTITUTE_STREAM,))
+    order = np.random.Generator(np.random.PCG64(seq)).permutation(int(n))
+    return order[order != index]
 
 
 def img2label_paths(img_paths) -> list[str]:
@@ -331,9 +387,10 @@ class LoadImagesAndLabels(Dataset):
 
     Indexing with an int uses `self.epoch` (set_epoch) for the random draws; indexing with an
     (epoch, index) pair, as SeededSampler does, carries the epoch into worker processes.
-    Samples are (image uint8 (3, H, W) RGB, labels (n, 6) [0, cls, cx, cy, w, h] normalised to the
-    output image, image path, shapes) with shapes = ((h0, w0), ((ratio_h, ratio_w), (pad_w, pad_h))) for
-    letterboxed images and None for mosaics. Augmentation hyp keys absent from `hyp` are off.
+    Items are Sample tuples (image uint8 (3, H, W) RGB, targets (n, 6) [0, cls, cx, cy, w, h] normalised to
+    the output image, image path, shapes, unreadable paths) with shapes = ((h0, w0), ((ratio_h, ratio_w),
+    (pad_w, pad_h))) for letterboxed images and None for mosaics. Augmentation hyp keys absent from `hyp`
+    are off.
     """
 
     def __init__(self, path, img_size=640, batch_size=16, augment=False, hyp=None, rect=False, cache_images=None,
@@ -407,23 +464,31 @@ class LoadImagesAndLabels(Dataset):
         self.batch_shapes = (np.ceil(rel * self.img_size / self.stride + pad).astype(int) * self.stride)
 
     # ------------------------------------------------------------------------------------------- images
+    def resized_size(self, w0: int, h0: int) -> tuple[int, int]:
+        """(w, h) of a w0 x h0 image after load_image: long side img_size, aspect ratio kept."""
+        r = self.img_size / max(h0, w0)
+        if r == 1:
+            return w0, h0
+        return min(self.img_size, max(1, round(w0 * r))), min(self.img_size, max(1, round(h0 * r)))
+
     def load_image(self, i: int):
-        """Image i resized so its long side is img_size: (image BGR, (h0, w0), (h, w))."""
+        """Image i resized so its long side is img_size: (image BGR, (h0, w0), (h, w)).
+        Raises UnreadableImageError when the file is gone or cannot be decoded any more."""
         if self.ims[i] is not None:
             return self.ims[i], self.im_hw0[i], self.ims[i].shape[:2]
         f = self.im_files[i]
         if self.npy_files is not None and os.path.isfile(self.npy_files[i]):
             im = np.load(self.npy_files[i], allow_pickle=False)
         else:
-            im = cv2.imread(f)
+            # the existence check first: OpenCV prints a warning of its own for a missing file
+            im = cv2.imread(f) if os.path.isfile(f) else None
             if im is None:
-                raise FileNotFoundError(f"{f}: image could not be read (changed or removed since the label scan?)")
+                raise UnreadableImageError(f"{f}: image could not be read (changed or removed since the label scan?)")
         h0, w0 = im.shape[:2]
-        r = self.img_size / max(h0, w0)
-        if r != 1:
-            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
-            size = (min(self.img_size, max(1, round(w0 * r))), min(self.img_size, max(1, round(h0 * r))))
-            im = cv2.resize(im, size, interpolation=interp)
+        w, h = self.resized_size(w0, h0)
+        if (w, h) != (w0, h0):
+            interp = cv2.INTER_LINEAR if (self.augment or self.img_size > max(h0, w0)) else cv2.INTER_AREA
+            im = cv2.resize(im, (w, h), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
 
     def _resized_bytes(self) -> int:
@@ -477,40 +542,45 @@ class LoadImagesAndLabels(Dataset):
         LOGGER.info(f"{self.prefix}Images cached on disk as .npy ({len(stale)} written, {self.n - len(stale)} reused)")
 
     # ------------------------------------------------------------------------------------------- samples
-    def load_mosaic(self, index: int, rng: np.random.Generator):
+    def load_mosaic(self, index: int, rng: np.random.Generator, source: "SampleImages"):
         """Image `index` and three random others in a mosaic, then warped and cropped to img_size square.
+        Returns (image, pixel labels, index of the image shown in place of `index`).
 
         The four are placed in a random order, as YOLOv5 does: were `index` always top-left, the crop
         around the mosaic centre would only ever show the bottom-right part of it.
         """
         others = rng.integers(0, self.n, 3)
         indices = [[index, *(int(i) for i in others)][j] for j in rng.permutation(4)]
-        images = [self.load_image(i)[0] for i in indices]
-        img, labels = mosaic4(images, [self.labels[i] for i in indices], self.img_size, rng)
+        tiles = [source.load(i) for i in indices]  # (index shown, image, (h0, w0), (h, w))
+        img, labels = mosaic4([t[1] for t in tiles], [self.labels[t[0]] for t in tiles], self.img_size, rng)
         h = self.hyp
-        return random_perspective(img, labels, rng, degrees=h.get("degrees", 0.0), translate=h.get("translate", 0.0),
-                                  scale=h.get("scale", 0.0), shear=h.get("shear", 0.0),
-                                  perspective=h.get("perspective", 0.0), border=self.mosaic_border)
+        img, labels = random_perspective(img, labels, rng, degrees=h.get("degrees", 0.0),
+                                         translate=h.get("translate", 0.0), scale=h.get("scale", 0.0),
+                                         shear=h.get("shear", 0.0), perspective=h.get("perspective", 0.0),
+                                         border=self.mosaic_border)
+        return img, labels, tiles[indices.index(index)][0]
 
-    def __getitem__(self, item):
+    def __getitem__(self, item) -> Sample:
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         index = int(index)
         rng = sample_rng(self.seed, epoch, index)
+        source = SampleImages(self, epoch)
         h = self.hyp
 
         if self.mosaic and rng.random() < h.get("mosaic", 0.0):
-            img, labels = self.load_mosaic(index, rng)
+            img, labels, shown = self.load_mosaic(index, rng, source)
             shapes = None
             if rng.random() < h.get("mixup", 0.0):
-                img, labels = mixup(img, labels, *self.load_mosaic(int(rng.integers(0, self.n)), rng), rng)
+                img2, labels2, _ = self.load_mosaic(int(rng.integers(0, self.n)), rng, source)
+                img, labels = mixup(img, labels, img2, labels2, rng)
         else:
-            loaded, (h0, w0), (hr, wr) = self.load_image(index)
+            shown, loaded, (h0, w0), (hr, wr) = source.load(index)
             shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
             img, (ratio_w, ratio_h), (pad_w, pad_h) = letterbox(loaded, shape, auto=False, scaleup=self.augment)
             if img is loaded:
                 img = img.copy()  # never let in-place augmentation touch the RAM cache
             shapes = (h0, w0), ((hr / h0 * ratio_h, wr / w0 * ratio_w), (pad_w, pad_h))
-            labels = self.labels[index].copy()
+            labels = self.labels[shown].copy() if shown is not None else np.zeros((0, 5), np.float32)
             if len(labels):
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio_w * wr, ratio_h * hr, pad_w, pad_h)
             if self.augment:
@@ -529,17 +599,58 @@ class LoadImagesAndLabels(Dataset):
         if n:
             targets[:, 1:] = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
         chw_rgb = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
-        return torch.from_numpy(chw_rgb), targets, self.im_files[index], shapes
+        path = self.im_files[index if shown is None else shown]
+        return Sample(torch.from_numpy(chw_rgb), targets, path, shapes, source.unreadable_paths())
 
     @staticmethod
-    def collate_fn(batch):
+    def collate_fn(batch) -> Batch:
         """Stack images; concatenate targets with column 0 set to each target's image index in the batch."""
-        imgs, targets, paths, shapes = zip(*batch)
+        imgs, targets, paths, shapes, unreadable = zip(*batch)
         for i, t in enumerate(targets):
             t[:, 0] = i
-        return torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes
+        unreadable = tuple(dict.fromkeys(p for u in unreadable for p in u))  # distinct, in order
+        return Batch(torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes, unreadable)
 
 
+class SampleImages:
+    """The images of one sample (one, four for a mosaic, eight with mixup), standing in for unreadable ones.
+
+    load(i) returns (index whose labels go with the image, image, (h0, w0), (h, w)). When image i cannot be
+    read, in training the first readable image of substitute_order(seed, epoch, i) stands in for it; in
+    validation it is a grey image of the size image i would have had, and the index is None (no labels).
+    """
+
+    def __init__(self, dataset: LoadImagesAndLabels, epoch: int):
+        self.dataset, self.epoch = dataset, epoch
+        self.unreadable: dict[int, None] = {}  # indices found unreadable, in order (a dict as an ordered set)
+
+    def _try(self, i: int):
+        if i in self.unreadable:
+            return None
+        try:
+            return self.dataset.load_image(i)
+        except UnreadableImageError:
+            self.unreadable[i] = None
+            return None
+
+    def load(self, i: int):
+        ds = self.dataset
+        loaded = self._try(i)
+        if loaded is not None:
+            return (i, *loaded)
+        if not ds.augment:
+            w0, h0 = (int(v) for v in ds.shapes[i])
+            w, h = ds.resized_size(w0, h0)
+            return None, np.full((h, w, 3), FILL_VALUE, np.uint8), (h0, w0), (h, w)
+        for j in substitute_order(ds.seed, self.epoch, i, ds.n):
+            loaded = self._try(int(j))
+            if loaded is not None:
+                return (int(j), *loaded)
+        raise DatasetError(f"{ds.im_files[i]}: image could not be read, nor any other image of the dataset "
+                           "(removed since the label scan?)")
+
+    def unreadable_paths(self) -> tuple[str, ...]:
+        return tuple(self.dataset.im_files[i] for i in self.unreadable)
 
 
 def _available_memory() -> int | None:
@@ -610,14 +721,30 @@ class SeededDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow), else the count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def dataloader_workers(workers: int, batch_size: int, world_size: int = 1) -> int:
+    """Worker processes per loader: the requested number, at most this process's share of the CPUs (the
+    world_size DDP ranks on the machine share them) and at most one per image of a batch."""
+    return max(0, min(int(workers), usable_cpus() // max(int(world_size), 1), int(batch_size)))
+
+
 def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=None, augment=False, cache=None,
                       pad=0.0, rect=False, rank=-1, world_size=1, workers=8, shuffle=False, seed=0, nc=None,
-                      prefix=""):
+                      prefix="", pin_memory=False):
     """Build (loader, dataset). batch_size is per process; under DDP (rank >= 0) each of world_size ranks
-    gets a strided share of every epoch's order. Workers are persistent: the epoch travels with the index.
-    With rect, shuffling is turned off (batches are formed from images sorted by aspect ratio) and the
-    rect shapes are computed for the global batch (batch_size * world_size), which each rank's strided
-    batch falls inside.
+    gets a strided share of every epoch's order. Workers are persistent: the epoch travels with the index;
+    loader.num_workers is the number really used (dataloader_workers). With rect, shuffling is turned off
+    (batches are formed from images sorted by aspect ratio) and the rect shapes are computed for the global
+    batch (batch_size * world_size), which each rank's strided batch falls inside. pin_memory=True (for a
+    CUDA device only: pinning opens a CUDA context) makes host-to-GPU copies of the batches asynchronous.
+    The loader yields Batch tuples.
     """
     if rect and shuffle:
         LOGGER.warning(f"{prefix}WARNING: --rect is incompatible with shuffling; shuffle=False")
@@ -627,9 +754,9 @@ def create_dataloader(path, imgsz, batch_size, stride, single_cls=False, hyp=Non
                                   cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad, seed=seed,
                                   prefix=prefix, nc=nc)
     batch_size = max(1, min(batch_size, len(dataset)))
-    nw = min((os.cpu_count() or 1) // ranks, batch_size if batch_size > 1 else 0, workers)
+    nw = dataloader_workers(workers, batch_size, ranks)
     sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=ranks)
     loader = SeededDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=nw,
-                              pin_memory=torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+                              pin_memory=bool(pin_memory), collate_fn=LoadImagesAndLabels.collate_fn,
                               persistent_workers=nw > 0)
     return loader, dataset
