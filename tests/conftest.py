@@ -1,18 +1,35 @@
-"""Shared test fixtures: the project root on sys.path and the real coco128 copy when it is present."""
+"""Shared test fixtures: the project root on sys.path and the real coco128 dataset, found as the code finds it."""
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-COCO128 = ROOT.parent / "shared" / "datasets" / "coco128"
+from utils.data_config import DatasetError, find_data_yaml, resolve_dataset_root  # noqa: E402
+
+
+def find_coco128() -> Path:
+    """The coco128 root that `--data coco128.yaml` uses: data/coco128.yaml's `path` looked up like every
+    dataset ($DATASETS_DIR, ../datasets, ../shared/datasets), without downloading. Raises DatasetError
+    naming every place searched when it is nowhere, or the folder when it lacks images/train2017."""
+    yaml_file = find_data_yaml("coco128.yaml")
+    path = yaml.safe_load(yaml_file.read_text(encoding="utf-8")).get("path")
+    root = resolve_dataset_root(path, yaml_file, download=None, autodownload=False)
+    if not (root / "images" / "train2017").is_dir():
+        raise DatasetError(f"coco128 at {root} has no images/train2017 folder")
+    return root
 
 
 @pytest.fixture(scope="session")
 def coco128() -> Path:
-    """Path of the real coco128 dataset; these tests need it and fail loudly without it."""
-    assert (COCO128 / "images" / "train2017").is_dir(), f"coco128 not found at {COCO128}"
-    return COCO128
+    """Path of the real coco128 dataset (resolved, as the code returns it). The tests that need it fail with
+    one line naming the places searched when it is absent."""
+    try:
+        return find_coco128()
+    except DatasetError as e:
+        reason = str(e)
+    pytest.fail(f"these tests need coco128: {reason}", pytrace=False)  # outside except: no chained report

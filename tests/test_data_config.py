@@ -65,13 +65,33 @@ def test_absolute_path_names_dict_and_lists(tmp_path):
     assert check_dataset(d) == d  # an already checked dict passes through unchanged
 
 
-def test_bare_name_found_in_data_folder(coco128, monkeypatch):
-    monkeypatch.delenv("DATASETS_DIR", raising=False)
+def test_bare_name_found_in_data_folder(coco128):
     for name in ("coco128.yaml", "coco128"):
         d = check_dataset(name)
-        assert d["yaml_file"] == str(data_config.ROOT / "data" / "coco128.yaml")
-        assert Path(d["train"]) == coco128 / "images" / "train2017"
+        assert Path(d["yaml_file"]).resolve() == (data_config.ROOT / "data" / "coco128.yaml").resolve()
+        assert Path(d["train"]).resolve() == (coco128 / "images" / "train2017").resolve()
         assert d["nc"] == 80 and d["names"][0] == "person" and d["names"][79] == "toothbrush"
+
+
+def test_tests_find_coco128_where_the_code_does(tmp_path, monkeypatch):
+    """The coco128 fixture follows $DATASETS_DIR through symlinks, as check_dataset does, and with coco128
+    nowhere it fails in one line naming every folder searched."""
+    from tests.conftest import find_coco128
+
+    real = find_coco128()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "coco128").symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("DATASETS_DIR", str(tmp_path / "linked"))
+    assert find_coco128() == real.resolve() == Path(check_dataset("coco128.yaml")["path"])
+
+    monkeypatch.setenv("DATASETS_DIR", str(tmp_path / "env"))
+    monkeypatch.setattr(data_config, "ROOT", tmp_path / "repo")  # no ../datasets, no ../shared/datasets
+    with pytest.raises(DatasetError) as e:
+        find_coco128()
+    msg = str(e.value)
+    assert "\n" not in msg and "dataset path 'coco128' not found" in msg
+    for place in (tmp_path / "env", tmp_path / "datasets", tmp_path / "shared" / "datasets"):
+        assert str(place / "coco128") in msg
 
 
 @pytest.mark.parametrize("key", ["train", "val", "names"])
@@ -143,6 +163,104 @@ def test_download_unpacks_into_first_writable_candidate(fake_repo, tmp_path, mon
     assert d["path"] == str(tmp_path / "env" / "toy")
     assert (tmp_path / "env" / "toy" / "labels" / "train" / "0.txt").read_text() == "0 0.5 0.5 0.1 0.1\n"
     assert not list((tmp_path / "env").glob("*.part"))  # the temporary archive is cleaned up
+
+
+def listing(root: Path) -> list[str]:
+    """Every path under root (files and folders), relative: what is on disk, not just what is non-empty."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def zip_archive(path: Path, members: dict) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+class BrokenStream(io.BytesIO):
+    """A download that delivers some bytes and then fails (a dropped connection, or Ctrl-C)."""
+
+    def __init__(self, error):
+        super().__init__(b"PK\x03\x04" + b"x" * 100_000)
+        self.error = error
+
+    def read(self, n=-1):
+        if self.tell() > 50_000:
+            raise self.error
+        return super().read(min(n, 16_384) if n and n > 0 else 16_384)
+
+
+GOOD_MEMBERS = {"toy/images/train/0.jpg": b"x", "toy/labels/train/0.txt": b"0 0.5 0.5 0.1 0.1\n"}
+
+
+@pytest.mark.parametrize("failure", ["missing_url", "dropped_connection", "damaged_archive", "wrong_folder",
+                                     "not_an_archive"])
+def test_failed_download_leaves_nothing_behind(fake_repo, tmp_path, monkeypatch, failure):
+    """../datasets did not exist: a failed attempt must not leave it (or anything in it) behind."""
+    source = tmp_path / "source"
+    source.mkdir()
+    url = (source / "toy.zip").as_uri()
+    if failure == "dropped_connection":
+        monkeypatch.setattr(data_config.urllib.request, "urlopen",
+                            lambda *a, **k: BrokenStream(ConnectionResetError("connection reset by peer")))
+    elif failure == "damaged_archive":  # the first member unpacks, the second fails its CRC check
+        data = zip_archive(source / "toy.zip", {**GOOD_MEMBERS, "toy/images/train/1.jpg": b"y" * 1000}).read_bytes()
+        cut = data.rindex(b"y" * 1000)
+        (source / "toy.zip").write_bytes(data[:cut] + b"z" * 10 + data[cut + 10:])
+    elif failure == "wrong_folder":
+        zip_archive(source / "toy.zip", {"other/images/0.jpg": b"x"})
+    elif failure == "not_an_archive":
+        (source / "toy.zip").write_bytes(b"<html>not found</html>")
+    cfg = write_yaml(tmp_path / "toy.yaml", path="toy", train="images/train", val="images/train", names=["a"],
+                     download=url)
+    before = listing(tmp_path)
+    with pytest.raises(DatasetError) as e:
+        check_dataset(cfg)
+    assert listing(tmp_path) == before and not (tmp_path / "datasets").exists()
+    msg = str(e.value)
+    assert f"download of {url} into {tmp_path / 'datasets'} failed (nothing left behind)" in msg
+    assert {"dropped_connection": "connection reset", "damaged_archive": "CRC", "not_an_archive": "neither a zip",
+            "wrong_folder": "does not hold a folder toy/ (it holds: other)"}.get(failure, "") in msg
+
+
+def test_failed_download_keeps_what_existed_and_removes_only_its_own_folders(fake_repo, tmp_path, monkeypatch):
+    env = tmp_path / "env"  # $DATASETS_DIR exists and holds other datasets
+    (env / "other" / "images").mkdir(parents=True)
+    (env / "other" / "images" / "0.jpg").write_bytes(b"kept")
+    (env / "notes.txt").write_text("kept")
+    monkeypatch.setenv("DATASETS_DIR", str(env))
+    source = tmp_path / "source"
+    source.mkdir()
+    damaged = zip_archive(source / "toy.zip", {**GOOD_MEMBERS, "other/images/1.jpg": b"y" * 1000,
+                                               "toy/images/train/1.jpg": b"w" * 1000})
+    data = damaged.read_bytes()
+    cut = data.rindex(b"w" * 1000)
+    damaged.write_bytes(data[:cut] + b"v" * 10 + data[cut + 10:])
+    cfg = write_yaml(tmp_path / "toy.yaml", path="toy", train="images/train", val="images/train", names=["a"],
+                     download=damaged.as_uri())
+    before = listing(tmp_path)
+    with pytest.raises(DatasetError, match="failed"):
+        check_dataset(cfg)
+    assert listing(tmp_path) == before and (env / "notes.txt").read_text() == "kept"
+
+    # Ctrl-C during the download ends the attempt at once, and cleanly
+    monkeypatch.setenv("DATASETS_DIR", str(env / "a" / "b"))  # two folders to make, then remove
+    monkeypatch.setattr(data_config.urllib.request, "urlopen", lambda *a, **k: BrokenStream(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        check_dataset(cfg)
+    assert listing(tmp_path) == before
+
+    # a good archive that also holds a folder already there: new files join it, old ones stay as they were
+    monkeypatch.undo()
+    monkeypatch.setattr(data_config, "ROOT", fake_repo)
+    monkeypatch.setenv("DATASETS_DIR", str(env))
+    good = zip_archive(source / "good.zip", {**GOOD_MEMBERS, "other/images/0.jpg": b"new", "other/images/1.jpg": b"1"})
+    cfg = write_yaml(tmp_path / "good.yaml", path="toy", train="images/train", val="images/train", names=["a"],
+                     download=good.as_uri())
+    assert check_dataset(cfg)["path"] == str(env / "toy")
+    assert (env / "other" / "images" / "0.jpg").read_bytes() == b"kept"
+    assert (env / "other" / "images" / "1.jpg").read_bytes() == b"1"
+    assert sorted(p.name for p in env.iterdir()) == ["notes.txt", "other", "toy"]  # no temporary files left
 
 
 def test_unknown_yaml_and_invalid_yaml(tmp_path):

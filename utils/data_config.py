@@ -7,7 +7,8 @@ an optional `nc` that must agree with `names`, and an optional `download` URL of
 A relative `path` is looked up, in order, under $DATASETS_DIR, ROOT.parent/'datasets' and
 ROOT.parent/'shared'/'datasets' (ROOT is this repository); an absolute `path` is used as it is; a yaml
 without `path` takes the folder that holds the yaml. When the root is found nowhere and the yaml has a
-`download` URL, the archive is fetched into the first writable candidate folder and unpacked there.
+`download` URL, the archive is fetched into the first writable candidate folder and unpacked there; a
+failed attempt removes everything it created (folders included) and nothing else.
 """
 from __future__ import annotations
 
@@ -89,25 +90,79 @@ def _names_list(names, nc, where: str) -> list[str]:
     return out
 
 
-def _fetch_and_unpack(url: str, dest_dir: Path) -> None:
-    """Download an archive into dest_dir and unpack it there; raises OSError/ValueError on failure."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
+def _missing_dirs(d: Path) -> list[Path]:
+    """d and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not d.exists() and d.parent != d:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def _move_into(src: Path, dst: Path, created: list[Path]) -> None:
+    """Move src to dst, appending what this creates to `created`. Where dst is an existing folder, src's
+    entries are moved into it one by one; an existing file is never replaced."""
+    if not os.path.lexists(dst):
+        os.replace(src, dst)
+        created.append(dst)
+    elif dst.is_dir() and src.is_dir() and not src.is_symlink():
+        for child in sorted(src.iterdir()):
+            _move_into(child, dst / child.name, created)
+
+
+def _remove(paths) -> None:
+    """Remove files and folder trees, last created first."""
+    for p in reversed(list(paths)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            p.unlink()
+
+
+def _fetch_and_unpack(url: str, dest_dir: Path, expected: Path) -> None:
+    """Download an archive and unpack it into dest_dir, which must then hold `expected`; raises on failure.
+
+    The archive is downloaded and unpacked beside its destination under temporary names, then moved into
+    place. Whatever fails (network, disk, a damaged archive, Ctrl-C), everything this attempt created is
+    removed again, the folders it had to make included, and nothing that existed before is touched.
+    """
+    new_dirs = _missing_dirs(dest_dir)
+    created: list[Path] = []  # placed into dest_dir
+    scratch: list[Path] = []  # the partial download and the unpacking folder
     name = Path(url.split("?")[0]).name or "dataset.zip"
-    LOGGER.info(f"Downloading {url} to {dest_dir} ...")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+    done = False
     try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        LOGGER.info(f"Downloading {url} to {dest_dir} ...")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest_dir)
+        scratch.append(Path(tmp))
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
             shutil.copyfileobj(r, f)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".unpack", dir=dest_dir))
+        scratch.append(staging)
         if zipfile.is_zipfile(tmp):
             with zipfile.ZipFile(tmp) as z:
-                z.extractall(dest_dir)  # zipfile drops absolute and '..' member paths
+                z.extractall(staging)  # zipfile drops absolute and '..' member paths
         elif tarfile.is_tarfile(tmp):
             with tarfile.open(tmp) as t:
-                t.extractall(dest_dir, filter="data")
+                t.extractall(staging, filter="data")
         else:
             raise ValueError(f"{url} is neither a zip nor a tar archive")
+        if not (staging / expected.name).is_dir():
+            held = ", ".join(sorted(e.name for e in staging.iterdir())) or "nothing"
+            raise ValueError(f"the archive does not hold a folder {expected.name}/ (it holds: {held})")
+        for entry in sorted(staging.iterdir()):
+            _move_into(entry, dest_dir / entry.name, created)
+        done = True
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if not done:
+            _remove(created)
+        _remove(scratch)
+        for d in [] if done else new_dirs:  # deepest first; a folder that someone else filled meanwhile stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def writable_dir(d: Path) -> bool:
@@ -146,14 +201,13 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
         else:
             target = targets[0]
             try:
-                _fetch_and_unpack(str(download), target.parent)
+                _fetch_and_unpack(str(download), target.parent, target)
             except Exception as e:  # any network, disk or archive problem is reported in one line
-                failure = f"; download of {download} into {target.parent} failed: {type(e).__name__}: {e}"
+                failure = (f"; download of {download} into {target.parent} failed (nothing left behind): "
+                           f"{type(e).__name__}: {e}")
             else:
-                if target.is_dir():
-                    LOGGER.info(f"Dataset downloaded to {target}")
-                    return target.resolve()
-                failure = f"; download of {download} into {target.parent} did not produce {target}"
+                LOGGER.info(f"Dataset downloaded to {target}")
+                return target.resolve()
     elif download:
         failure = f"; automatic download from {download} is disabled"
     raise DatasetError(f"{where}: dataset path '{path_value}' not found; searched: "
