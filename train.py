@@ -876,6 +876,8 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     if run.tensorboard is not None:
         scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
         scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(ema.updates)})
+        if run.scaler.is_enabled():
+            scalars["amp/scale"] = run.scaler.get_scale()
         run.tensorboard.scalars(epoch, scalars)
     if not opt.nosave or final_epoch or stop:
         save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)

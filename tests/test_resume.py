@@ -1,13 +1,16 @@
-"""Exact resume: a run SIGKILLed mid-epoch and resumed ends bit-identical to the same run left alone;
-extension with --epochs; refusals that leave the disk untouched."""
+"""Exact resume: a run SIGKILLed mid-epoch and resumed ends bit-identical to the same run left alone (FP32 and
+fp16 with its GradScaler); its TensorBoard curves continue without duplicates; extension with --epochs;
+refusals that leave the disk untouched."""
 import shutil
 
 import pytest
 import torch
+import yaml
 
-from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, run_train, tiny_model_yaml,
-                                 tiny_run_args, tree_digest, walked_optimizer_steps)
-from train import TrainError, parse_opt, prepare_resume
+from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, results_columns, run_train,
+                                 tensorboard_scalars, tiny_model_yaml, tiny_run_args, tree_digest,
+                                 walked_optimizer_steps)
+from train import OVERFLOW_HOOK_ENV, TrainError, load_hyp, parse_opt, prepare_resume
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 N_IMAGES, BATCH, EPOCHS = 12, 4, 3
@@ -18,6 +21,12 @@ def expected_optimizer_steps(epochs):
     return walked_optimizer_steps(NB, epochs, nw=max(round(3.0 * NB), 100), nbs=64, batch=BATCH)
 
 
+# The fp16 runs: a small growth interval and an overflow before and after the kill, so the GradScaler's scale and
+# growth tracker at the kill differ from their start and decide how the resumed run goes on.
+FP16_HYP = {"amp_init_scale": 1024.0, "amp_growth_interval": 2}
+FP16_ENV = {OVERFLOW_HOOK_ENV: "1,7"}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
@@ -25,7 +34,14 @@ def setup(tmp_path_factory):
     project = root / "runs"
     ref = run_train(tiny_run_args(data, cfg, project, "ref", EPOCHS))
     assert ref.returncode == 0, ref.stdout[-3000:]
-    return {"root": root, "data": data, "cfg": cfg, "project": project, "ref": project / "ref"}
+    fp16_hyp = root / "fp16_hyp.yaml"
+    fp16_hyp.write_text(yaml.safe_dump({**load_hyp(str(parse_opt([]).hyp)), **FP16_HYP}))
+    fp16_args = ["--amp", "fp16", "--hyp", fp16_hyp]
+    ref16 = run_train(tiny_run_args(data, cfg, project, "ref16", EPOCHS, *fp16_args), **FP16_ENV)
+    assert ref16.returncode == 0, ref16.stdout[-3000:]
+    assert ref16.stdout.count("Skipped the optimizer step") == 2
+    return {"root": root, "data": data, "cfg": cfg, "project": project, "ref": project / "ref",
+            "ref16": project / "ref16", "fp16_args": fp16_args}
 
 
 def test_reference_run_checkpoint_contents(setup):
@@ -50,18 +66,24 @@ def test_reference_run_checkpoint_contents(setup):
         assert lrs == pytest.approx([0.1 + ni / 100 * (target - 0.1)] + [ni / 100 * target] * 2, rel=1e-4), e
 
 
-@pytest.mark.parametrize("kill_at, workers, resume_workers", [(4, 0, None), (7, 2, 2)],
-                         ids=["kill-epoch1-workers0", "kill-epoch2-workers2"])
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, resume_workers):
-    name = f"killed{kill_at}"
-    args = tiny_run_args(setup["data"], setup["cfg"], setup["project"], name, EPOCHS)
+@pytest.mark.parametrize("kill_at, workers, resume_workers, amp", [(4, 0, None, "off"), (7, 2, 2, "off"),
+                                                                   (5, 0, None, "fp16")],
+                         ids=["kill-epoch1-workers0", "kill-epoch2-workers2", "kill-epoch1-fp16"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, resume_workers, amp):
+    name = f"killed{kill_at}-{amp}"
+    fp16 = amp == "fp16"
+    env = FP16_ENV if fp16 else {}
+    args = tiny_run_args(setup["data"], setup["cfg"], setup["project"], name, EPOCHS, *(setup["fp16_args"] if fp16 else []))
     args[args.index("--workers") + 1] = workers
-    killed = run_train(args, **{KILL_HOOK_ENV: kill_at})
+    killed = run_train(args, **env, **{KILL_HOOK_ENV: kill_at})
     assert killed.returncode == -9, killed.stdout[-3000:]  # died by SIGKILL, mid-epoch
     last = setup["project"] / name / "weights" / "last.pt"
     interrupted = load_checkpoint(last)
     assert interrupted["epoch"] == kill_at // NB - 1 and "resume" in interrupted
     assert interrupted["resume"]["model"]["model.0.conv.weight"].dtype == torch.float32
+    if fp16:  # the scaler had moved away from its start: restoring it is what keeps the resumed run exact
+        scaler = interrupted["resume"]["scaler"]
+        assert (scaler["scale"], scaler["_growth_tracker"]) != (FP16_HYP["amp_init_scale"], 0), scaler
     # A kill between writing an epoch's results row and its last.pt leaves a row that the resumed run writes
     # again; stand one in for it.
     csv = setup["project"] / name / "results.csv"
@@ -69,15 +91,23 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, res
     csv.write_text(csv.read_text() + f"{interrupted['epoch'] + 1:20.5g}" + last_row[20:] + "\n")
 
     resume_args = ["--resume", last] + ([] if resume_workers is None else ["--workers", resume_workers])
-    resumed = run_train(resume_args)
+    resumed = run_train(resume_args, **env)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
 
-    ref_dir, run_dir = setup["ref"], setup["project"] / name
+    ref_dir, run_dir = setup["ref16" if fp16 else "ref"], setup["project"] / name
     for f in ("last.pt", "best.pt"):
         a = torch.load(ref_dir / "weights" / f, weights_only=True)
         b = torch.load(run_dir / "weights" / f, weights_only=True)
         assert checkpoint_differences(a, b) == [], f  # model, ema, updates, optimizer (FP32 momenta), ...
     assert (run_dir / "results.csv").read_text() == (ref_dir / "results.csv").read_text()
+    # TensorBoard: the killed process's records of the epochs trained again are purged, so every curve holds
+    # one value per epoch, equal to results.csv's (and, for fp16, the scaler's scale is the reference's).
+    scalars, columns = tensorboard_scalars(run_dir), results_columns(run_dir / "results.csv")
+    for tag, values in columns.items():
+        assert [step for step, _ in scalars[tag]] == list(range(EPOCHS)), tag
+        assert [v for _, v in scalars[tag]] == pytest.approx(values, rel=1e-4, abs=1e-9), tag
+    if fp16:
+        assert scalars["amp/scale"] == tensorboard_scalars(ref_dir)["amp/scale"]
 
 
 def test_resume_extends_a_finished_run(setup, tmp_path):

@@ -88,6 +88,22 @@ def tree_digest(folder: Path) -> dict:
     return out
 
 
+def results_columns(csv: Path) -> dict[str, list[float]]:
+    """results.csv as {column: values per epoch}, without the epoch column."""
+    lines = [ln.split(",") for ln in Path(csv).read_text().splitlines()]
+    header = [h.strip() for h in lines[0]]
+    return {h: [float(row[j]) for row in lines[1:]] for j, h in enumerate(header) if h != "epoch"}
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for a run folder, as {tag: [(step, value), ...]} (purged events excluded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def checkpoint_differences(a: dict, b: dict, ignore=("date", "opt")) -> list[str]:
     """Key paths at which two checkpoints differ: tensors compared bitwise (dtype, shape and values)."""
 
