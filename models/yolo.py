@@ -84,10 +84,25 @@ class Detect(nn.Module):
         self.na = len(anchors[0]) // 2
         self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
-        self.stride: torch.Tensor | None = None
+        self.stride = None
         # Cell-offset grids per level, keyed by (ny, nx, device). A plain attribute, not a buffer: it is
         # derived data, must stay out of the state dict, and is rebuilt whenever the key changes.
         self._grids: dict[int, tuple[tuple, torch.Tensor]] = {}
+        # Set by export.py: forward returns the decoded tensor alone (the exported graph's one output), and
+        # grids are built from the input's shape on every call, so a traced graph keeps them symbolic.
+        self.export = False
+
+    @property
+    def stride(self) -> torch.Tensor | None:
+        """Pixels per grid cell of each level, (nl,) float32; set by Model once the feature-map sizes are known."""
+        return self._stride
+
+    @stride.setter
+    def stride(self, value) -> None:
+        self._stride = None if value is None else torch.as_tensor(value, dtype=torch.float32)
+        # The same values as Python floats for decode(): reading them back from the tensor would be a
+        # data-dependent .item() call that torch.export cannot trace.
+        self._stride_values = None if value is None else [float(s) for s in self._stride]
 
     def forward(self, x: list[torch.Tensor]):
         raw = []
@@ -97,6 +112,8 @@ class Detect(nn.Module):
             raw.append(y.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous())
         if self.training or self.stride is None:
             return raw
+        if self.export:
+            return self.decode(raw)
         return self.decode(raw), raw
 
     def decode(self, raw: list[torch.Tensor]) -> torch.Tensor:
@@ -108,7 +125,7 @@ class Detect(nn.Module):
         out = []
         for i, y in enumerate(raw):
             bs, _, ny, nx, _ = y.shape
-            s = float(self.stride[i])
+            s = self._stride_values[i]
             grid = self._grid(i, ny, nx, y.device)
             anchor_wh = (self.anchors[i].float() * s).view(1, self.na, 1, 1, 2)
             p = y.float().sigmoid()
@@ -118,16 +135,20 @@ class Detect(nn.Module):
         return torch.cat(out, 1)
 
     def _grid(self, i: int, ny: int, nx: int, device: torch.device) -> torch.Tensor:
+        # A tracer (torch.jit.trace, torch.export) would freeze a cached grid into the graph as a constant of
+        # one size and bake the cache lookup's Python comparisons in: build it from the shape instead.
+        tracing = self.export or torch.jit.is_tracing() or torch.compiler.is_compiling()
         key = (ny, nx, device)
-        cached = self._grids.get(i)
-        if cached is None or cached[0] != key:
-            yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
-                                    torch.arange(nx, device=device, dtype=torch.float32), indexing="ij")
-            # -0.5 because predicted offsets 2*sigmoid-0.5 span (-0.5, 1.5) cells around the cell corner.
-            grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2) - 0.5
+        cached = None if tracing else self._grids.get(i)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
+                                torch.arange(nx, device=device, dtype=torch.float32), indexing="ij")
+        # -0.5 because predicted offsets 2*sigmoid-0.5 span (-0.5, 1.5) cells around the cell corner.
+        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2) - 0.5
+        if not tracing:
             self._grids[i] = (key, grid)
-            return grid
-        return cached[1]
+        return grid
 
 
 # Module names a model yaml may use; looked up by name, never eval()'d.
