@@ -54,6 +54,16 @@ class Interrupted(Exception):
 
 # ------------------------------------------------------------------------------------------------ options
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    opt = p.parse_args(argv)
+    if opt.bf16:
+        if opt.amp not in (None, "bf16"):
+            p.error(f"--bf16 contradicts --amp {opt.amp}")
+        opt.amp = "bf16"
+    return opt
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--weights", type=str, default="", help="initial weights (our checkpoint or a YOLOv5 .pt); '' for scratch")
     p.add_argument("--cfg", type=str, default="", help=f"model yaml, e.g. yolov5n.yaml ({DEFAULT_CFG} without --weights)")
@@ -99,12 +109,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    opt = p.parse_args(argv)
-    if opt.bf16:
-        if opt.amp not in (None, "bf16"):
-            p.error(f"--bf16 contradicts --amp {opt.amp}")
-        opt.amp = "bf16"
-    return opt
+    return p
 
 
 if __name__ == "__main__":

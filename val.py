@@ -27,13 +27,18 @@ if str(ROOT) not in sys.path:
 from utils.cli import HelpFormatter, shown_path  # noqa: E402
 
 DEFAULT_IMGSZ = 640  # when neither --img nor the checkpoint says
+TRAIN_RUNS = ROOT / "runs" / "train"  # where val.py without --weights looks for the latest best.pt
 
 
 class ValError(Exception):
     """A validation that cannot start (a bad --device or --task, no weights to find); one line for the user."""
 
 
-def parse_opt(argv=None):
+def parse_opt(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector", formatter_class=HelpFormatter)
     p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml: a name in data/ or a path")
     p.add_argument("--weights", type=str, default=None,
@@ -58,7 +63,7 @@ def parse_opt(argv=None):
     p.add_argument("--name", default="exp", help="save to project/name")
     p.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     p.add_argument("--half", action="store_true", help="FP16 inference: fp16 autocast, on any device")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":
@@ -109,9 +114,10 @@ class Stopwatch:
         self.total += time.perf_counter() - self._start
 
 
-def latest_best(search_dir: Path = ROOT / "runs" / "train") -> Path:
+def latest_best(search_dir: Path | None = None) -> Path:
     """The newest best.pt of the training runs (what `val.py` without --weights validates)."""
-    found = sorted(Path(search_dir).glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
+    search_dir = Path(search_dir or TRAIN_RUNS)
+    found = sorted(search_dir.glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
     if not found:
         raise ValError(f"no --weights given and no trained weights found under {shown_path(search_dir)}; "
                        "pass --weights path/to/best.pt")

@@ -68,8 +68,8 @@ def _checkpoint(path, nc=80, names=None, emit_boxes=True):
 
 
 def test_run_never_modifies_the_given_model(tiny_data, tmp_path):
-    """val.run(model=ema.ema, half=True), as train.py calls it, leaves every EMA tensor bitwise unchanged and
-    in place. On a CUDA machine this runs the FP16 (autocast) path; on the CPU, half is ignored."""
+    """val.run(model=ema.ema, half=True), as train.py calls it in an fp16 run, leaves every EMA tensor bitwise
+    unchanged and in place; the inference itself ran in FP16 (autocast), on the CPU as on CUDA."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hyp = yaml.safe_load(open(val.ROOT / "hyp" / "hyp.scratch-low.yaml"))
     model = Model("yolov5n.yaml", nc=80, verbose=False).to(device)
@@ -86,9 +86,13 @@ def test_run_never_modifies_the_given_model(tiny_data, tmp_path):
     before = {k: v.clone() for k, v in state.items()}
     places = {k: (v.dtype, v.data_ptr()) for k, v in state.items()}  # a .half()/.float() round trip moves them
     flags = [m.training for m in ema.ema.modules()]
+    conv_dtypes = []
+    hook = ema.ema.model[0].conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
     # no dataloader given: run() builds one from the yaml's val split
     results, maps, times = val.run(str(tiny_data), model=ema.ema, imgsz=IMG, batch_size=8, workers=0, half=True,
                                    plots=False, save_dir=tmp_path, save_txt=True, compute_loss=ComputeLoss(model, hyp))  # fmt: skip
+    hook.remove()
+    assert conv_dtypes and set(conv_dtypes) == {torch.float16}
     after = ema.ema.state_dict()
     assert {k: (v.dtype, v.data_ptr()) for k, v in after.items()} == places
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -233,6 +237,40 @@ def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(["--weights", str(ok), "--task", "test"] + common) == 1
     assert "test" in _one_error_line(caplog)
+
+
+def test_half_is_fp16_autocast_on_the_cpu_too(tiny_data, tmp_path, monkeypatch):
+    """`val.py --half` runs fp16 autocast on any device (never an in-place .half()) and agrees with FP32."""
+    weights = _checkpoint(tmp_path / "w.pt")
+    used = []
+    real = val.autocast
+    monkeypatch.setattr(val, "autocast", lambda device, dtype: used.append((device.type, dtype)) or real(device, dtype))
+    common = dict(weights=weights, imgsz=IMG, batch_size=4, workers=0, plots=False, device="cpu", save_txt=True,
+                  save_conf=True)
+    val.run(str(tiny_data), half=True, project=tmp_path / "fp16", **common)
+    assert set(used) == {("cpu", torch.float16)}
+    used.clear()
+    val.run(str(tiny_data), half=False, project=tmp_path / "fp32", **common)
+    assert set(used) == {("cpu", None)}
+    # The same top detection per image (the biased head proposes persons everywhere), to FP16's precision
+    files = sorted((tmp_path / "fp32" / "exp" / "labels").glob("*.txt"))
+    assert len(files) == 8
+    for f in files:
+        top32, top16 = (max((list(map(float, ln.split())) for ln in p.read_text().splitlines()), key=lambda r: r[5])
+                        for p in (f, tmp_path / "fp16" / "exp" / "labels" / f.name))
+        assert top16[0] == top32[0] and top16[1:] == pytest.approx(top32[1:], abs=2e-3), f.name
+
+
+@pytest.mark.parametrize("device", ["0", "cuda", "CUDA", "cuda:1", "gpu", "0,x"])
+def test_device_errors_are_one_line(tiny_data, tmp_path, caplog, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    weights = _checkpoint(tmp_path / "w.pt", emit_boxes=False)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(weights), "--data", str(tiny_data), "--device", device,
+                         "--project", str(tmp_path / "runs")]) == 1
+    line = _one_error_line(caplog)
+    assert "CUDA is not available; use --device cpu" in line or "is not a device" in line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_non_finite_weights_are_reported(caplog):

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import yaml
 
-from train import KILL_HOOK_ENV, ROOT  # KILL_HOOK_ENV: train.py SIGKILLs itself at this global iteration
+# train.py's test hooks: at this global iteration it SIGKILLs itself / sends itself SIGINT (Ctrl-C)
+from train import INTERRUPT_HOOK_ENV, KILL_HOOK_ENV, OVERFLOW_HOOK_ENV, ROOT
 
 
 def make_dataset(root: Path, n: int = 12, size: int = 64, nc: int = 2, seed: int = 0) -> Path:
@@ -49,7 +50,8 @@ def tiny_model_yaml(root: Path) -> Path:
 
 def train_env(**extra) -> dict:
     """Environment for a training subprocess: one intra-op thread (fast and steady on a busy machine)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", KILL_HOOK_ENV)}
+    hooks = (KILL_HOOK_ENV, INTERRUPT_HOOK_ENV, OVERFLOW_HOOK_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", *hooks)}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.update({k: str(v) for k, v in extra.items()})
     return env

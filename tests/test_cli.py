@@ -1,0 +1,203 @@
+"""The command line as a new user meets it: bad numeric flags, Ctrl-C, a full disk, --help, the run's messages,
+finished checkpoints, and val.py's defaults (the latest best.pt, at the size it was trained at)."""
+import errno
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+import val
+from tests.train_helpers import INTERRUPT_HOOK_ENV, ROOT, make_dataset, run_train, tiny_model_yaml, tiny_run_args
+from utils.checkpoint import FINISHED_KEYS, load_checkpoint
+from utils.log import LOGGER
+
+N_IMAGES, BATCH = 12, 4
+NB = N_IMAGES // BATCH
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"root": root, "data": make_dataset(root / "data", n=N_IMAGES), "cfg": tiny_model_yaml(root)}
+
+
+def errors_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ------------------------------------------------------------------------------------------ bad flags
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--img", "0"], "--img must be a positive number of pixels, got 0"),
+    (["--workers", "-2"], "--workers must be 0 or more, got -2"),
+    (["--patience", "-5"], "--patience must be 0 (off) or a number of epochs, got -5"),
+    (["--save-period", "0"], "--save-period must be -1 (off) or a number of epochs, got 0"),
+    (["--save-period", "-3"], "--save-period must be -1 (off) or a number of epochs, got -3"),
+    (["--label-smoothing", "1.0"], "--label-smoothing must be in [0, 1), got 1.0"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1), got -0.1"),
+    (["--freeze", "-1"], "--freeze takes layer counts or indices of 0 or more, got [-1]"),
+    (["--freeze", "26"], "--freeze 26: the model has 25 layers (0-24)"),
+    (["--freeze", "3", "25"], "--freeze 3 25: the model has 25 layers (0-24)"),
+    (["--resume", "x/last.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+])
+def test_bad_numeric_flags_fail_in_one_line_before_any_folder(tiny, tmp_path, caplog, flags, message):
+    project = tmp_path / "runs"
+    args = ["--data", str(tiny["data"]), "--cfg", str(tiny["cfg"]), "--device", "cpu", "--project", str(project),
+            "--img", "64", "--workers", "0", *flags]
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 1
+    assert errors_of(caplog) == [f"train: {message}"]
+    assert not project.exists()
+
+
+def test_help_lists_every_flag_with_help_and_default_without_importing_torch():
+    parser = train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==" or action.dest == "help":
+            continue
+        assert action.help, action.dest
+        if action.default not in (None, ""):
+            assert f"(default: {action.default})" in " ".join(text.split()), action.dest
+    vparser = val.build_parser()
+    vtext = " ".join(vparser.format_help().split())
+    for action in vparser._actions:
+        if action.dest != "help":
+            assert action.help, action.dest
+            if action.default not in (None, ""):
+                assert f"(default: {action.default})" in vtext, action.dest
+    # --help answers before the heavy imports: torch is never imported (python -X importtime lists every import)
+    for script in ("train.py", "val.py"):
+        out = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), "--help"], capture_output=True,
+                             text=True, timeout=60, cwd=str(ROOT))
+        assert out.returncode == 0 and "usage:" in out.stdout
+        imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "numpy" not in imported, script
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C and a full disk
+def test_ctrl_c_prints_one_line_with_the_resume_command(tiny, tmp_path):
+    args = tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "stopped", 3)
+    out = run_train(args, **{INTERRUPT_HOOK_ENV: NB + 1})  # Ctrl-C in epoch 1, at its second batch
+    assert out.returncode == 130, out.stdout[-3000:]
+    assert "Traceback" not in out.stdout and "KeyboardInterrupt" not in out.stdout
+    last = tmp_path / "stopped" / "weights" / "last.pt"
+    lines = [ln for ln in out.stdout.splitlines() if "interrupted" in ln]
+    assert lines == [f"train: interrupted in epoch 1 at batch 2 of {NB}; {last} holds epoch 0; "
+                     f"continue with: python train.py --resume {last}"]
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 0 and "resume" in ckpt  # epoch 0's checkpoint, untouched by the interruption
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
+
+    command = lines[0].split("continue with: python train.py ")[1].split()
+    resumed = run_train(command)  # the exact command works
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert load_checkpoint(last)["epoch"] == 2
+    # The log says what the run does after warm-up, and where warm-up stands (100 iterations; 3 done)
+    assert f"Accumulating 16 x {BATCH} = 64 images per optimizer step (nominal batch 64)" in resumed.stdout
+    assert "warm-up: 97 of 100 iterations left, accumulating 1 batch per step now" in resumed.stdout
+    assert "(1 x 4)" not in resumed.stdout
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tiny, tmp_path):
+    out = run_train(tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "early", 2), **{INTERRUPT_HOOK_ENV: 1})
+    assert out.returncode == 130 and "Traceback" not in out.stdout
+    assert [ln for ln in out.stdout.splitlines() if "interrupted" in ln] == [
+        f"train: interrupted in epoch 0 at batch 2 of {NB}; no epoch has been saved yet, so there is nothing to "
+        "resume: start the run again"]
+
+
+def test_a_full_disk_ends_the_run_in_one_line_with_the_resume_command(tiny, tmp_path, caplog, monkeypatch):
+    real_save = torch.save
+    writes = []
+
+    def save(obj, f, *args, **kwargs):
+        writes.append(os.path.basename(os.readlink(f"/proc/self/fd/{f.fileno()}")))  # the temporary file's name
+        if writes[-1].startswith(".last.pt.") and sum(w.startswith(".last.pt.") for w in writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "full", 3)]
+    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.INFO, logger="yolo"):
+            assert train.cli(train.parse_opt(args)) == 1
+    finally:
+        torch.set_num_threads(threads)
+    last = tmp_path / "full" / "weights" / "last.pt"
+    [line] = errors_of(caplog)
+    assert line.startswith(f"train: could not write checkpoint {last}: OSError: [Errno 28] No space left on device; ")
+    assert line.endswith(f"{last} holds epoch 0; continue with: python train.py --resume {last}")
+    monkeypatch.undo()
+    assert load_checkpoint(last)["epoch"] == 0  # the previous last.pt, whole
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]
+
+
+# ------------------------------------------------------------------------------------------ a finished run
+@pytest.fixture(scope="module")
+def finished(tiny):
+    project = tiny["root"] / "runs"
+    out = run_train(tiny_run_args(tiny["data"], tiny["cfg"], project, "done", 2, "--workers", 8, "--save-period", 1))
+    assert out.returncode == 0, out.stdout[-3000:]
+    return {"out": out.stdout, "run": project / "done", "project": project}
+
+
+def test_finished_checkpoints_keep_what_evaluation_and_fine_tuning_need(finished, tiny):
+    weights = finished["run"] / "weights"
+    best = torch.load(weights / "best.pt", weights_only=True)
+    last = torch.load(weights / "last.pt", weights_only=True)
+    assert set(best) == set(FINISHED_KEYS)  # no optimizer momenta, no resume state
+    assert set(torch.load(weights / "epoch1.pt", weights_only=True)) == set(FINISHED_KEYS)
+    assert set(last) == set(FINISHED_KEYS) | {"optimizer", "train_state"}  # --resume --epochs N extends it
+    assert all(v.dtype == torch.float16 for k in ("model", "ema") for v in best[k].values() if v.is_floating_point())
+    sizes = f"best.pt {(weights / 'best.pt').stat().st_size / 1e6:.1f} MB, last.pt {(weights / 'last.pt').stat().st_size / 1e6:.1f} MB"
+    assert f"Checkpoints: {sizes}" in finished["out"]
+    assert (weights / "best.pt").stat().st_size < 0.75 * (weights / "last.pt").stat().st_size
+
+    # the stripped best.pt still validates and fine-tunes
+    results = val.run(str(tiny["data"]), weights=weights / "best.pt", batch_size=4, workers=0, plots=False,
+                      project=tiny["root"] / "val")[0]
+    assert len(results) == 7
+    out = run_train(tiny_run_args(tiny["data"], "", tiny["root"] / "runs", "tuned", 1, "--weights", weights / "best.pt",
+                                  "--noval"))
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "Transferred 349/349 items" in out.stdout
+
+
+def test_the_log_gives_the_workers_really_used(finished):
+    used = min(os.cpu_count() or 1, BATCH, 8)  # create_dataloader's rule: cores, batch and --workers 8
+    assert f"; {used} dataloader workers;" in finished["out"]
+    assert "8 dataloader workers" not in finished["out"] or used == 8
+
+
+def test_val_without_weights_or_img_takes_the_latest_best_at_its_trained_size(finished, tiny, caplog, monkeypatch):
+    monkeypatch.setattr(val, "TRAIN_RUNS", finished["project"])
+    best = finished["project"] / "tuned" / "weights" / "best.pt"
+    latest = max(finished["project"].glob("*/weights/best.pt"), key=lambda f: f.stat().st_mtime)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--data", str(tiny["data"]), "--workers", "0", "--project", str(tiny["root"] / "v")]) == 0
+    text = caplog.text
+    assert f"No --weights given: validating the latest run's {latest}" in text
+    assert "Validating at --img 64, the size the weights were trained at" in text
+    assert "per image at shape (32, 3, 64, 64)" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):  # --img still wins
+        assert val.main(["--data", str(tiny["data"]), "--weights", str(best), "--img", "96", "--workers", "0",
+                         "--project", str(tiny["root"] / "v")]) == 0
+    assert "Validating at" not in caplog.text and "per image at shape (32, 3, 96, 96)" in caplog.text
+
+    monkeypatch.setattr(val, "TRAIN_RUNS", tiny["root"] / "nothing")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--data", str(tiny["data"]), "--project", str(tiny["root"] / "v")]) == 1
+    assert errors_of(caplog) == [f"ERROR: no --weights given and no trained weights found under "
+                                 f"{tiny['root'] / 'nothing'}; pass --weights path/to/best.pt"]
