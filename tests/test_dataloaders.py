@@ -721,3 +721,47 @@ def test_each_hyp_key_drives_its_own_augmentation(tmp_path):
     assert any(not torch.allclose(r[:, 4] / r[:, 5], aspect, rtol=0.05) for r in rotated)
     assert sample(mosaic=1.0)[3] is None
     assert sample(mosaic=1.0, mixup=1.0)[1].shape[0] > sample(mosaic=1.0)[1].shape[0]
+
+
+# -------------------------------------------------------------------------------------------- same data, less work
+
+def _chw_rgb_reference(im):
+    """The conversion the pipeline used before to_chw_rgb (commit 001af3a)."""
+    return np.ascontiguousarray(im.transpose(2, 0, 1)[::-1])
+
+
+def test_to_chw_rgb_equals_the_strided_numpy_copy_for_every_view():
+    im = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    views = {"plain": im, "flipud": np.flipud(im), "fliplr": np.fliplr(im), "both": np.flipud(np.fliplr(im)),
+             "crop": im[3:-4, 5:-6], "flipped_crop": np.fliplr(im[3:-4, 5:-6]), "float": im.astype(np.float32),
+             "hw4": np.dstack([im, im[..., :1]])}
+    for name, v in views.items():
+        got, want = dataloaders.to_chw_rgb(v), _chw_rgb_reference(v)
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), name
+        assert got.flags.c_contiguous and not np.shares_memory(got, im), name
+    np.testing.assert_array_equal(dataloaders.to_chw_rgb(im)[0], im[..., 2])  # plane 0 is red
+
+
+@pytest.mark.parametrize("rect", [False, True])
+def test_samples_and_batches_identical_to_the_previous_conversion_and_collate(tmp_path, monkeypatch, rect):
+    """The same seed gives the same samples bit for bit as the pipeline before to_chw_rgb and default_collate:
+    augmented samples (mosaic, mixup, both flips, so every kind of view) and letterboxed ones, RAM-cached too."""
+    sizes = [(80, 60), (60, 80), (64, 64), (50, 70), (90, 45)]
+    images = make_split(tmp_path / "ds", n=5, sizes=sizes)
+    hyp = {**AUG_HYP, "flipud": 0.5, "mixup": 0.5}
+    datasets = [LoadImagesAndLabels(images, img_size=64, batch_size=2, augment=True, hyp=hyp, rect=rect, seed=4),
+                LoadImagesAndLabels(images, img_size=64, batch_size=2, augment=True, hyp=hyp, rect=rect, seed=4,
+                                    cache_images="ram"),
+                LoadImagesAndLabels(images, img_size=64, batch_size=2, rect=rect, pad=0.5)]
+    items = [(e, i) for e in range(6) for i in range(5)]
+    new = [[ds[item] for item in items] for ds in datasets]
+    with monkeypatch.context() as old_code:
+        old_code.setattr(dataloaders, "to_chw_rgb", _chw_rgb_reference)
+        old = [[ds[item] for item in items] for ds in datasets]
+    for a_list, b_list in zip(new, old):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a.img, b.img) and torch.equal(a.targets, b.targets) and a.targets.dtype == torch.float32
+            assert a.shapes == b.shapes and a.path == b.path
+    assert all(torch.equal(a.img, b.img) for a, b in zip(new[0], new[1]))  # the cache changes nothing either
+    batch = LoadImagesAndLabels.collate_fn(new[2][:2] if rect else new[0][:4])
+    assert torch.equal(batch.imgs, torch.stack([s.img for s in (new[2][:2] if rect else new[0][:4])]))

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from utils.augmentations import (FILL_VALUE, augment_hsv, letterbox, mixup, mosaic4, random_flips,
                                  random_perspective)
@@ -577,7 +577,7 @@ class LoadImagesAndLabels(Dataset):
             shown, loaded, (h0, w0), (hr, wr) = source.load(index)
             shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
             img, (ratio_w, ratio_h), (pad_w, pad_h) = letterbox(loaded, shape, auto=False, scaleup=self.augment)
-            if img is loaded:
+            if img is loaded and self.augment:
                 img = img.copy()  # never let in-place augmentation touch the RAM cache
             shapes = (h0, w0), ((hr / h0 * ratio_h, wr / w0 * ratio_w), (pad_w, pad_h))
             labels = self.labels[shown].copy() if shown is not None else np.zeros((0, 5), np.float32)
@@ -595,12 +595,11 @@ class LoadImagesAndLabels(Dataset):
             augment_hsv(img, rng, hgain=h.get("hsv_h", 0.0), sgain=h.get("hsv_s", 0.0), vgain=h.get("hsv_v", 0.0))
             img, labels = random_flips(img, labels, rng, flipud=h.get("flipud", 0.0), fliplr=h.get("fliplr", 0.0))
 
-        targets = torch.zeros((n, 6))
-        if n:
-            targets[:, 1:] = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
-        chw_rgb = np.ascontiguousarray(img.transpose(2, 0, 1)[::-1])
+        targets = np.zeros((n, 6), np.float32)
+        targets[:, 1:] = labels
         path = self.im_files[index if shown is None else shown]
-        return Sample(torch.from_numpy(chw_rgb), targets, path, shapes, source.unreadable_paths())
+        return Sample(torch.from_numpy(to_chw_rgb(img)), torch.from_numpy(targets), path, shapes,
+                      source.unreadable_paths())
 
     @staticmethod
     def collate_fn(batch) -> Batch:
@@ -609,7 +608,28 @@ class LoadImagesAndLabels(Dataset):
         for i, t in enumerate(targets):
             t[:, 0] = i
         unreadable = tuple(dict.fromkeys(p for u in unreadable for p in u))  # distinct, in order
-        return Batch(torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes, unreadable)
+        # default_collate stacks straight into shared memory in a worker process: the batch then reaches
+        # the main process without another copy
+        return Batch(default_collate(imgs), torch.cat(targets, 0), paths, shapes, unreadable)
+
+
+def to_chw_rgb(im: np.ndarray) -> np.ndarray:
+    """A new contiguous (3, H, W) RGB array from an (H, W, 3) BGR image, also from the flipped views that
+    np.flipud / np.fliplr return: equal to np.ascontiguousarray(im.transpose(2, 0, 1)[::-1]), at a third
+    of its cost (OpenCV deinterleaves into the output planes, then flips each plane in place)."""
+    flip_rows, flip_cols = im.strides[0] < 0, im.strides[1] < 0
+    base = im[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]  # the unflipped array behind a view
+    if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8 or not base.flags.c_contiguous:
+        return np.ascontiguousarray(im.transpose(2, 0, 1)[::-1])
+    out = np.empty((3, *im.shape[:2]), np.uint8)
+    planes = cv2.split(base, [out[2], out[1], out[0]])
+    if planes[0].ctypes.data != out[2].ctypes.data:  # OpenCV wrote elsewhere: out holds nothing
+        return np.ascontiguousarray(im.transpose(2, 0, 1)[::-1])
+    if flip_rows or flip_cols:
+        code = -1 if flip_rows and flip_cols else (0 if flip_rows else 1)  # OpenCV's flip codes
+        for plane in out:
+            cv2.flip(plane, code, dst=plane)
+    return out
 
 
 class SampleImages:
