@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.boxes import xywh2xyxy  # noqa: E402
 from utils.log import LOGGER  # noqa: E402
 
 # Twenty distinct colours (RGB), cycled by class index.
@@ -108,6 +109,47 @@ def plot_confusion_matrix(matrix, names, fname="confusion_matrix.png", normalize
     return _save(fig, fname)
 
 
+class Annotator:
+    """Draws labelled boxes on one BGR uint8 image with OpenCV: detect.py's output images, the hub results'
+    save()/render(), and each tile of plot_images' batch mosaics.
+
+    Boxes are drawn crisp (no anti-aliasing) in their colour; a label sits on a filled box of the same colour
+    above the box's top-left corner, or just inside it when there is no room above.
+    """
+
+    def __init__(self, im: np.ndarray, line_width: int | None = None, font_scale: float | None = None):
+        if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+            raise ValueError(f"Annotator needs an HxWx3 uint8 image, got {im.shape} {im.dtype}")
+        self.im = im if im.flags.c_contiguous and im.flags.writeable else np.ascontiguousarray(im).copy()
+        # YOLOv5's default: about 0.3% of the mean side, at least 2 px.
+        self.lw = int(line_width or max(round(sum(im.shape[:2]) / 2 * 0.003), 2))
+        self.font_scale = font_scale or self.lw / 3
+        self.font_thickness = max(self.lw - 1, 1)
+
+    def box_label(self, box, label: str = "", color=(128, 128, 128), txt_color=(255, 255, 255)) -> None:
+        """Draw an xyxy box (pixels) and, when given, its label text."""
+        p1 = (int(round(float(box[0]))), int(round(float(box[1]))))
+        p2 = (int(round(float(box[2]))), int(round(float(box[3]))))
+        cv2.rectangle(self.im, p1, p2, color, thickness=self.lw, lineType=cv2.LINE_8)
+        if not label:
+            return
+        (w, h), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, self.font_scale, self.font_thickness)
+        above = p1[1] - h - 3 >= 0
+        corner = (p1[0] + w, p1[1] - h - 3 if above else p1[1] + h + 3)
+        cv2.rectangle(self.im, p1, corner, color, -1, cv2.LINE_8)
+        baseline_y = p1[1] - 2 if above else p1[1] + h + 2
+        cv2.putText(self.im, label, (p1[0], baseline_y), cv2.FONT_HERSHEY_SIMPLEX, self.font_scale, txt_color,
+                    self.font_thickness, cv2.LINE_AA)  # fmt: skip
+
+    def text(self, xy, text: str, color=(220, 220, 220)) -> None:
+        """Plain text with its baseline's left end at xy (pixels)."""
+        cv2.putText(self.im, text, (int(xy[0]), int(xy[1])), cv2.FONT_HERSHEY_SIMPLEX, self.font_scale, color,
+                    self.font_thickness, cv2.LINE_AA)  # fmt: skip
+
+    def result(self) -> np.ndarray:
+        return self.im
+
+
 def _to_numpy(x):
     return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -141,24 +183,19 @@ def plot_images(images, targets, paths=None, fname="images.jpg", names=None, max
         tile = np.ascontiguousarray(images[i].transpose(1, 2, 0)[:, :, ::-1])  # RGB -> BGR for OpenCV
         if scale < 1:
             tile = cv2.resize(tile, (tw, th), interpolation=cv2.INTER_AREA)
-        tile = np.ascontiguousarray(tile)
+        annotator = Annotator(np.ascontiguousarray(tile), line_width=line, font_scale=font)
         rows = targets[targets[:, 0] == i]
         if len(rows):
-            xywh = rows[:, 2:6] * ([w, h, w, h] if normalised else 1.0) * scale
-            x1y1 = xywh[:, :2] - xywh[:, 2:] / 2
-            x2y2 = xywh[:, :2] + xywh[:, 2:] / 2
-            for k, row in enumerate(rows):
+            xyxy = xywh2xyxy(rows[:, 2:6] * ([w, h, w, h] if normalised else 1.0) * scale)
+            for box, row in zip(xyxy, rows):
                 if is_pred and row[6] < conf_thres:
                     continue
                 c = int(row[1])
-                color = class_color(c, bgr=True)
-                p1 = (int(round(x1y1[k, 0])), int(round(x1y1[k, 1])))
-                p2 = (int(round(x2y2[k, 0])), int(round(x2y2[k, 1])))
-                cv2.rectangle(tile, p1, p2, color, line, cv2.LINE_8)
-                text = f"{_name(names, c)} {row[6]:.1f}" if is_pred else _name(names, c)
-                cv2.putText(tile, text, (p1[0], max(p1[1] - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX, font, color, 1, cv2.LINE_AA)
+                label = f"{_name(names, c)} {row[6]:.1f}" if is_pred else _name(names, c)
+                annotator.box_label(box, label, color=class_color(c, bgr=True))
         if paths is not None and i < len(paths):
-            cv2.putText(tile, Path(paths[i]).name[:40], (3, int(14 * font / 0.4)), cv2.FONT_HERSHEY_SIMPLEX, font, (220, 220, 220), 1, cv2.LINE_AA)
+            annotator.text((3, int(14 * font / 0.4)), Path(paths[i]).name[:40])
+        tile = annotator.result()
         cv2.rectangle(tile, (0, 0), (tw - 1, th - 1), (255, 255, 255), 1)
         mosaic[y0 : y0 + th, x0 : x0 + tw] = tile
     fname = Path(fname)
