@@ -1,0 +1,677 @@
+"""Running a trained detector on pictures: the one inference path of detect.py, the torch.hub model
+(hubconf.py) and val.py's support for exported files.
+
+    model = load_model("best.pt")             # our checkpoint (EMA weights), a YOLOv5 .pt, best.onnx, best.torchscript
+    detector = Detector(model)                # letterbox -> model -> NMS -> boxes in each image's own pixels
+    results = detector(["a.jpg", pil_image])  # Results: .xyxy .xywh .xyxyn .xywhn .print() .save() .crop() .pandas()
+
+Every loaded model, PyTorch or exported, answers forward(images float BCHW RGB 0..1) with
+(predictions (batch, N, 5 + nc), raw maps or None) and carries names, nc and stride; an exported file of one
+input size also says so in `fixed_shape` (every image is then letterboxed to exactly that size).
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import glob
+import importlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.yolo import Model
+from utils.augmentations import letterbox
+from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
+from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.dataloaders import IMG_FORMATS
+from utils.log import LOGGER
+from utils.paths import increment_path
+from utils.plots import Annotator, class_color
+from utils.torch_utils import autocast
+
+VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
+EXPORT_SUFFIXES = (".onnx", ".torchscript")
+TORCHSCRIPT_CONFIG = "config.txt"  # the extra file of a .torchscript archive that holds its metadata (as YOLOv5's)
+DOWNLOAD_TIMEOUT_S = 10
+# torch 2.14 marks torch.jit deprecated; TorchScript stays one of the export formats YOLOv5 users expect.
+_JIT_DEPRECATION = r"`torch\.jit\..*` is deprecated"
+
+
+class SourceError(ValueError):
+    """An image or video source that cannot be used; the message is one line naming it."""
+
+
+class MissingPackageError(ImportError):
+    """An optional package that a requested format needs is not installed; one line naming it."""
+
+
+def require(package: str, purpose: str):
+    """Import `package` or fail with one line naming it and what needed it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise MissingPackageError(f"{purpose} needs the '{package}' package, which is not installed: "
+                                  f"pip install {package}") from None
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_model(weights, device: torch.device | str = "cpu", fuse: bool = True) -> nn.Module:
+    """The detector in `weights`, in eval mode on `device`.
+
+    .pt: our checkpoint's EMA weights (else its raw ones) or an original YOLOv5 file, read without running
+    code (utils.checkpoint), in FP32 and with Conv+BatchNorm folded when `fuse`. .onnx: an onnxruntime
+    session. .torchscript: torch.jit.load. Raises CheckpointError (or MissingPackageError) with one line.
+    """
+    path = Path(weights)
+    device = torch.device(device)
+    suffix = path.suffix.lower()
+    if suffix in EXPORT_SUFFIXES:
+        if not path.is_file():
+            raise CheckpointError(f"weights {path} not found")
+        return OnnxModel(path, device) if suffix == ".onnx" else TorchScriptModel(path, device)
+    model = model_from_checkpoint(load_checkpoint(path), use_ema=True)
+    if fuse:
+        model.fuse()
+    return model.to(device).eval()
+
+
+def latest_weights(runs_dir: Path) -> Path:
+    """The newest runs_dir/**/weights/best.pt (what detect.py and export.py use without --weights)."""
+    found = sorted(Path(runs_dir).glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise CheckpointError(f"no --weights given and no trained weights found under {runs_dir}; "
+                              "pass --weights path/to/best.pt")
+    return found[-1]
+
+
+def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
+    """What an exported file records about its model (read back by the loaders below): class names, strides,
+    the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
+    return {"names": [str(n) for n in model.names], "stride": [float(s) for s in model.stride],
+            "shape": [int(s) for s in shape], "dynamic": bool(dynamic), "half": bool(half)}
+
+
+def _parse_meta_value(text: str):
+    """A metadata value as JSON (ours) or a Python literal (YOLOv5 writes str(dict)); never evaluated as code."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(text)
+    return text
+
+
+class ExportedModel(nn.Module):
+    """An exported detector behind the eval-mode Model interface. A file exported for one batch size runs
+    larger or smaller batches in chunks of that size (the last one padded); a fixed-size file refuses other
+    image sizes. Subclasses run one chunk in _run()."""
+
+    def __init__(self, file: Path, device: torch.device):
+        super().__init__()
+        self.file, self.device = file, device
+        self.names, self.nc, self.stride = [], 0, torch.tensor([32.0])
+        self.fixed_shape, self.batch = None, None
+
+    def _configure(self, meta: dict, input_shape, output_width) -> None:
+        """Names, strides and input geometry from the file's metadata (ours or YOLOv5's) and its input shape."""
+        names = meta.get("names")
+        if isinstance(names, dict):  # YOLOv5's {index: name}
+            names = [names[k] for k in sorted(names, key=int)]
+        if not names:
+            if not isinstance(output_width, int):
+                raise CheckpointError(f"{self.file} holds no class names and its output width is unknown; "
+                                      "export it with export.py")
+            names = [str(i) for i in range(output_width - 5)]
+        self.names, self.nc = [str(n) for n in names], len(names)
+        stride = meta.get("stride", 32)
+        self.stride = torch.tensor(stride if isinstance(stride, (list, tuple)) else [stride], dtype=torch.float32)
+        dynamic = bool(meta.get("dynamic", False))
+        if not dynamic and all(isinstance(d, int) for d in input_shape[2:]):
+            self.fixed_shape = tuple(int(d) for d in input_shape[2:])
+        if not dynamic and isinstance(input_shape[0], int):
+            self.batch = int(input_shape[0])
+
+    def forward(self, im: torch.Tensor, augment: bool = False):
+        if augment:
+            raise ValueError(f"test-time augmentation needs the PyTorch weights, not {self.file.name}")
+        b, _, h, w = im.shape
+        if self.fixed_shape and (h, w) != self.fixed_shape:
+            raise ValueError(f"{self.file.name} was exported for {self.fixed_shape[0]}x{self.fixed_shape[1]} "
+                             f"images, got {h}x{w}; export with --dynamic for other sizes")
+        step = self.batch or b
+        outs = []
+        for i in range(0, b, step):
+            chunk = im[i:i + step]
+            n = len(chunk)
+            if n < step:
+                chunk = torch.cat((chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))))
+            outs.append(self._run(chunk)[:n])
+        return torch.cat(outs).to(im.device), None
+
+    def _run(self, im: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OnnxModel(ExportedModel):
+    """An .onnx file run by onnxruntime (CPUExecutionProvider; CUDA's when the device is a GPU and the
+    installed onnxruntime has it)."""
+
+    def __init__(self, file: Path, device: torch.device):
+        super().__init__(file, device)
+        ort = require("onnxruntime", "running an .onnx model")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        try:
+            self.session = ort.InferenceSession(str(file), providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for unreadable or invalid files
+            raise CheckpointError(f"{file} is not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        meta = {k: _parse_meta_value(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        self._configure(meta, inp.shape, self.session.get_outputs()[0].shape[-1])
+
+    def _run(self, im: torch.Tensor) -> torch.Tensor:
+        x = im.detach().cpu().numpy().astype(self.input_dtype, copy=False)
+        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0]).float()
+
+
+class TorchScriptModel(ExportedModel):
+    """A .torchscript file (torch.jit.load). A traced graph takes any batch and any stride-multiple size:
+    Detect builds its grids from the input's shape while being traced."""
+
+    def __init__(self, file: Path, device: torch.device):
+        super().__init__(file, device)
+        extra = {TORCHSCRIPT_CONFIG: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_JIT_DEPRECATION)
+                self.module = torch.jit.load(str(file), map_location=device, _extra_files=extra).eval()
+        except Exception as e:  # torch.jit raises RuntimeError/ValueError for anything unreadable
+            raise CheckpointError(f"{file} is not a readable TorchScript model ({str(e).splitlines()[0][:200]})") from None
+        meta = _parse_meta_value(extra[TORCHSCRIPT_CONFIG]) if extra[TORCHSCRIPT_CONFIG] else {}
+        meta = meta if isinstance(meta, dict) else {}
+        self.half = bool(meta.get("half"))
+        self._configure({**meta, "dynamic": True}, [None, 3, None, None], None)
+
+    def _run(self, im: torch.Tensor) -> torch.Tensor:
+        out = self.module(im.half() if self.half else im.float())
+        out = out[0] if isinstance(out, (list, tuple)) else out  # YOLOv5's TorchScript files return a tuple
+        return out.float()
+
+
+# ------------------------------------------------------------------------------------------- sources
+def is_url(source) -> bool:
+    return str(source).lower().startswith(("http://", "https://"))
+
+
+def _suffix(name: str) -> str:
+    return Path(str(name).split("?")[0]).suffix[1:].lower()
+
+
+def list_source_files(source) -> list[str]:
+    """The files of a detect.py --source: an image or video file, an image URL, a folder (its images and
+    videos, sorted), a glob pattern, or a .txt file listing such paths (relative ones from its folder)."""
+    text = str(source)
+    if is_url(text):
+        if _suffix(text) in VID_FORMATS:
+            raise SourceError(f"{text}: video URLs and streams are not supported; download the file first")
+        return [text]
+    path = Path(text).expanduser()
+    if any(c in text for c in "*?["):
+        files = sorted(glob.glob(str(path), recursive=True))
+        if not files:
+            raise SourceError(f"no files match {text}")
+    elif path.is_dir():
+        files = sorted(str(f) for f in path.iterdir() if f.is_file())
+    elif path.is_file() and path.suffix.lower() == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"cannot read the list {path}: {e}") from None
+        files = [x if is_url(x) or Path(x).expanduser().is_absolute() else str(path.parent / x)
+                 for x in (line.strip() for line in lines) if x]
+    elif path.is_file():
+        if _suffix(text) not in IMG_FORMATS + VID_FORMATS:
+            raise SourceError(f"{text} is not an image or video (images: {', '.join(IMG_FORMATS)}; "
+                              f"videos: {', '.join(VID_FORMATS)})")
+        files = [str(path)]
+    else:
+        raise SourceError(f"source {text} does not exist")
+    files = [f for f in files if _suffix(f) in IMG_FORMATS + VID_FORMATS]
+    if not files:
+        raise SourceError(f"no images or videos in {text} (images: {', '.join(IMG_FORMATS)}; "
+                          f"videos: {', '.join(VID_FORMATS)})")
+    return files
+
+
+def read_url(url: str) -> bytes:
+    """The body of an http(s) URL; SourceError in one line when it cannot be fetched (no network...)."""
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        raise SourceError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SourceError(f"cannot download {url}: {reason} (is there a network connection?)") from None
+
+
+def download_image(url: str) -> np.ndarray:
+    """A BGR image fetched from an http(s) URL."""
+    im = cv2.imdecode(np.frombuffer(read_url(url), np.uint8), cv2.IMREAD_COLOR)
+    if im is None:
+        raise SourceError(f"{url} did not return a readable image")
+    return im
+
+
+def fetch_weights(weights) -> Path:
+    """A weights path as given, or an http(s) URL downloaded once into torch.hub's cache folder."""
+    if not is_url(weights):
+        return Path(weights)
+    dest = Path(torch.hub.get_dir()) / "yolo-ema" / Path(urllib.parse.urlparse(str(weights)).path).name
+    if not dest.is_file():
+        data = read_url(str(weights))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        part.write_bytes(data)
+        os.replace(part, dest)  # never a half-written file under the final name
+        LOGGER.info(f"Downloaded {weights} to {dest}")
+    return dest
+
+
+@dataclass
+class Frame:
+    """One picture from a source: a file's image or a video frame (BGR), with its place in the source."""
+
+    path: str
+    image: np.ndarray
+    index: int  # 0-based position of the file among the source's files
+    count: int  # number of files in the source
+    frame: int = 0  # 1-based frame number in the video; 0 for an image
+    frames: int = 0  # frames the video will yield
+    fps: float = 0.0
+
+    @property
+    def is_video(self) -> bool:
+        return self.frame > 0
+
+    @property
+    def stem(self) -> str:
+        """File stem, with the frame number for a video frame (labels/NAME_FRAME.txt)."""
+        stem = Path(self.path.split("?")[0]).stem
+        return f"{stem}_{self.frame}" if self.is_video else stem
+
+    def describe(self) -> str:
+        if self.is_video:
+            return f"video {self.index + 1}/{self.count} ({self.frame}/{self.frames}) {self.path}:"
+        return f"image {self.index + 1}/{self.count} {self.path}:"
+
+
+def iter_frames(files: list[str], vid_stride: int = 1):
+    """Yield the Frames of `files` in order: each image once, every vid_stride-th frame of each video.
+    A file that cannot be read is named in a warning and skipped."""
+    if vid_stride < 1:
+        raise SourceError(f"--vid-stride must be at least 1, got {vid_stride}")
+    for i, f in enumerate(files):
+        if _suffix(f) in VID_FORMATS:
+            yield from _video_frames(f, i, len(files), vid_stride)
+            continue
+        try:
+            im = download_image(f) if is_url(f) else cv2.imread(f)
+        except SourceError as e:
+            LOGGER.warning(f"WARNING: skipping {f}: {e}")
+            continue
+        if im is None:
+            LOGGER.warning(f"WARNING: skipping {f}: not a readable image")
+            continue
+        yield Frame(f, im, i, len(files))
+
+
+def _video_frames(f: str, index: int, count: int, vid_stride: int):
+    cap = cv2.VideoCapture(f)
+    try:
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        if total <= 0:
+            LOGGER.warning(f"WARNING: skipping {f}: not a readable video")
+            return
+        fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
+        frames = math.ceil(total / vid_stride)
+        for k in range(total):
+            if not cap.grab():
+                if k == 0:
+                    LOGGER.warning(f"WARNING: skipping {f}: not a readable video")
+                elif k < total:
+                    LOGGER.warning(f"WARNING: {f}: only {k} of {total} frames could be read")
+                return
+            if k % vid_stride:
+                continue
+            ok, im = cap.retrieve()
+            if not ok:
+                LOGGER.warning(f"WARNING: {f}: frame {k + 1} could not be decoded; stopping this video")
+                return
+            yield Frame(f, im, index, count, frame=k + 1, frames=frames, fps=fps)
+    finally:
+        cap.release()
+
+
+def read_images(ims) -> tuple[list[np.ndarray], list[str]]:
+    """What the hub model accepts, as BGR uint8 images and file names: a path or URL, a PIL image, an HWC
+    RGB numpy image (YOLOv5's convention: cv2 images are passed as im[..., ::-1]), or a list of those."""
+    items = list(ims) if isinstance(ims, (list, tuple)) else [ims]
+    images, files = [], []
+    for i, x in enumerate(items):
+        name = f"image{i}.jpg"
+        if isinstance(x, (str, Path)):
+            text = str(x)
+            if is_url(text):
+                im, name = download_image(text), Path(text.split("?")[0]).name or name
+            else:
+                im, name = cv2.imread(text), Path(text).name
+                if im is None:
+                    raise SourceError(f"{text} does not exist" if not Path(text).exists() else f"{text} is not a readable image")
+        elif hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image (PIL itself is only needed by callers)
+            name = Path(getattr(x, "filename", "") or name).name
+            im = np.asarray(x.convert("RGB"))[..., ::-1]
+        elif isinstance(x, np.ndarray):
+            im = _rgb_array_to_bgr(x, i)
+        else:
+            raise SourceError(f"input {i}: cannot read a {type(x).__name__} (give a path, URL, PIL image, "
+                              "HWC numpy image, a list of them, or a BCHW tensor)")
+        images.append(np.ascontiguousarray(im))
+        files.append(name)
+    if not images:
+        raise SourceError("no images given")
+    return images, files
+
+
+def _rgb_array_to_bgr(x: np.ndarray, i: int) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise SourceError(f"input {i}: numpy images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim == 2:
+        x = np.stack([x] * 3, -1)
+    elif x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[2] not in (1, 3, 4):  # CHW given
+        x = x.transpose(1, 2, 0)
+    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
+        raise SourceError(f"input {i}: expected an HxWx3 image, got shape {x.shape}")
+    x = np.repeat(x, 3, 2) if x.shape[2] == 1 else x[..., :3]
+    return x[..., ::-1]
+
+
+# ------------------------------------------------------------------------------------------- inference
+def letterbox_batch(images: list[np.ndarray], size, stride: int, fixed_shape=None):
+    """Letterbox BGR images into one uint8 RGB batch (b, 3, h, w).
+
+    The batch shape is `fixed_shape` for a fixed-size exported model, else the smallest stride multiple
+    holding every image scaled so that it fits in `size` (an int or (h, w)): one image of 640x480 at 640
+    becomes 480x640, as YOLOv5's detect.py and hub model do. Returns (batch, ratio_pads) with each image's
+    ((gain_h, gain_w), (pad_w, pad_h)) for utils.boxes.scale_boxes.
+    """
+    if fixed_shape is not None:
+        shape = tuple(int(s) for s in fixed_shape)
+    else:
+        th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+        scaled = [(round(h * r), round(w * r)) for h, w in (im.shape[:2] for im in images)
+                  for r in [min(th / h, tw / w)]]  # fmt: skip
+        shape = tuple(math.ceil(max(s[k] for s in scaled) / stride) * stride for k in (0, 1))
+    batch, ratio_pads = [], []
+    for im in images:
+        out, (ratio_w, ratio_h), pad = letterbox(im, shape, auto=False, scaleup=True, stride=stride)
+        batch.append(out[..., ::-1].transpose(2, 0, 1))
+        ratio_pads.append(((ratio_h, ratio_w), pad))
+    return torch.from_numpy(np.ascontiguousarray(np.stack(batch))), ratio_pads
+
+
+class Stopwatch:
+    """Accumulated wall time of a code block; waits for queued CUDA work on `device` so GPU time is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.total = 0.0
+
+    def __enter__(self):
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        self.total += time.perf_counter() - self._start
+
+
+class Detector(nn.Module):
+    """A loaded model that takes pictures and returns Results (the hub model; detect.py uses detect()).
+
+    Settable like YOLOv5's hub model: conf, iou, classes (list of class ids or None), agnostic, multi_label,
+    max_det, amp (fp16 autocast on the model's device, for PyTorch weights).
+    """
+
+    conf = 0.25
+    iou = 0.45
+    classes = None
+    agnostic = False
+    multi_label = False
+    max_det = 1000
+    amp = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.names = list(model.names)
+        self.stride = int(max(float(model.stride.max()), 32))
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else self.model.device
+
+    def _autocast(self):
+        """fp16 autocast with amp on PyTorch weights; an exported file runs at the precision it was exported in."""
+        return autocast(self.device, torch.float16 if self.amp and isinstance(self.model, Model) else None)
+
+    @torch.no_grad()
+    def forward(self, ims, size=640, augment: bool = False):
+        """Detect in `ims` (see read_images) letterboxed to `size`; a BCHW float tensor (0..1) instead returns
+        the model's own output, (predictions, raw maps) before NMS."""
+        if isinstance(ims, torch.Tensor):
+            with self._autocast():
+                return self.model(ims.to(self.device), augment=augment)
+        images, files = read_images(ims)
+        return self.detect(images, files, size=size, augment=augment)
+
+    @torch.no_grad()
+    def detect(self, images: list[np.ndarray], files: list[str], size=640, augment: bool = False) -> "Results":
+        """Detect in BGR images: letterbox into one batch, run the model, NMS, boxes back to each image."""
+        watches = [Stopwatch(self.device) for _ in range(3)]  # pre-process, inference, NMS
+        with watches[0]:
+            batch, ratio_pads = letterbox_batch(images, size, self.stride, getattr(self.model, "fixed_shape", None))
+            x = batch.to(self.device).float() / 255
+        with watches[1], self._autocast():
+            pred = self.model(x, augment=augment)[0]
+        with watches[2]:
+            dets = non_max_suppression(pred.float(), self.conf, self.iou, self.classes, self.agnostic,
+                                       self.multi_label, max_det=self.max_det)  # fmt: skip
+            for det, rp, im in zip(dets, ratio_pads, images):
+                scale_boxes(x.shape[2:], det[:, :4], im.shape[:2], ratio_pad=rp)
+        times = tuple(w.total * 1e3 / len(images) for w in watches)
+        return Results(images, dets, files, times, self.names, tuple(x.shape))
+
+
+# ------------------------------------------------------------------------------------------- results
+def write_yolo_labels(det: torch.Tensor, shape, file: Path, save_conf: bool = False) -> None:
+    """YOLO-format label file of detections (x1, y1, x2, y2, conf, cls) in an image of shape (h, w): one line
+    `cls cx cy w h` normalised to the image (`cls cx cy w h conf` with save_conf)."""
+    h, w = shape[:2]
+    det = det.detach().cpu().double()
+    xywhn = xyxy2xywh(det[:, :4]) / torch.tensor([w, h, w, h], dtype=torch.float64)
+    with open(file, "w") as f:  # one call per image: a rerun with --exist-ok replaces, never appends
+        for cls, xywh, conf in zip(det[:, 5].tolist(), xywhn.tolist(), det[:, 4].tolist()):
+            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
+            f.write(("%g " * len(row)).rstrip() % row + "\n")
+
+
+def crop_box(im: np.ndarray, xyxy, gain: float = 1.02, pad: int = 10, square: bool = False) -> np.ndarray:
+    """The part of `im` under box xyxy, enlarged by `gain` and `pad` pixels (YOLOv5's crops) and clipped."""
+    b = xyxy2xywh(torch.as_tensor(xyxy, dtype=torch.float32).view(-1, 4)[:, :4])
+    if square:
+        b[:, 2:] = b[:, 2:].max(1, keepdim=True)[0]
+    b[:, 2:] = b[:, 2:] * gain + pad
+    box = xywh2xyxy(b).long()
+    clip_boxes(box, im.shape[:2])
+    x1, y1, x2, y2 = box[0].tolist()
+    return im[y1:y2, x1:x2]
+
+
+def free_file(path: Path, start: int = 2) -> tuple[Path, int]:
+    """path itself when free, else its stem numbered start, start+1, ... (crops/person/bus.jpg, bus2.jpg);
+    returns the file and the number to try next for the same path."""
+    out, n = path, start
+    while out.exists():
+        out = path.with_name(f"{path.stem}{n}{path.suffix}")
+        n += 1
+    return out, n
+
+
+class Results:
+    """Detections of one call, per image: the boxes (x1, y1, x2, y2, conf, cls) in the image's own pixels,
+    also as .xywh and normalised .xyxyn/.xywhn (one tensor per image), with the image and its file name.
+    `times` are milliseconds per image for pre-processing, inference and NMS; `shape` is the batch's."""
+
+    def __init__(self, ims: list[np.ndarray], pred: list[torch.Tensor], files: list[str], times, names, shape):
+        self._bgr = ims
+        self.pred = self.xyxy = pred
+        self.files = files
+        self.names = names
+        self.times = self.t = times
+        self.s = self.shape = shape
+        self.n = len(pred)
+        gains = [torch.tensor([im.shape[1], im.shape[0]] * 2 + [1, 1], dtype=p.dtype, device=p.device)
+                 for im, p in zip(ims, pred)]
+        self.xywh = [xyxy2xywh(p) for p in pred]
+        self.xyxyn = [p / g for p, g in zip(pred, gains)]
+        self.xywhn = [p / g for p, g in zip(self.xywh, gains)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def ims(self) -> list[np.ndarray]:
+        """The original images, RGB (views of the BGR arrays)."""
+        return [im[..., ::-1] for im in self._bgr]
+
+    def _name(self, c: int) -> str:
+        return self.names[c] if self.names and 0 <= c < len(self.names) else str(c)
+
+    def summary(self, i: int) -> str:
+        """'2 persons, 1 dog' (classes in id order), or '(no detections)'."""
+        det = self.pred[i]
+        if not len(det):
+            return "(no detections)"
+        classes, counts = det[:, 5].int().unique(return_counts=True)
+        return ", ".join(f"{n} {self._name(int(c))}{'s' * (n > 1)}" for c, n in zip(classes.tolist(), counts.tolist()))
+
+    def annotated(self, i: int, line_width: int | None = None, labels: bool = True, conf: bool = True) -> np.ndarray:
+        """A BGR copy of image i with its boxes drawn (class name and confidence unless switched off)."""
+        annotator = Annotator(self._bgr[i].copy(), line_width=line_width)
+        for *xyxy, score, cls in reversed(self.pred[i].tolist()):  # highest confidence drawn last, on top
+            c = int(cls)
+            label = (self._name(c) if not conf else f"{self._name(c)} {score:.2f}") if labels else ""
+            annotator.box_label(xyxy, label, color=class_color(c, bgr=True))
+        return annotator.result()
+
+    def write_labels(self, i: int, file: Path, save_conf: bool = False) -> None:
+        write_yolo_labels(self.pred[i], self._bgr[i].shape, file, save_conf)
+
+    def save_crops(self, i: int, save_dir: Path, stem: str, save: bool = True) -> list[dict]:
+        """Each box of image i cropped from the original (crops/CLASS/STEM.jpg, numbered when taken)."""
+        crops, next_number = [], {}  # next free number per class folder: no rescans for crowded images
+        for *xyxy, score, cls in self.pred[i].tolist():
+            c = int(cls)
+            im = crop_box(self._bgr[i], xyxy)
+            file = None
+            if save:
+                base = Path(save_dir) / "crops" / self._name(c) / f"{stem}.jpg"
+                file, next_number[base] = free_file(base, next_number.get(base, 2))
+                file.parent.mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(file), im):
+                    raise OSError(f"could not write {file}")
+            crops.append({"box": xyxy, "conf": score, "cls": c, "label": f"{self._name(c)} {score:.2f}",
+                          "im": im, "file": file})  # fmt: skip
+        return crops
+
+    # --- YOLOv5's hub API
+    def __str__(self) -> str:
+        h, w = self.shape[2:]
+        lines = [f"image {i + 1}/{self.n}: {h}x{w} {self.summary(i)}" for i in range(self.n)]
+        lines.append("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
+                     % (*self.times, self.shape))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self.n} image(s)>\n{self}"
+
+    def print(self) -> None:
+        print(self)
+
+    def render(self, labels: bool = True) -> list[np.ndarray]:
+        """The images with their boxes drawn, RGB."""
+        return [self.annotated(i, labels=labels)[..., ::-1] for i in range(self.n)]
+
+    @staticmethod
+    def _new_dir(save_dir, exist_ok: bool) -> Path:
+        save_dir = increment_path(Path(save_dir), exist_ok=exist_ok)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        return save_dir
+
+    def save(self, labels: bool = True, save_dir="runs/detect/exp", exist_ok: bool = False) -> Path:
+        """Write each annotated image under save_dir (a new numbered folder unless exist_ok), same name."""
+        save_dir = self._new_dir(save_dir, exist_ok)
+        for i, name in enumerate(self.files):
+            file = save_dir / name
+            if not cv2.imwrite(str(file), self.annotated(i, labels=labels)):
+                raise OSError(f"could not write {file}")
+        LOGGER.info(f"Saved {self.n} image{'s' * (self.n > 1)} to {save_dir}")
+        return save_dir
+
+    def crop(self, save: bool = True, save_dir="runs/detect/exp", exist_ok: bool = False) -> list[dict]:
+        """Every box cropped from its image: dicts of box, conf, cls, label, im (BGR) and the file written."""
+        save_dir = self._new_dir(save_dir, exist_ok) if save else Path(save_dir)
+        crops = [c for i, name in enumerate(self.files) for c in self.save_crops(i, save_dir, Path(name).stem, save)]
+        if save:
+            LOGGER.info(f"Saved {len(crops)} crops to {save_dir / 'crops'}")
+        return crops
+
+    def pandas(self) -> "Results":
+        """A copy whose xyxy, xyxyn, xywh and xywhn are lists of pandas DataFrames (one per image) with the
+        columns xmin ymin xmax ymax (or xcenter ycenter width height), confidence, class, name."""
+        pd = require("pandas", "Results.pandas()")
+        new = copy.copy(self)
+        corners, centres = ["xmin", "ymin", "xmax", "ymax"], ["xcenter", "ycenter", "width", "height"]
+        for attr, cols in (("xyxy", corners), ("xyxyn", corners), ("xywh", centres), ("xywhn", centres)):
+            frames = []
+            for t in getattr(self, attr):
+                rows = [r[:5] + [int(r[5]), self._name(int(r[5]))] for r in t.tolist()]
+                frames.append(pd.DataFrame(rows, columns=cols + ["confidence", "class", "name"]))
+            setattr(new, attr, frames)
+        return new
+
+    def tolist(self) -> list["Results"]:
+        """One Results per image."""
+        return [Results([self._bgr[i]], [self.pred[i]], [self.files[i]], self.times, self.names, self.shape)
+                for i in range(self.n)]
