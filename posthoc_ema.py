@@ -1,0 +1,232 @@
+"""Choose the EMA length after training: reconstruct EMAs of other widths from a run's post-hoc snapshots,
+validate them, and keep the best (EDM2's post-hoc EMA; see utils/posthoc.py).
+
+    python posthoc_ema.py --run runs/train/exp --sigma-rel 0.02 0.25 --num 15    # sweep, validated by mAP
+    python posthoc_ema.py --run runs/train/exp --sigma-rel 0.07                  # synthesize and save one
+
+The run must have trained with hyp ``posthoc_sigma_rels`` (e.g. [0.05, 0.1]), which keeps snapshots under
+weights/posthoc/. Two --sigma-rel values with --num N sweep N widths spaced geometrically between them (more
+than two values: exactly those). Each fit's relative profile error is printed; a width the stored EMAs
+cannot reach within 10% is refused. The sweep validates every candidate with val.run beside the run's main
+EMA and raw model (from last.pt, and best.pt when it differs), prints the table, writes posthoc_ema.csv and
+posthoc_ema.png in the run folder, and saves the best candidate as weights/posthoc_best.pt, a finished
+checkpoint that val.py, detect.py and train.py --weights take like best.pt. --data, --img and --single-cls
+default to the run's (opt.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from utils.cli import HelpFormatter, shown_path  # noqa: E402
+
+
+def parse_opt(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Reconstruct, validate and save post-hoc EMAs of a training run",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--run", required=True, help="the training run folder, e.g. runs/train/exp")
+    p.add_argument("--sigma-rel", type=float, nargs="+", default=[0.02, 0.25],
+                   help="one width (synthesize and save it), two (a sweep from one to the other) or more (those)")
+    p.add_argument("--num", type=int, default=15, help="widths in a two-value sweep, spaced geometrically")
+    p.add_argument("--data", default=None, help="dataset yaml (default: the run's)")
+    p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None, help="validation size (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32, help="validation batch size")
+    p.add_argument("--device", default="", help="cpu, cuda, or a GPU index such as 0 (default: the first GPU, else cpu)")
+    p.add_argument("--workers", type=int, default=8, help="most dataloader workers")
+    p.add_argument("--single-cls", action="store_true", default=None, help="single-class validation (default: the run's)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import val as validate  # noqa: E402
+from utils.checkpoint import (FORMAT, VERSION, CheckpointError, finished_checkpoint, half_state_dict,  # noqa: E402
+                              load_checkpoint, model_from_checkpoint, save_checkpoint)
+from utils.data_config import DatasetError  # noqa: E402
+from utils.ema import ModelEMA  # noqa: E402
+from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+from utils.posthoc import Fit, PosthocError, ProfileFit, check_architecture, find_snapshots, synthesize  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+
+COLUMNS = ("candidate", "sigma_rel", "decay_at_end", "fit_error", "mAP50", "mAP50-95", "fitness")
+
+
+class PosthocRunError(Exception):
+    """A run or an option that posthoc_ema.py cannot work with; one line for the user."""
+
+
+def target_widths(values: list[float], num: int) -> list[float]:
+    if len(values) == 2:
+        if num < 1:
+            raise PosthocRunError(f"--num must be at least 1, got {num}")
+        if min(values) <= 0:
+            raise PosthocRunError(f"--sigma-rel widths must be positive, got {values}")
+        return [float(x) for x in np.geomspace(min(values), max(values), num)]
+    return [float(x) for x in values]
+
+
+def run_files(run: Path) -> tuple[dict, dict | None, dict]:
+    """(last.pt or best.pt, best.pt when both exist, opt.yaml) of a training run."""
+    if not run.is_dir():
+        raise PosthocRunError(f"run folder {run} not found")
+    weights = run / "weights"
+    last, best = weights / "last.pt", weights / "best.pt"
+    if not last.exists() and not best.exists():
+        raise PosthocRunError(f"{run} has no weights/last.pt or weights/best.pt")
+    main = load_checkpoint(last if last.exists() else best)
+    other = load_checkpoint(best) if last.exists() and best.exists() else None
+    opt_file = run / "opt.yaml"
+    opt = yaml.safe_load(opt_file.read_text()) if opt_file.exists() else main.get("opt") or {}
+    return main, other, opt if isinstance(opt, dict) else {}
+
+
+def main_ema_decay(ckpt: dict, model: torch.nn.Module, position: float, unit: str) -> float:
+    """The per-step decay the run's main EMA applied at the end of the run (nan if its hyp says no more)."""
+    hyp = ckpt.get("hyp") or {}
+    updates = int(ckpt.get("updates", 0))
+    try:
+        ema = ModelEMA.from_hyp(model, hyp, updates=updates, total_steps=max(updates, 1), flat=False)
+    except (ValueError, TypeError):
+        return float("nan")
+    step = math.ceil(position) if ema.unit == "images" and unit == "images" else updates
+    return ema.decay_at(step - ema.update_after_step)
+
+
+def evaluate(model: torch.nn.Module, opt: argparse.Namespace, device: torch.device) -> tuple[float, float, float]:
+    """(mAP50, mAP50-95, fitness) of a model from val.run on the run's data."""
+    model = model.fuse().to(device)
+    results, _, _ = validate.run(opt.data, batch_size=opt.batch_size, imgsz=opt.imgsz, workers=opt.workers,
+                                 single_cls=opt.single_cls, model=model, plots=False)
+    return float(results[2]), float(results[3]), float(fitness(np.array(results[:4]).reshape(1, -1))[0])
+
+
+def save_best(ckpt: dict, state: dict, fit: Fit, fi: float, path: Path) -> Path:
+    """posthoc_best.pt: the run's checkpoint with the synthesized weights as its EMA, as a finished checkpoint."""
+    built = {**ckpt, "format": FORMAT, "version": VERSION, "best_fitness": float(fi),
+             "ema": half_state_dict(state), "date": datetime.now(timezone.utc).isoformat()}
+    saved = save_checkpoint(finished_checkpoint(built), path)
+    LOGGER.info(f"Saved sigma_rel {fit.sigma_rel:.4g} (fit error {fit.error:.2%}) to {shown_path(saved)}")
+    return saved
+
+
+def plot_sweep(rows: list[dict], path: Path) -> Path:
+    """mAP50-95 and mAP50 of the candidates against sigma_rel, the reference models as horizontal lines."""
+    sweep = [r for r in rows if r["candidate"] == "posthoc"]
+    x = [r["sigma_rel"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    for key, colour in (("mAP50-95", "tab:blue"), ("mAP50", "tab:orange")):
+        ax.plot(x, [r[key] for r in sweep], "o-", color=colour, label=f"post-hoc EMA {key}")
+        for r, style in zip((r for r in rows if r["candidate"] != "posthoc"), ("--", ":", "-.")):
+            ax.axhline(r[key], color=colour, linestyle=style, linewidth=1, label=f"{r['candidate']} {key}")
+    top = max(sweep, key=lambda r: r["fitness"])
+    ax.plot([top["sigma_rel"]], [top["mAP50-95"]], "*", color="black", markersize=12, label="best fitness")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("sigma_rel (EMA length relative to the run)")
+    ax.set_ylabel("mAP")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def table(rows: list[dict]) -> str:
+    lines = [("%12s" + "%13s" * 6) % COLUMNS]
+    for r in rows:
+        cells = [f"{r[c]:.4g}" if isinstance(r[c], float) and not math.isnan(r[c]) else "-" for c in COLUMNS[1:]]
+        if isinstance(r["fit_error"], float):
+            cells[2] = f"{r['fit_error']:.2%}"
+        lines.append(("%12s" + "%13s" * 6) % (r["candidate"], *cells))
+    return "\n".join(lines)
+
+
+def run(opt: argparse.Namespace) -> Path:
+    """Fit, synthesize, validate and save; returns the path of posthoc_best.pt."""
+    run_dir = Path(opt.run)
+    ckpt, best_ckpt, run_opt = run_files(run_dir)
+    snapshots = find_snapshots(run_dir / "weights" / "posthoc")
+    reference = model_from_checkpoint(ckpt, use_ema=True)
+    check_architecture(snapshots, reference.state_dict(), f"the run's model ({shown_path(run_dir)})")
+    fitter = ProfileFit(snapshots)
+    widths = target_widths(opt.sigma_rel, opt.num)
+    fits = [fitter.fit(s) for s in widths]  # every width checked before the first validation
+    LOGGER.info(f"{len(snapshots)} snapshots ({fitter.describe()}), end of run at {snapshots[0].unit} "
+                f"{fitter.position:g}")
+    for f in fits:
+        LOGGER.info(f"sigma_rel {f.sigma_rel:.4g}: gamma {f.gamma:.3f}, relative profile error {f.error:.2%}")
+    out = run_dir / "weights" / "posthoc_best.pt"
+    if len(fits) == 1 and len(opt.sigma_rel) == 1:
+        return save_best(ckpt, synthesize(snapshots, fits[0].coeffs), fits[0], 0.0, out)
+
+    opt.data = opt.data or run_opt.get("data")
+    opt.imgsz = opt.imgsz or run_opt.get("imgsz") or 640
+    opt.single_cls = bool(run_opt.get("single_cls", False)) if opt.single_cls is None else opt.single_cls
+    if not opt.data:
+        raise PosthocRunError(f"{run_dir} does not say which data it trained on; pass --data")
+    try:
+        device = select_device(opt.device, opt.batch_size)
+    except ValueError as e:
+        raise PosthocRunError(str(e)) from None
+
+    rows, best = [], None
+    for f in fits:
+        state = synthesize(snapshots, f.coeffs)
+        m50, m, fi = evaluate(model_from_checkpoint({**ckpt, "ema": state}), opt, device)
+        rows.append({"candidate": "posthoc", "sigma_rel": f.sigma_rel, "decay_at_end": f.end_decay,
+                     "fit_error": f.error, "mAP50": m50, "mAP50-95": m, "fitness": fi})
+        if best is None or fi > best[2]:
+            best = (f, state, fi)
+    references = [("EMA last", ckpt, True), ("raw last", ckpt, False)]
+    if best_ckpt is not None and best_ckpt.get("epoch") != ckpt.get("epoch"):
+        references.insert(1, ("EMA best", best_ckpt, True))
+    for name, source, use_ema in references:
+        model = model_from_checkpoint(source, use_ema=use_ema)
+        decay = main_ema_decay(source, model, fitter.position, snapshots[0].unit) if use_ema else float("nan")
+        m50, m, fi = evaluate(model, opt, device)
+        rows.append({"candidate": name, "sigma_rel": float("nan"), "decay_at_end": decay, "fit_error": "",
+                     "mAP50": m50, "mAP50-95": m, "fitness": fi})
+
+    LOGGER.info("\nPost-hoc EMA sweep\n" + table(rows))
+    with open(run_dir / "posthoc_ema.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot = plot_sweep(rows, run_dir / "posthoc_ema.png")
+    LOGGER.info(f"Table in {shown_path(run_dir / 'posthoc_ema.csv')}, plot in {shown_path(plot)}")
+    return save_best(ckpt, best[1], best[0], best[2], out)
+
+
+def main(argv=None) -> int:
+    """posthoc_ema.py's exit status: 0, or 1 after a one-line error."""
+    opt = parse_opt(argv) if not isinstance(argv, argparse.Namespace) else argv
+    set_logging()
+    try:
+        run(opt)
+    except (PosthocRunError, PosthocError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        LOGGER.error(f"posthoc_ema: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(CLI_OPT))
