@@ -8,7 +8,11 @@ original YOLOv5 v6+ weights load into the model built from the same yaml.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
+import sys
+import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -16,6 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+if __package__ in (None, ""):  # run as a script (python models/yolo.py): the repository root holds the packages
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from utils.autoanchor import check_anchor_order
@@ -368,13 +376,62 @@ class Model(nn.Module):
         self.info()
         return self
 
-    def info(self) -> str:
+    def info(self, imgsz: int = 640) -> str:
+        """Log and return the one-line summary: layers, parameters, gradients, GFLOPs at imgsz."""
         name = Path(self.yaml_file).stem if self.yaml_file else "Model"
         n_params = count_parameters(self)
         n_grads = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        line = f"{name} summary: {len(list(self.modules()))} layers, {n_params:,} parameters, {n_grads:,} gradients"
+        line = (f"{name} summary: {len(list(self.modules()))} layers, {n_params:,} parameters, {n_grads:,} gradients, "
+                f"{self.gflops(imgsz):.1f} GFLOPs")
         LOGGER.info(line)
         return line
+
+    @contextlib.contextmanager
+    def _measuring(self):
+        """Eval mode and no autograd for a measurement, every module's train flag restored afterwards (a
+        training-mode pass would move the BatchNorm statistics)."""
+        flags = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+    def gflops(self, imgsz: int = 640) -> float:
+        """GFLOPs of one imgsz x imgsz image (a multiply-add counts two), as torch's FlopCounterMode counts
+        them on a small input scaled by the area ratio: each layer's cost is proportional to the area."""
+        p = next(self.parameters())
+        size = int(self.stride.max()) * 2
+        with self._measuring(), FlopCounterMode(display=False) as counter:
+            self._forward_once(torch.zeros(1, self.yaml["ch"], size, size, device=p.device, dtype=p.dtype))
+        return counter.get_total_flops() * (imgsz / size) ** 2 / 1e9
+
+    def profile(self, im: torch.Tensor, runs: int = 10) -> list[tuple[float, float, int, str]]:
+        """Per-layer (milliseconds per forward, GFLOPs, parameters, module type) on im, logged as a table."""
+        rows = []
+        with self._measuring():
+            y, x = [], im
+            for m in self.model:
+                if m.f != -1:
+                    x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+                with FlopCounterMode(display=False) as counter:
+                    m(x)
+                sync = torch.cuda.synchronize if im.device.type == "cuda" else (lambda: None)
+                sync()
+                t = time.perf_counter()
+                for _ in range(runs):
+                    out = m(x)
+                sync()
+                rows.append(((time.perf_counter() - t) * 1e3 / runs, counter.get_total_flops() / 1e9, m.np, m.type))
+                x = out
+                y.append(x if m.i in self.save else None)
+        LOGGER.info(f"{'time (ms)':>10s} {'GFLOPs':>10s} {'params':>10s}  module")
+        for ms, gf, n, kind in rows:
+            LOGGER.info(f"{ms:10.2f} {gf:10.2f} {n:10.0f}  {kind}")
+        LOGGER.info(f"{sum(r[0] for r in rows):10.2f} {sum(r[1] for r in rows):10.2f} {sum(r[2] for r in rows):10.0f}  Total")
+        return rows
 
 
 DetectionModel = Model  # YOLOv5's newer name for the same class
@@ -389,3 +446,32 @@ def scale_img(img: torch.Tensor, ratio: float = 1.0, gs: int = 32) -> torch.Tens
     img = F.interpolate(img, size=s, mode="bilinear", align_corners=False)
     h, w = (math.ceil(v * ratio / gs) * gs for v in (h, w))
     return F.pad(img, [0, w - s[1], 0, h - s[0]], value=0.447)
+
+
+def main(argv=None) -> int:
+    """python models/yolo.py --cfg yolov5n.yaml: build a model from its yaml and print the layer table and the
+    summary (--profile adds per-layer times and GFLOPs at --img)."""
+    from utils.log import set_logging
+    from utils.torch_utils import select_device
+
+    p = argparse.ArgumentParser(description="Build a model from its yaml and print its summary")
+    p.add_argument("--cfg", type=str, default="yolov5s.yaml", help="model yaml: a name in models/ or a path")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for --profile")
+    p.add_argument("--img", type=int, default=640, help="image size for --profile")
+    p.add_argument("--device", default="", help="cpu, cuda, or a GPU index such as 0")
+    p.add_argument("--profile", action="store_true", help="time and count each layer's forward pass")
+    opt = p.parse_args(argv)
+    set_logging()
+    try:
+        device = select_device(opt.device)
+        model = Model(opt.cfg).to(device)  # logs the layer table and the summary (GFLOPs at 640, as YOLOv5's)
+    except (FileNotFoundError, ValueError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        return 1
+    if opt.profile:
+        model.profile(torch.rand(opt.batch_size, model.yaml["ch"], opt.img, opt.img, device=device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
