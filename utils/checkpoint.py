@@ -1,23 +1,19 @@
-"""Checkpoints: atomic writes, loads that never execute pickled code, and import of original YOLOv5 files.
+"""Checkpoints of this project: atomic writes, loads that never execute pickled code, validation, and the
+model a checkpoint describes.
 
-Our checkpoints are dicts of plain values and tensors (format 'yolo-ema', see INTERFACES.md), so they load
-with ``torch.load(..., weights_only=True)``. A checkpoint saved by the original YOLOv5 project pickles whole
-``nn.Module`` objects, a numpy ``best_fitness`` and ``pathlib`` paths; those files are read here with a
-restricted unpickler that turns every known class into an inert placeholder (nothing of the file's runs),
-and the tensors are then collected by their state-dict names.
+Our checkpoints are dicts of plain values and tensors (format 'yolo-ema', described in README.md's
+Checkpoints section), so they load with ``torch.load(..., weights_only=True)``. A checkpoint saved by the
+original YOLOv5 project pickles whole modules and is refused by that loader; ``load_checkpoint`` then reads
+it with utils.yolov5_import (which runs nothing from the file) and converts it to our format here.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import glob
-import io
-import math
 import os
 import pathlib
 import pickle
-import pickletools
 import tempfile
 import zipfile
 from datetime import datetime, timezone
@@ -30,6 +26,8 @@ import torch.nn as nn
 
 from models.yolo import Model
 from utils.log import LOGGER
+from utils.yolov5_import import (YOLOv5ImportError, first_refused_global, one_line_error,
+                                 read_yolov5_checkpoint)
 
 FORMAT = "yolo-ema"
 VERSION = 1
@@ -121,7 +119,7 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, Exception):
-            raise CheckpointError(f"could not write checkpoint {path}: {_one_line(e)}") from e
+            raise CheckpointError(f"could not write checkpoint {path}: {one_line_error(e)}") from e
         raise
     _fsync_dir(path.parent)
     _remove_stale_temps(path, keep_newer_than=os.stat(path).st_mtime)
@@ -175,31 +173,6 @@ def strip_resume_state(path: str | Path) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- loading
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _foreign_global(path: Path) -> str | None:
-    """First global named by a plain pickle file that the YOLOv5 importer would not accept. The opcodes are
-    only parsed, never run; torch's own refusal text cannot be used (it invites weights_only=False)."""
-    stream = io.BytesIO(path.read_bytes())
-    with contextlib.suppress(Exception):
-        for _ in range(4):  # torch's legacy format is several pickles in a row; the data is the fourth
-            pushed: list[str | None] = []  # strings pushed by the last opcodes (None: something else)
-            for opcode, arg, _ in pickletools.genops(stream):
-                names = None
-                if opcode.name in ("GLOBAL", "INST"):
-                    names = arg.split(" ", 1)
-                elif opcode.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
-                    names = pushed[-2:]  # a name fetched from the memo is not followed: better none than wrong
-                if names and _resolve_global(*names) is None:
-                    return ".".join(names)
-                if opcode.name != "MEMOIZE":
-                    pushed = (pushed + [arg if "UNICODE" in opcode.name else None])[-2:]
-    return None
-
-
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint of ours (``weights_only=True``), or import an original YOLOv5 one without running
     its pickle. Anything else raises CheckpointError with one line naming the file."""
@@ -221,13 +194,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     except pickle.UnpicklingError as e:
         # Refused by the weights-only unpickler: either a YOLOv5 file (pickled modules) or hostile/foreign.
         if not is_zip:  # a bare pickle or torch's pre-1.6 format: neither ours nor a YOLOv5 v6+/v7 file
-            name = _foreign_global(path)
+            name = first_refused_global(path)
             reason = f" (its pickle references {name}; nothing was executed)" if name else ""
             raise CheckpointError(f"{path} refused: not a checkpoint of this project{reason}") from None
         ckpt = import_yolov5_checkpoint(path)
         return _to_device(ckpt, map_location)
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_one_line(e)[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({one_line_error(e)[:200]})") from None
     return _validate_ours(obj, path)
 
 
@@ -287,7 +260,9 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     try:
         model = Model(copy.deepcopy(ckpt["yaml"]), ch=3, nc=int(ckpt["nc"]), verbose=False)
     except Exception as e:
-        raise CheckpointError(f"cannot build the model from the checkpoint's yaml ({_one_line(e)[:200]})") from None
+        raise CheckpointError(
+            f"cannot build the model from the checkpoint's yaml ({one_line_error(e)[:200]})"
+        ) from None
     own = model.state_dict()
     for name, tensor in own.items():
         if name not in weights:
@@ -313,409 +288,32 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     return model.eval()
 
 
-# ------------------------------------------------------------------------- original YOLOv5 import
-class _Inert:
-    """Stand-in for a pickled object of a known class: records what the pickle gives it, runs nothing."""
-
-    qualname = "?"
-
-    def __new__(cls, *args, **kwargs):
-        inst = object.__new__(cls)
-        inst.args = args
-        inst.state = None
-        return inst
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    @property
-    def attrs(self) -> dict:
-        """The instance __dict__ as pickled (BUILD may also pass a (dict, slots) pair)."""
-        state = self.state
-        if isinstance(state, tuple) and len(state) == 2:
-            state = {**(state[0] or {}), **(state[1] or {})}
-        return state if isinstance(state, dict) else {}
-
-
-class _InertModule(_Inert):
-    """Placeholder for an nn.Module subclass (YOLOv5's or torch's)."""
-
-
-class _InertNamespace(_Inert):
-    """Placeholder for argparse.Namespace (older YOLOv5 stored opt that way)."""
-
-
-def _placeholder(base: type, qualname: str) -> type:
-    # A fresh class per lookup is enough: a pickle names each class once and memoizes the reference.
-    return type(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
-
-
-class _StorageKind:
-    """What ``torch.FloatStorage`` and friends stand for in a persistent id: just a dtype."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-
-_STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
-}
-_DTYPE_NAMES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
-_NN_MODULE_NAMES = {
-    name for name in dir(nn) if isinstance(getattr(nn, name), type) and issubclass(getattr(nn, name), nn.Module)
-}
-_YOLOV5_MODULES = ("models.yolo", "models.common", "models.experimental")
-_NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
-
-
-class _TensorMarker:
-    """``torch.Tensor`` / ``torch.nn.Parameter`` as named inside ``_rebuild_from_type_v2``."""
-
-
-class _NdarrayMarker:
-    """``numpy.ndarray`` as named inside numpy's ``_reconstruct``."""
-
-
-class _NumpyDtype(_Inert):
-    """numpy.dtype(name, align, copy) + BUILD(state); resolved to a real dtype only for plain numbers."""
-
-    @property
-    def dtype(self) -> np.dtype:
-        name = self.args[0] if self.args else None
-        if not isinstance(name, str):
-            raise CheckpointError(f"unsupported numpy dtype {name!r}")
-        dtype = np.dtype(name)
-        if dtype.kind not in "biufc":
-            raise CheckpointError(f"unsupported numpy dtype {name!r}")
-        order = self.state[1] if isinstance(self.state, tuple) and len(self.state) > 1 else "="
-        return dtype.newbyteorder(order) if order in ("<", ">") else dtype
-
-
-class _NumpyArray(_Inert):
-    """numpy ``_reconstruct`` + BUILD(version, shape, dtype, fortran, bytes) -> a real array of numbers."""
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5):
-            raise CheckpointError("malformed numpy array in checkpoint")
-        _, shape, dtype, fortran, raw = state
-        if not isinstance(dtype, _NumpyDtype) or not isinstance(raw, (bytes, bytearray)):
-            raise CheckpointError("unsupported numpy array (object data) in checkpoint")
-        dt = dtype.dtype
-        self.array = np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
-
-
-def _numpy_reconstruct(cls, shape, typecode):
-    if cls is not _NdarrayMarker:
-        raise CheckpointError("numpy _reconstruct of something other than ndarray")
-    return _NumpyArray()
-
-
-def _numpy_scalar(dtype, raw=None):
-    if not isinstance(dtype, _NumpyDtype) or not isinstance(raw, (bytes, bytearray)):
-        raise CheckpointError("unsupported numpy scalar in checkpoint")
-    return np.frombuffer(bytes(raw), dtype=dtype.dtype)[0]
-
-
-def _codecs_encode(text, encoding="utf-8", errors="strict"):
-    # Protocol-2 pickles spell ``bytes`` as _codecs.encode(str, 'latin1'); nothing else is let through.
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise CheckpointError("unexpected _codecs.encode call in checkpoint")
-    return text.encode("latin1")
-
-
-def _pure_path(flavour):
-    def build(*parts):
-        if not all(isinstance(p, str) for p in parts):
-            raise CheckpointError("malformed path in checkpoint")
-        return str(flavour(*parts))
-
-    return build
-
-
-class _Storage:
-    """A storage read from the archive: a flat tensor of its dtype."""
-
-    def __init__(self, flat: torch.Tensor):
-        self.flat = flat
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    if not isinstance(storage, _Storage):
-        raise CheckpointError("tensor without storage in checkpoint")
-    flat = storage.flat
-    # A weight never overlaps itself; a crafted stride-0 view could make the clone below ask for terabytes.
-    if math.prod(size) > flat.numel():
-        raise CheckpointError("tensor larger than its storage in checkpoint")
-    # as_strided refuses negative offsets and strides and any view that reaches past the storage.
-    return flat.as_strided(tuple(size), tuple(stride), offset).clone()
-
-
-def _rebuild_tensor_v1(storage, offset, size, stride):
-    return _rebuild_tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
-    if not isinstance(data, torch.Tensor):
-        raise CheckpointError("parameter without tensor in checkpoint")
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if new_type is not _TensorMarker or func not in (_rebuild_tensor, _rebuild_parameter):
-        raise CheckpointError("unsupported tensor type in checkpoint")
-    return func(*args)
-
-
-def _set(items=()):
-    return set(items)
-
-
-def _frozenset(items=()):
-    return frozenset(items)
-
-
-class _RefusedGlobal(CheckpointError):
-    def __init__(self, module: str, name: str):
-        super().__init__(f"{module}.{name}")
-        self.global_name = f"{module}.{name}"
-
-
-# Globals a YOLOv5 checkpoint's pickle may name, each mapped to inert data or to a function of this module.
-_FIXED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): _set,
-    ("builtins", "frozenset"): _frozenset,
-    ("_codecs", "encode"): _codecs_encode,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor_v1,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _TensorMarker,
-    ("torch.nn.parameter", "Parameter"): _TensorMarker,
-    ("torch", "Size"): tuple,
-    ("torch", "device"): torch.device,
-    ("numpy", "ndarray"): _NdarrayMarker,
-    ("numpy", "dtype"): _NumpyDtype,
-    ("argparse", "Namespace"): _InertNamespace,
-    ("pathlib", "PosixPath"): _pure_path(pathlib.PurePosixPath),
-    ("pathlib", "PurePosixPath"): _pure_path(pathlib.PurePosixPath),
-    ("pathlib", "WindowsPath"): _pure_path(pathlib.PureWindowsPath),
-    ("pathlib", "PureWindowsPath"): _pure_path(pathlib.PureWindowsPath),
-    ("pathlib", "Path"): _pure_path(pathlib.PurePosixPath),
-}
-
-
-def _resolve_global(module: str, name: str):
-    """What a global named in a YOLOv5 pickle stands for here, or None when it is not allowed."""
-    if module == "__builtin__":  # protocol-2 pickles use Python 2's name; find_class sees it raw
-        module = "builtins"
-    fixed = _FIXED_GLOBALS.get((module, name))
-    if fixed is not None:
-        return fixed
-    if module in _NUMPY_CORE and name == "_reconstruct":
-        return _numpy_reconstruct
-    if module in _NUMPY_CORE and name == "scalar":
-        return _numpy_scalar
-    if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
-        return _StorageKind(_STORAGE_DTYPES[name])
-    if module == "torch" and name in _DTYPE_NAMES:
-        return getattr(torch, name)
-    if module in _YOLOV5_MODULES and name.isidentifier():
-        return _placeholder(_InertModule, f"{module}.{name}")
-    if (module == "torch.nn" or module.startswith("torch.nn.modules.")) and name in _NN_MODULE_NAMES:
-        return _placeholder(_InertModule, f"{module}.{name}")
-    return None
-
-
-class _YOLOv5Unpickler(pickle.Unpickler):
-    """Resolves only the globals a YOLOv5 checkpoint needs, each to inert data or a function of this module;
-    any other global (os.system, builtins.eval, ...) stops the load before it can be called."""
-
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
-        super().__init__(file)
-        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
-        self.storages: dict[str, _Storage] = {}
-
-    def find_class(self, module: str, name: str):
-        found = _resolve_global(module, name)
-        if found is None:
-            raise _RefusedGlobal(module, name)
-        return found
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise CheckpointError(f"unsupported persistent id {str(pid)[:60]}")
-        _, kind, key, _location, numel = pid
-        if not isinstance(kind, _StorageKind) or not isinstance(key, str) or not isinstance(numel, int):
-            raise CheckpointError("malformed storage reference")
-        if key not in self.storages:
-            dtype = kind.dtype
-            record = f"{self.prefix}data/{key}"
-            try:
-                raw = self.archive.read(record)
-            except KeyError:
-                raise CheckpointError(f"storage record {record} missing") from None
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if len(raw) != numel * itemsize:
-                raise CheckpointError(f"storage record {record} is truncated")
-            flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            if self.byteorder == "big" and itemsize > 1:
-                flat = flat.view(torch.uint8).view(-1, itemsize).flip(1).contiguous().view(dtype).view(-1)
-            self.storages[key] = _Storage(flat)
-        return self.storages[key]
-
-
-def _unpickle_archive(path: Path) -> Any:
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{path} is a zip file but not a torch checkpoint (no data.pkl)")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "little"
-        with contextlib.suppress(KeyError):
-            byteorder = archive.read(prefix + "byteorder").decode().strip()
-        unpickler = _YOLOv5Unpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix, byteorder)
-        return unpickler.load()
-
-
-def _module_state_dict(module: _InertModule, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Tensors of a placeholder module tree under their state-dict names (params, persistent buffers)."""
-    attrs = module.attrs
-    out: dict[str, torch.Tensor] = {}
-    skip = set(attrs.get("_non_persistent_buffers_set") or ())
-    for kind in ("_parameters", "_buffers"):
-        for name, tensor in (attrs.get(kind) or {}).items():
-            if tensor is None or (kind == "_buffers" and name in skip):
-                continue
-            if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{prefix}{name} is not a tensor")
-            out[prefix + name] = tensor
-    for name, child in (attrs.get("_modules") or {}).items():
-        if child is None:
-            continue
-        if not isinstance(child, _InertModule):
-            raise CheckpointError(f"{prefix}{name} is not a module")
-        out.update(_module_state_dict(child, f"{prefix}{name}."))
-    return out
-
-
-def _yolov5_state_dict(module: _InertModule) -> dict[str, torch.Tensor]:
-    sd = _module_state_dict(module)
-    # YOLOv5 up to v5.0 registered Detect.anchor_grid as a buffer; it is derived from 'anchors' and has
-    # no place in the model's state today.
-    return half_state_dict({k: v for k, v in sd.items() if not k.endswith(".anchor_grid")})
-
-
-def _lenient_plain(obj: Any) -> Any:
-    """Plain copy of YOLOv5's opt/hyp/git entries; parts that are not plain data are dropped."""
-    if isinstance(obj, _InertNamespace):
-        obj = obj.attrs
-    if isinstance(obj, _NumpyArray):
-        return obj.array.tolist()
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            v = _lenient_plain(v)
-            if v is not _DROP and isinstance(k, (str, int)):
-                out[k] = v
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(v for v in map(_lenient_plain, obj) if v is not _DROP)
-    if isinstance(obj, (set, frozenset)):
-        return [v for v in map(_lenient_plain, obj) if v is not _DROP]
-    try:
-        return _plain(obj, "")
-    except CheckpointError:
-        return _DROP
-
-
-_DROP = object()
-
-
-def _scalar(value: Any, kind: type, default):
-    if isinstance(value, _NumpyArray):
-        value = value.array.reshape(-1)[0] if value.array.size else None
-    if value is None:
-        return default
-    if isinstance(value, torch.Tensor):
-        value = value.reshape(-1)[0].item() if value.numel() else default
-    return kind(value)
-
-
 def import_yolov5_checkpoint(path: str | Path) -> dict:
-    """Read an original YOLOv5 checkpoint without executing it and return it in our format."""
+    """Read an original YOLOv5 checkpoint without executing it (utils.yolov5_import) and return it in our
+    format: FP16 weights, no optimizer state, marked ``imported_from``."""
     path = Path(path)
     try:
-        raw = _unpickle_archive(path)
-    except _RefusedGlobal as e:
-        raise CheckpointError(
-            f"{path} refused: its pickle references {e.global_name}, which is neither a tensor nor a known "
-            "YOLOv5 class (nothing was executed)"
-        ) from None
-    except CheckpointError as e:
-        raise CheckpointError(f"{path} is not a usable checkpoint: {e}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_one_line(e)[:200]})") from None
-
-    try:
-        return _from_yolov5(raw, path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # the pickle was read, but what it holds has the wrong types or shapes
-        raise CheckpointError(f"{path} is not a usable YOLOv5 checkpoint ({_one_line(e)[:200]})") from None
-
-
-def _from_yolov5(raw: Any, path: Path) -> dict:
-    """Our checkpoint dict from the placeholder objects of an unpickled YOLOv5 file."""
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(raw).__name__}, not a dict")
-    modules = {k: raw.get(k) for k in ("model", "ema") if isinstance(raw.get(k), _InertModule)}
-    if not modules:
-        raise CheckpointError(f"{path} is not a checkpoint of this project or of YOLOv5 (no model or ema entry)")
-    first = modules.get("ema", modules.get("model"))
-    for key, module in modules.items():
-        if not module.qualname.startswith("models.yolo."):
-            raise CheckpointError(f"{path}: '{key}' is a {module.qualname}, not a YOLOv5 detection model")
-    attrs = first.attrs
-    yaml = _lenient_plain(attrs.get("yaml"))
-    if not isinstance(yaml, dict) or "backbone" not in yaml or "head" not in yaml:
-        raise CheckpointError(f"{path}: the YOLOv5 model carries no usable yaml")
-    names = _lenient_plain(attrs.get("names"))
-    nc = _scalar(attrs.get("nc"), int, None) or int(yaml.get("nc", 0)) or None
-    if isinstance(names, dict):
-        names = [str(names[k]) for k in sorted(names)]
-    if nc is None:
-        raise CheckpointError(f"{path}: the YOLOv5 model does not say how many classes it has")
-    if not isinstance(names, list) or len(names) != nc:
-        names = [str(i) for i in range(nc)]
-    yaml["nc"] = nc
-
-    model_sd = _yolov5_state_dict(modules["model"] if "model" in modules else modules["ema"])
-    ema_sd = _yolov5_state_dict(modules["ema"]) if "ema" in modules else None
-    opt = _lenient_plain(raw.get("opt") or raw.get("train_args") or {})
-    hyp = _lenient_plain(attrs.get("hyp") or (opt.get("hyp") if isinstance(opt, dict) else None) or {})
-    LOGGER.info(f"Imported YOLOv5 checkpoint {path} ({len(model_sd)} tensors, {nc} classes), no code executed")
+        imported = read_yolov5_checkpoint(path)
+    except YOLOv5ImportError as e:
+        raise CheckpointError(str(e)) from None
+    model_sd = half_state_dict(imported.model if imported.model is not None else imported.ema)
+    ema_sd = half_state_dict(imported.ema) if imported.ema is not None else None
+    LOGGER.info(f"Imported YOLOv5 checkpoint {path} ({len(model_sd)} tensors, {imported.nc} classes), "
+                "no code executed")
     return {
         "format": FORMAT,
         "version": VERSION,
-        "epoch": _scalar(raw.get("epoch"), int, -1),
-        "best_fitness": _scalar(raw.get("best_fitness"), float, 0.0),
+        "epoch": imported.epoch,
+        "best_fitness": imported.best_fitness,
         "model": model_sd,
         "ema": ema_sd,
-        "updates": _scalar(raw.get("updates"), int, 0),
+        "updates": imported.updates,
         "optimizer": None,  # YOLOv5's parameter groups are not ours; imported weights start a new run
-        "opt": opt if isinstance(opt, dict) else {},
-        "hyp": hyp if isinstance(hyp, dict) else {},
-        "yaml": yaml,
-        "nc": nc,
-        "names": names,
-        "date": str(raw.get("date") or datetime.now(timezone.utc).isoformat()),
+        "opt": imported.opt,
+        "hyp": imported.hyp,
+        "yaml": imported.yaml,
+        "nc": imported.nc,
+        "names": imported.names,
+        "date": imported.date or datetime.now(timezone.utc).isoformat(),
         "imported_from": "yolov5",
     }
