@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.augmentations import (FILL_VALUE, augment_hsv, letterbox, mixup, mosaic4, random_flips,
                                  random_perspective)
@@ -608,9 +608,10 @@ class LoadImagesAndLabels(Dataset):
         for i, t in enumerate(targets):
             t[:, 0] = i
         unreadable = tuple(dict.fromkeys(p for u in unreadable for p in u))  # distinct, in order
-        # default_collate stacks straight into shared memory in a worker process: the batch then reaches
-        # the main process without another copy
-        return Batch(default_collate(imgs), torch.cat(targets, 0), paths, shapes, unreadable)
+        # Not stacked into shared memory as default_collate does in a worker: that saves a copy but leaves
+        # glibc's heap thresholds low, and the freshly mapped pages of the next samples cost more than the
+        # copy (bench/data_speed.py's page_faults).
+        return Batch(torch.stack(imgs, 0), torch.cat(targets, 0), paths, shapes, unreadable)
 
 
 def to_chw_rgb(im: np.ndarray) -> np.ndarray:
