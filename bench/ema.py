@@ -2,12 +2,16 @@
 
     python bench/ema.py                      # yolov5n, yolov5s, yolov5l on CPU
     python bench/ema.py --models s --device 0 --reps 200
+    python bench/ema.py --models n --posthoc-precision   # + FP16 vs FP32 post-hoc snapshots
 
 For each model, in one run and interleaved (so machine noise hits all three alike), the median milliseconds of:
   (a) the YOLOv5-style update: rebuild both state dicts, then `v *= d; v += (1 - d) * m` per float tensor;
   (b) utils.ema.ModelEMA.update;
   (c) the floor: one lerp_ between two standalone flat FP32 tensors with as many elements as the model's
       floating-point state (12 bytes per element moved: read model, read EMA, write EMA).
+  (d) utils.posthoc.PosthocEMA.update with two power EMAs (sigma_rel 0.05, 0.10) on the same flattened model:
+      the post-hoc bank's extra cost per optimizer step (no snapshot falls due while timing; writing one
+      snapshot of both EMAs is timed apart, it happens posthoc_snapshots times per run).
 Targets (issue 3): yolov5s (a)/(b) >= 3 and (b)/(c) <= 1.3; yolov5l (b)/(c) <= 1.15.
 What (b) pays above (c) is mostly the per-update check that the model's ~350 tensors still are the flat views
 (one address each, read with cold caches: 0.1-0.25 ms); on yolov5n, whose two buffers fit in the L3 cache,
@@ -21,9 +25,11 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +37,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.yolo import Model  # noqa: E402
-from utils.ema import ModelEMA  # noqa: E402
+from utils.ema import ModelEMA, power_gamma  # noqa: E402
+from utils.posthoc import PosthocEMA, ProfileFit, Snapshot  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 DECAY, TAU = 0.9999, 2000
@@ -62,7 +69,7 @@ def float_elements(model: torch.nn.Module) -> int:
     return sum(v.numel() for v in model.state_dict().values() if v.dtype.is_floating_point)
 
 
-def measure(name: str, device: torch.device, reps: int, warmup: int) -> dict:
+def measure(name: str, device: torch.device, reps: int, warmup: int, folder: Path) -> dict:
     torch.manual_seed(0)
     model_a = Model(ROOT / "models" / f"{name}.yaml", ch=3, nc=80).to(device)
     with torch.no_grad():  # move the weights away from the EMA's start so the averages have work to do
@@ -71,6 +78,7 @@ def measure(name: str, device: torch.device, reps: int, warmup: int) -> dict:
     model_b = copy.deepcopy(model_a)
     loop = LoopEMA(model_a)
     ema = ModelEMA(model_b, decay=DECAY, tau=TAU)
+    bank = PosthocEMA(model_b, [0.05, 0.10], total_steps=10**9, folder=folder / name)  # nothing falls due
     n = float_elements(model_a)
     floor_ema = torch.zeros(n, device=device)
     floor_model = torch.randn(n, device=device)
@@ -80,11 +88,12 @@ def measure(name: str, device: torch.device, reps: int, warmup: int) -> dict:
         "a": lambda: loop.update(model_a),
         "b": lambda: ema.update(model_b),
         "c": lambda: floor_ema.lerp_(floor_model, 1e-4),
+        "d": lambda: bank.update(model_b),
     }
     times = {k: [] for k in runs}
     order = list(runs)
     for rep in range(warmup + reps):
-        for key in order[rep % 3:] + order[: rep % 3]:  # rotate who goes first
+        for key in order[rep % 4:] + order[: rep % 4]:  # rotate who goes first
             sync()
             t0 = time.perf_counter()
             runs[key]()
@@ -96,8 +105,50 @@ def measure(name: str, device: torch.device, reps: int, warmup: int) -> dict:
     ema_state, loop_state = ema.ema.state_dict(), loop.ema.state_dict()
     max_diff = max((ema_state[k].float() - loop_state[k].float()).abs().max().item() for k in loop_state)
     med = {k: statistics.median(v) for k, v in times.items()}
+    writes = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        bank.written.clear()
+        bank.save()
+        writes.append((time.perf_counter() - t0) * 1e3)
     return {"name": name, "elements": n, "path": ema.path, "max_diff": max_diff, **med,
-            "b/c": med["b"] / med["c"], "a/b": med["a"] / med["b"]}
+            "b/c": med["b"] / med["c"], "a/b": med["a"] / med["b"], "d/b": med["d"] / med["b"],
+            "write": statistics.median(writes), "bank_path": bank.emas[0].path}
+
+
+def posthoc_precision(name: str, values: int = 100_000, steps: int = 3200, snapshots: int = 32) -> None:
+    """How much FP16 post-hoc snapshots would cost the reconstruction: a random walk from the model's initial
+    weights (moving them by about half their size over the run), two power EMAs (0.05, 0.10) in float64,
+    snapshots kept in FP32 and FP16, and each fit's RMS error from FP16 snapshots against one FP16 rounding of
+    the reconstructed weights."""
+    torch.manual_seed(0)
+    model = Model(ROOT / "models" / f"{name}.yaml", ch=3, nc=80)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    theta = weights[torch.randperm(weights.numel())[:values]].double()
+    step_size = theta.abs().mean() * 0.5 / math.sqrt(steps)
+    gammas = {s: power_gamma(s) for s in (0.05, 0.10)}
+    emas = {s: theta.clone() for s in gammas}
+    taken = []
+    for t in range(1, steps + 1):
+        theta += torch.randn_like(theta) * step_size
+        for s, e in emas.items():
+            beta = (1 - 1 / t) ** (gammas[s] + 1)
+            e.mul_(beta).add_(theta, alpha=1 - beta)
+        if t % (steps // snapshots) == 0:
+            taken += [(Snapshot(Path(), s, gammas[s], t, float(t), "steps"), e.float().clone()) for s, e in emas.items()]
+    taken.sort(key=lambda x: (x[0].sigma_rel, x[0].step))
+    fitter = ProfileFit([s for s, _ in taken])
+    print(f"\nPost-hoc snapshots in FP16 instead of FP32 ({name}, {values:,} weights, {steps} steps, 2 x {snapshots} "
+          "snapshots)")
+    print(f"{'sigma_rel':>10}{'fit error':>11}{'sum|c|':>9}{'FP16 RMS err / weights RMS':>28}{'x one FP16 rounding':>21}")
+    for target in (0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.25):
+        fit = fitter.fit(target, max_error=None)
+        exact = sum(c * x.double() for c, (_, x) in zip(fit.coeffs, taken))
+        from_fp16 = sum(c * x.half().double() for c, (_, x) in zip(fit.coeffs, taken))
+        one_rounding = (exact.float().half().double() - exact).norm()
+        err = (from_fp16 - exact).norm()
+        print(f"{target:>10.2f}{fit.error:>11.2%}{np.abs(fit.coeffs).sum():>9.2f}{err / exact.norm():>28.2e}"
+              f"{err / one_rounding:>21.1f}")
 
 
 def main() -> None:
@@ -107,6 +158,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=0, help="timed updates per method (0: by model size)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--posthoc-precision", action="store_true",
+                        help="also measure what FP16 post-hoc snapshots would cost the reconstruction")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,18 +174,26 @@ def main() -> None:
     print(f"{'model':<9}{'floats':>12}{'(a) loop':>11}{'(b) ModelEMA':>14}{'(c) floor':>11}{'(b)/(c)':>9}"
           f"{'(a)/(b)':>9}  path  max|a-b|")
     results = []
-    for size in args.models:
-        name = f"yolov5{size}"
-        r = measure(name, device, args.reps or default_reps.get(size, 30), args.warmup)
-        results.append(r)
-        print(f"{name:<9}{r['elements']:>12,}{r['a']:>11.3f}{r['b']:>14.3f}{r['c']:>11.3f}{r['b/c']:>9.2f}"
-              f"{r['a/b']:>9.2f}  {r['path']:<5} {r['max_diff']:.1e}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for size in args.models:
+            name = f"yolov5{size}"
+            r = measure(name, device, args.reps or default_reps.get(size, 30), args.warmup, Path(folder))
+            results.append(r)
+            print(f"{name:<9}{r['elements']:>12,}{r['a']:>11.3f}{r['b']:>14.3f}{r['c']:>11.3f}{r['b/c']:>9.2f}"
+                  f"{r['a/b']:>9.2f}  {r['path']:<5} {r['max_diff']:.1e}", flush=True)
+    print("\nPost-hoc EMA bank (two power EMAs, sigma_rel 0.05 and 0.10), median ms per optimizer step")
+    print(f"{'model':<9}{'(b) ModelEMA':>14}{'(d) bank':>10}{'(d)/(b)':>9}{'(d)/(c)':>9}  path   snapshot write ms")
+    for r in results:
+        print(f"{r['name']:<9}{r['b']:>14.3f}{r['d']:>10.3f}{r['d/b']:>9.2f}{r['d'] / r['c']:>9.2f}  "
+              f"{r['bank_path']:<5}  {r['write']:.1f} (both EMAs, FP32; posthoc_snapshots times per run)")
     for r in results:
         for ratio, bound in TARGETS.get(r["name"], {}).items():
             ok = r[ratio] >= bound if ratio == "a/b" else r[ratio] <= bound
             sign = ">=" if ratio == "a/b" else "<="
             verdict = "met" if ok else "MISSED"
             print(f"target {r['name']} ({ratio[0]})/({ratio[2]}) {sign} {bound}: {r[ratio]:.2f} {verdict}")
+    if args.posthoc_precision:
+        posthoc_precision(f"yolov5{args.models[0]}")
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ class ModelEMA:
 
     Attributes: ``ema`` (the averaged nn.Module, eval mode, FP32, no gradients), ``updates``, ``skipped``
     (updates refused by ``check_finite``), ``path`` ('flat' or 'foreach'), ``images`` (images counted),
-    ``sigma_rel`` (the power schedule's relative width, else None).
+    ``sigma_rel`` (relative width of the power profile with exponent ``gamma``; None without gamma).
     """
 
     def __init__(
@@ -403,12 +403,9 @@ class ModelEMA:
             raise ValueError("EMA schedule 'exp' needs total_steps (optimizer steps in the whole run)")
         if self.gamma is not None:
             power_sigma_rel(self.gamma)  # refuses gamma <= -1
-        if self.schedule == "power" and self.gamma is None:
-            raise ValueError("EMA schedule 'power' needs gamma or sigma_rel (hyp: ema_gamma or ema_sigma_rel, "
-                             "e.g. ema_sigma_rel: 0.1)")
-        needs = [p for p in _SCHEDULES[self.schedule].params if p in ("gamma", "sigma_rel") and self.gamma is None]
-        if needs:
-            raise ValueError(f"EMA schedule {self.schedule!r} needs {needs[0]} (hyp: ema_{needs[0]})")
+        if self.gamma is None and {"gamma", "sigma_rel"} & set(_SCHEDULES[self.schedule].params):
+            raise ValueError(f"EMA schedule {self.schedule!r} needs gamma or sigma_rel (hyp: ema_gamma or "
+                             "ema_sigma_rel, e.g. ema_sigma_rel: 0.1)")
         if self.unit not in UNITS:
             raise ValueError(f"EMA unit must be one of {UNITS}, got {self.unit!r}")
         if not self.nbs > 0 or not math.isfinite(self.nbs):
