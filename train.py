@@ -28,7 +28,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+T_IMPORT = time.perf_counter()  # --profile: this module's imports are the first phase of a run
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -108,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
+    p.add_argument("--profile", action="store_true",
+                   help="time every phase of the run; print the table at the end and write profile.json")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
@@ -118,7 +123,6 @@ if __name__ == "__main__":
 import contextlib  # noqa: E402
 import math  # noqa: E402
 import signal  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import datetime, timedelta, timezone  # noqa: E402
 
@@ -145,10 +149,13 @@ from utils.optim import (apply_warmup, build_optimizer, build_scheduler, nominal
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.profiling import PhaseTimer  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from utils.tensorboard_log import TensorBoardLog  # noqa: E402
 from utils.torch_utils import (autocast, check_amp, de_parallel, init_seeds, model_info,  # noqa: E402
                                non_finite_tensors, select_device)
+
+IMPORT_SECONDS = time.perf_counter() - T_IMPORT
 
 HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr",
             "box", "cls", "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s",
@@ -584,6 +591,7 @@ class Run:
     val_loader: object | None  # rank 0 only
     compute_loss: ComputeLoss
     step: TrainStep
+    timer: PhaseTimer  # --profile; disabled (free) otherwise
     nb: int  # batches per epoch
     nw: int  # warm-up iterations
     accumulate: int
@@ -625,16 +633,17 @@ class Run:
 
 
 def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes,
-              resume_ckpt: dict | None) -> Run:
+              resume_ckpt: dict | None, timer: PhaseTimer) -> Run:
     """Everything before the first epoch: seeds, data, model, run folder, loaders, EMA, optimizer, schedule,
     scaler, and the state of a resumed run (restored last, so nothing here disturbs its RNG state)."""
     init_seeds(opt.seed + 1 + procs.rank, deterministic=opt.deterministic)
-    with main_process_first(procs):
+    with main_process_first(procs), timer("start-up: dataset yaml"):
         data = check_dataset(opt.data)
     nc = 1 if opt.single_cls else data["nc"]
     names = ["item"] if opt.single_cls and len(data["names"]) != 1 else list(data["names"])
     try:
-        model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
+        with timer("start-up: model build"):
+            model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
     except (FileNotFoundError, ValueError) as e:  # a missing or malformed --cfg
         raise TrainError(f"model: {e}") from None
     if pretrained is not None and int(pretrained["nc"]) != nc:
@@ -645,16 +654,19 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     batch_size = opt.batch_size // procs.world_size  # per process
     if procs.main:  # the run folder, once the data and the model are known to be usable
         make_run_folder(opt, hyp)
-    train_loader, dataset, val_loader = build_loaders(opt, hyp, data, imgsz, batch_size, gs, procs, device)
+    with timer("start-up: datasets (label scan, cache, loaders)"):
+        train_loader, dataset, val_loader = build_loaders(opt, hyp, data, imgsz, batch_size, gs, procs, device)
     max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
     if max_label >= nc:
         raise TrainError(f"label class {max_label} exceeds nc={nc} in {opt.data}; classes must be 0..{nc - 1}")
     if procs.main and resume_ckpt is None:
         if not opt.noplots:
-            plot_labels(np.concatenate([lb for lb in dataset.labels if len(lb)] or [np.zeros((0, 5))], 0),
-                        names, Path(opt.save_dir))
+            with timer("start-up: label plots"):
+                plot_labels(np.concatenate([lb for lb in dataset.labels if len(lb)] or [np.zeros((0, 5))], 0),
+                            names, Path(opt.save_dir))
         if not opt.noautoanchor:
-            check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            with timer("start-up: autoanchor"):
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
 
     # Model attributes the loss, the EMA and the checkpoints use
     model.nc, model.names = nc, names
@@ -681,11 +693,12 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
     overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
-                     last_opt_step, overflow_at=overflow_at)
+                     last_opt_step, timer=timer, overflow_at=overflow_at)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
               batch_size=batch_size, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, lf=lf,
               scaler=scaler, stopper=stopper, train_loader=train_loader, val_loader=val_loader,
-              compute_loss=compute_loss, step=step, nb=nb, nw=nw, accumulate=accumulate, start_epoch=start_epoch,
+              compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw, accumulate=accumulate,
+              start_epoch=start_epoch,
               end_epoch=opt.epochs, best_fitness=best_fitness,
               saved_epoch=start_epoch - 1 if resume_ckpt is not None else None)
     if procs.main:
@@ -802,15 +815,17 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
     opt, hyp, procs, device = run.opt, run.hyp, run.procs, run.device
     kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(os.getenv(INTERRUPT_HOOK_ENV, -1))
     run.model.train()
-    run.train_loader.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)  # the DataLoader's iterator below starts the epoch's batches
     run.step.drop_partial_window()
     mloss = torch.zeros(3, device=device)
     unreadable_before = len(run.unreadable)
     if procs.main:
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
     bar = tqdm(enumerate(run.train_loader), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
+    waited_from = time.perf_counter()
     for i, batch in bar:
-        imgs, targets, paths = batch[0], batch[1], batch[2]
+        run.timer.add("data wait", time.perf_counter() - waited_from)  # the loader kept the step waiting
+        imgs, targets, paths = batch.imgs, batch.targets, batch.paths
         ni = i + run.nb * epoch  # global iteration
         run.position = (epoch, i)
         if ni == kill_at:
@@ -837,9 +852,11 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
             bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
                 f"{epoch}/{opt.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
             if run.plots and ni < PLOTTED_TRAIN_BATCHES:
-                f = plot_images(imgs, targets, paths, run.save_dir / f"train_batch{ni}.jpg", names=run.names)
-                if run.tensorboard is not None:
-                    run.tensorboard.image(f"train_batch{ni}", f)
+                with run.timer("plots"):
+                    f = plot_images(imgs, targets, paths, run.save_dir / f"train_batch{ni}.jpg", names=run.names)
+                    if run.tensorboard is not None:
+                        run.tensorboard.image(f"train_batch{ni}", f)
+        waited_from = time.perf_counter()
     if procs.main and len(run.unreadable) > unreadable_before:
         LOGGER.warning(f"epoch {epoch}: {len(run.unreadable) - unreadable_before} image file(s) could not be read "
                        f"and were replaced by other samples ({len(run.unreadable)} in this run so far)")
@@ -849,7 +866,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
 def note_unreadable(run: Run, batch) -> None:
     """Warn once per image file that could not be read (changed or removed since the scan); the loader trained
     on a substitute sample instead."""
-    for f in getattr(batch, "unreadable", ()):
+    for f in batch.unreadable:
         if f not in run.unreadable:
             run.unreadable.add(f)
             LOGGER.warning(f"WARNING: {f} could not be read (changed or removed since the label scan?); "
@@ -866,7 +883,9 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     opt, ema = run.opt, run.ema
     final_epoch = epoch + 1 == opt.epochs
     ema.update_attr(de_parallel(run.model), include=EMA_ATTRS)
-    if non_finite_tensors(ema.ema):
+    with run.timer("non-finite check"):
+        bad = non_finite_tensors(ema.ema)
+    if bad:
         LOGGER.warning(f"epoch {epoch}: the EMA holds non-finite values; its results are not meaningful")
     if not opt.noval or final_epoch:
         run.results = validate_model(run, ema.ema, compute_loss=run.compute_loss)
@@ -877,15 +896,17 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     run.best_fitness = max(run.best_fitness, fi)
     row = [epoch, *mloss.tolist(), *[float(x) for x in run.results], *lrs]
     row += list(run.raw_results) if opt.val_raw else []
-    append_results_row(run.results_csv, row, opt.val_raw)
-    if run.tensorboard is not None:
-        scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
-        scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(ema.updates)})
-        if run.scaler.is_enabled():
-            scalars["amp/scale"] = run.scaler.get_scale()
-        run.tensorboard.scalars(epoch, scalars)
+    with run.timer("results.csv, TensorBoard"):
+        append_results_row(run.results_csv, row, opt.val_raw)
+        if run.tensorboard is not None:
+            scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
+            scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(ema.updates)})
+            if run.scaler.is_enabled():
+                scalars["amp/scale"] = run.scaler.get_scale()
+            run.tensorboard.scalars(epoch, scalars)
     if not opt.nosave or final_epoch or stop:
-        save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)
+        with run.timer("checkpoints"):
+            save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)
     return stop
 
 
@@ -894,7 +915,7 @@ def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
     results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=model,
                                  amp_dtype=check_amp(run.opt.amp, run.device), single_cls=run.opt.single_cls,
                                  dataloader=run.val_loader, save_dir=run.save_dir, plots=False,
-                                 compute_loss=compute_loss)
+                                 compute_loss=compute_loss, timer=run.timer)
     return tuple(results)
 
 
@@ -925,26 +946,32 @@ def finish(run: Run, epochs_done: int, t0: float) -> None:
     """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
     LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
     if run.last.exists():
-        strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
+        with run.timer("checkpoints"):
+            strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
     sizes = ", ".join(f"{f.name} {file_size(f)}" for f in (run.best, run.last) if f.exists())
     if sizes:
         LOGGER.info(f"Checkpoints: {sizes} (best.pt without optimizer state: for evaluation and fine-tuning)")
     if run.best.exists() and not run.opt.noval:
         LOGGER.info(f"\nValidating {run.best}...")
+        final = PhaseTimer(run.device, enabled=run.timer.enabled)
         best_model = model_from_checkpoint(load_checkpoint(run.best)).to(run.device)
         run.results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=best_model,
                                          amp_dtype=check_amp(run.opt.amp, run.device), single_cls=run.opt.single_cls,
                                          dataloader=run.val_loader, save_dir=run.save_dir, plots=run.plots,
-                                         verbose=True, compute_loss=run.compute_loss)
+                                         verbose=True, compute_loss=run.compute_loss, timer=final)
+        run.timer.merge(final, prefix="final ")
     if run.plots and run.results_csv.exists():
-        plot_results(run.results_csv)
+        with run.timer("plots"):
+            plot_results(run.results_csv)
     if run.tensorboard is not None:
         run.tensorboard.close()
     LOGGER.info(f"Results saved to {run.save_dir}")
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes, resume_ckpt: dict | None):
-    run = setup_run(hyp, opt, device, procs, resume_ckpt)
+    timer = PhaseTimer(device, enabled=opt.profile and procs.main)
+    timer.add("start-up: imports", IMPORT_SECONDS)
+    run = setup_run(hyp, opt, device, procs, resume_ckpt, timer)
     t0 = time.time()
     epoch = run.start_epoch - 1
     try:
@@ -959,7 +986,17 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
                           f"{run.resume_hint()}") from None
     if procs.main:
         finish(run, epoch - run.start_epoch + 1, t0)
+        if timer.enabled:
+            report_profile(run, wall=time.perf_counter() - T_IMPORT)
     return run.results
+
+
+def report_profile(run: Run, wall: float) -> None:
+    """--profile: the phases of this run in a table and in profile.json (bench/profile_train.py reads it)."""
+    timer = run.timer
+    timer.add("other (progress bar, loss averages, schedule...)", max(wall - sum(timer.seconds.values()), 0.0))
+    timer.save(run.save_dir / "profile.json", wall=wall, epochs=run.end_epoch - run.start_epoch)
+    LOGGER.info(f"\nWhere the {wall:.1f} s of this run went (--profile):\n{timer.table(wall)}")
 
 
 def main(opt: argparse.Namespace):

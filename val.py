@@ -89,29 +89,11 @@ from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.paths import increment_path  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
+from utils.profiling import PhaseTimer  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
 from utils.torch_utils import autocast, non_finite_tensors, select_device  # noqa: E402
 
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
-
-
-class Stopwatch:
-    """Accumulated wall time of a code block; waits for queued CUDA work on `device` so GPU time is counted."""
-
-    def __init__(self, device: torch.device):
-        self.device = device if device.type == "cuda" else None
-        self.total = 0.0
-
-    def __enter__(self):
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
-        self.total += time.perf_counter() - self._start
 
 
 def latest_best(search_dir: Path | None = None) -> Path:
@@ -210,13 +192,15 @@ def run(
     save_dir=Path(""),
     plots: bool = True,
     compute_loss=None,
+    timer: PhaseTimer | None = None,
 ):
     """Evaluate and report. Returns ((P, R, mAP50, mAP50-95, box_loss, obj_loss, cls_loss), maps, times):
     maps (nc,) is each class's mAP50-95 (classes without boxes get the overall value), times the
     (pre-process, inference, NMS) milliseconds per image. Losses are 0 without compute_loss.
 
     Precision: the model's weights are never converted; `amp_dtype` (train.py passes its run's) or, with
-    `half`, float16 is the autocast dtype on whatever device runs, CPU included.
+    `half`, float16 is the autocast dtype on whatever device runs, CPU included. A given `timer` is charged
+    with this validation's phases (data wait, pre-process, inference, NMS, metrics, plots).
     """
     training = model is not None
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
@@ -268,14 +252,14 @@ def run(
         pad, rect = (0.0, False) if task == "speed" else (0.5, True)
         dataloader, _ = create_dataloader(
             data_dict[split], check_img_size(imgsz, stride), batch_size, stride, single_cls=single_cls, pad=pad,
-            rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ",
+            rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ", pin_memory=device.type == "cuda",
         )  # fmt: skip
 
     warn_non_finite(model)
     nc = 1 if single_cls else int(data_dict["nc"])
     names = _class_names(data_dict, model_names, nc, single_cls)
     confusion = ConfusionMatrix(nc=nc)
-    watches = [Stopwatch(device) for _ in range(3)]  # pre-process, inference, NMS
+    phases = PhaseTimer(device)  # its pre-process, inference and NMS totals make the speed line
     loss = torch.zeros(3, device=device)
     correct_all, conf_all, pcls_all, tcls_all = [], [], [], []
     jdict: list[dict] = []
@@ -288,60 +272,68 @@ def run(
     dataset_labels = {str(Path(f)): lb for f, lb in zip(dataset.im_files, dataset.labels)}
 
     with eval_mode(model):
+        waited_from = time.perf_counter()
         for batch_i, batch in enumerate(tqdm(dataloader, desc=header, bar_format="{l_bar}{bar:10}{r_bar}")):
+            phases.add("data", time.perf_counter() - waited_from)  # the loader kept this process waiting
             if batch.unreadable:  # their samples are grey stand-ins: leave them out of the metrics
                 excluded.update(dict.fromkeys(batch.unreadable))
                 batch = batch.readable()
                 if not len(batch.paths):
+                    waited_from = time.perf_counter()
                     continue
             im, targets, paths, shapes, _ = batch
-            with watches[0]:
+            with phases("pre-process"):
                 im = im.to(device, non_blocking=True)
                 im = im.float() / 255
                 targets = targets.to(device)
                 height, width = im.shape[2:]
-            with watches[1], autocast(device, amp_dtype):
+            with phases("inference"), autocast(device, amp_dtype):
                 out = model(im, augment=augment) if augment else model(im)
                 preds, train_out = (out if isinstance(out, (list, tuple)) else (out, None))
             if compute_loss is not None and train_out is not None:
-                loss += compute_loss([x.float() for x in train_out], targets)[1]
-            with watches[2]:
+                with phases("loss"):
+                    loss += compute_loss([x.float() for x in train_out], targets)[1]
+            with phases("NMS"):
                 preds = non_max_suppression(preds.float(), conf_thres, iou_thres, multi_label=True,
                                             agnostic=single_cls, max_det=max_det)  # fmt: skip
 
-            for si, pred in enumerate(preds):
-                path, shape = Path(paths[si]), shapes[si][0]
-                seen += 1
-                predn = pred.clone()
-                if single_cls:
-                    predn[:, 5] = 0
-                scale_boxes((height, width), predn[:, :4], shape, ratio_pad=shapes[si][1])
-                # Ground truth straight from the label file, in original pixels: the same numbers a COCO
-                # json built from these labels holds (the batch targets went through letterbox and clipping).
-                gt = torch.from_numpy(dataset_labels[str(path)]).double()
-                tbox = xywhn2xyxy(gt[:, 1:5], w=shape[1], h=shape[0])
-                correct = match_predictions(predn[:, :4], predn[:, 4], predn[:, 5], tbox, gt[:, 0])  # COCO's IoU thresholds
-                correct_all.append(correct)
-                conf_all.append(predn[:, 4].cpu().numpy())
-                pcls_all.append(predn[:, 5].cpu().numpy())
-                tcls_all.append(gt[:, 0].cpu().numpy())
-                if plots:
-                    confusion.process_batch(predn, torch.cat((gt[:, 0:1], tbox), 1))
-                if save_txt:
-                    save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
-                if save_json:
-                    jdict += predictions_to_coco(predn, image_id_from_path(path), class_map)
+            with phases("metrics"):  # matching each image's predictions; the per-image files
+                for si, pred in enumerate(preds):
+                    path, shape = Path(paths[si]), shapes[si][0]
+                    seen += 1
+                    predn = pred.clone()
+                    if single_cls:
+                        predn[:, 5] = 0
+                    scale_boxes((height, width), predn[:, :4], shape, ratio_pad=shapes[si][1])
+                    # Ground truth straight from the label file, in original pixels: the same numbers a COCO
+                    # json built from these labels holds (the batch targets went through letterbox and clipping).
+                    gt = torch.from_numpy(dataset_labels[str(path)]).double()
+                    tbox = xywhn2xyxy(gt[:, 1:5], w=shape[1], h=shape[0])
+                    correct = match_predictions(predn[:, :4], predn[:, 4], predn[:, 5], tbox, gt[:, 0])  # COCO's IoU thresholds
+                    correct_all.append(correct)
+                    conf_all.append(predn[:, 4].cpu().numpy())
+                    pcls_all.append(predn[:, 5].cpu().numpy())
+                    tcls_all.append(gt[:, 0].cpu().numpy())
+                    if plots:
+                        confusion.process_batch(predn, torch.cat((gt[:, 0:1], tbox), 1))
+                    if save_txt:
+                        save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
+                    if save_json:
+                        jdict += predictions_to_coco(predn, image_id_from_path(path), class_map)
 
             if plots and batch_i < PLOTTED_BATCHES:
-                plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-                plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+                with phases("plots"):
+                    plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
+                    plot_images(im, output_to_target(preds), paths, save_dir / f"val_batch{batch_i}_pred.jpg", names)
+            waited_from = time.perf_counter()
 
     # Metrics over the whole split
     correct = np.concatenate(correct_all, 0) if correct_all else np.zeros((0, len(IOU_THRESHOLDS)), bool)
     confs = np.concatenate(conf_all) if conf_all else np.zeros(0)
     pcls = np.concatenate(pcls_all) if pcls_all else np.zeros(0)
     tcls = np.concatenate(tcls_all).astype(int) if tcls_all else np.zeros(0, int)
-    result = ap_per_class(correct, confs, pcls, tcls)
+    with phases("metrics"):
+        result = ap_per_class(correct, confs, pcls, tcls)
     mp, mr, map50, map50_95 = result.mean_results()
     n_instances = np.bincount(tcls, minlength=nc)
     LOGGER.info(header)
@@ -359,22 +351,26 @@ def run(
         for i, c in enumerate(result.classes):
             LOGGER.info(row % (names[c], images_per_class[c], result.n_gt[i], result.p[i], result.r[i], result.ap50[i], result.ap50_95[i]))
 
-    times = tuple(w.total / max(seen, 1) * 1e3 for w in watches)
+    times = tuple(phases.total(k) / max(seen, 1) * 1e3 for k in ("pre-process", "inference", "NMS"))
     if not training:
         shape = (batch_size, 3, imgsz, imgsz)
         LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % times)
 
     if plots:
-        plot_confusion_matrix(confusion.matrix, names, save_dir / "confusion_matrix.png")
-        plot_pr_curve(RECALL_POINTS, result.pr_curve, result.ap50, save_dir / "PR_curve.png", names, result.classes)
-        for curve, label, stem in ((result.f1_curve, "F1", "F1"), (result.p_curve, "Precision", "P"), (result.r_curve, "Recall", "R")):
-            plot_mc_curve(CONFIDENCE_GRID, curve, save_dir / f"{stem}_curve.png", names, result.classes, ylabel=label)
+        with phases("plots"):
+            plot_confusion_matrix(confusion.matrix, names, save_dir / "confusion_matrix.png")
+            plot_pr_curve(RECALL_POINTS, result.pr_curve, result.ap50, save_dir / "PR_curve.png", names, result.classes)
+            for curve, label, stem in ((result.f1_curve, "F1", "F1"), (result.p_curve, "Precision", "P"), (result.r_curve, "Recall", "R")):
+                plot_mc_curve(CONFIDENCE_GRID, curve, save_dir / f"{stem}_curve.png", names, result.classes, ylabel=label)
 
     if save_json and not jdict:
         LOGGER.info("No predictions above --conf-thres: nothing to write or score with COCOeval")
     if save_json and jdict:
-        _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, map50_95, map50,
-                             excluded)
+        with phases("COCOeval"):
+            _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls,
+                                 map50_95, map50, excluded)
+    if timer is not None:
+        timer.merge(phases, prefix="validation/")
 
     if not training:
         saved = f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {save_dir / 'labels'}" if save_txt else ""
