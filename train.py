@@ -731,13 +731,13 @@ def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: i
         train_loader, dataset = create_dataloader(
             data["train"], imgsz, batch_size, gs, single_cls=opt.single_cls, hyp=hyp, augment=True,
             cache=opt.cache, rect=opt.rect, rank=procs.rank, world_size=procs.world_size, workers=opt.workers,
-            shuffle=True, seed=opt.seed, nc=data["nc"], prefix="train: ")
+            shuffle=True, seed=opt.seed, nc=data["nc"], prefix="train: ", pin_memory=device.type == "cuda")
     val_loader = None
     if procs.main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
             cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-            seed=opt.seed, nc=data["nc"], prefix="val: ")
+            seed=opt.seed, nc=data["nc"], prefix="val: ", pin_memory=device.type == "cuda")
     return train_loader, dataset, val_loader
 
 
