@@ -238,3 +238,16 @@ def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path):
     with pytest.raises(DatasetError, match="missing.yaml"):
         train.main(opt)
     assert not project.exists() or not any(project.iterdir())
+
+
+def test_loaders_pin_memory_only_for_a_cuda_run(tiny, monkeypatch):
+    """On a GPU machine, --device cpu must not pin memory (that opens a CUDA context on GPU 0)."""
+    from utils.data_config import check_dataset
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    opt = train.parse_opt(["--workers", "0"])
+    hyp = train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml")
+    data = check_dataset(str(tiny["data"]))
+    for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda:0"), True)):
+        train_loader, _, val_loader = train.build_loaders(opt, hyp, data, 64, 4, 32, train.Processes(), device)
+        assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned, device
