@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from models.yolo import Model
-from utils.augmentations import letterbox
+from utils.augmentations import FILL_VALUE, letterbox
 from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from utils.dataloaders import IMG_FORMATS
@@ -416,23 +416,24 @@ def _rgb_array_to_bgr(x: np.ndarray, i: int) -> np.ndarray:
 def letterbox_batch(images: list[np.ndarray], size, stride: int, fixed_shape=None):
     """Letterbox BGR images into one uint8 RGB batch (b, 3, h, w).
 
-    The batch shape is `fixed_shape` for a fixed-size exported model, else the smallest stride multiple
-    holding every image scaled so that it fits in `size` (an int or (h, w)): one image of 640x480 at 640
-    becomes 480x640, as YOLOv5's detect.py and hub model do. Returns (batch, ratio_pads) with each image's
+    Each image is scaled to fit in `size` (an int or (h, w)) and padded to the smallest stride multiple
+    holding it, as YOLOv5's detect.py does (640x480 at 640 -> 480x640); a batch of differently shaped images
+    is padded further, centred, to the largest of those. A fixed-size exported model gets every image
+    letterboxed to exactly its `fixed_shape`. Returns (batch, ratio_pads) with each image's
     ((gain_h, gain_w), (pad_w, pad_h)) for utils.boxes.scale_boxes.
     """
-    if fixed_shape is not None:
-        shape = tuple(int(s) for s in fixed_shape)
-    else:
-        th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
-        scaled = [(round(h * r), round(w * r)) for h, w in (im.shape[:2] for im in images)
-                  for r in [min(th / h, tw / w)]]  # fmt: skip
-        shape = tuple(math.ceil(max(s[k] for s in scaled) / stride) * stride for k in (0, 1))
+    size = tuple(fixed_shape) if fixed_shape is not None else size
+    boxed = [letterbox(im, size, auto=fixed_shape is None, stride=stride) for im in images]
+    shape = tuple(max(out.shape[k] for out, _, _ in boxed) for k in (0, 1))
     batch, ratio_pads = [], []
-    for im in images:
-        out, (ratio_w, ratio_h), pad = letterbox(im, shape, auto=False, scaleup=True, stride=stride)
+    for out, (ratio_w, ratio_h), (left, top) in boxed:
+        dh, dw = shape[0] - out.shape[0], shape[1] - out.shape[1]
+        if dh or dw:
+            out = cv2.copyMakeBorder(out, dh // 2, dh - dh // 2, dw // 2, dw - dw // 2, cv2.BORDER_CONSTANT,
+                                     value=(FILL_VALUE,) * 3)  # fmt: skip
+            left, top = left + dw // 2, top + dh // 2
         batch.append(out[..., ::-1].transpose(2, 0, 1))
-        ratio_pads.append(((ratio_h, ratio_w), pad))
+        ratio_pads.append(((ratio_h, ratio_w), (left, top)))
     return torch.from_numpy(np.ascontiguousarray(np.stack(batch))), ratio_pads
 
 
