@@ -95,7 +95,10 @@ def run_files(run: Path) -> tuple[dict, dict | None, dict]:
     main = load_checkpoint(last if last.exists() else best)
     other = load_checkpoint(best) if last.exists() and best.exists() else None
     opt_file = run / "opt.yaml"
-    opt = yaml.safe_load(opt_file.read_text()) if opt_file.exists() else main.get("opt") or {}
+    try:
+        opt = yaml.safe_load(opt_file.read_text()) if opt_file.exists() else main.get("opt") or {}
+    except yaml.YAMLError as e:
+        raise PosthocRunError(f"{opt_file} is not valid yaml ({type(e).__name__}); pass --data and --img") from None
     return main, other, opt if isinstance(opt, dict) else {}
 
 

@@ -367,10 +367,15 @@ def test_posthoc_ema_sweep_end_to_end(fake_run, caplog):
     assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())  # the raw model stays
     assert best["updates"] == 48 and best["yaml"] == last["yaml"] and best["names"] == ["c0", "c1"]
 
+    import detect
     import val
     results, _, _ = val.run(str(fake_run["data"]), weights=str(run / "weights" / "posthoc_best.pt"), imgsz=64,
                             batch_size=4, workers=0, device="cpu", project=str(run.parent / "val"), plots=False)
     assert len(results) == 7 and all(math.isfinite(x) for x in results)
+    images = fake_run["data"].parent / "images" / "train"
+    out = detect.run(str(images), weights=str(run / "weights" / "posthoc_best.pt"), imgsz=(64, 64), device="cpu",
+                     project=str(run.parent / "detect"), conf_thres=0.0, save_txt=True, nosave=True)
+    assert len(list((out / "labels").glob("*.txt"))) == 8
 
 
 def test_posthoc_ema_keeps_the_candidate_of_best_fitness(fake_run, monkeypatch, caplog):
