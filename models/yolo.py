@@ -366,14 +366,16 @@ class Model(nn.Module):
             else:
                 b[:, 5:5 + m.nc] = torch.log(cf / cf.sum()).to(b)
 
-    def fuse(self) -> "Model":
+    def fuse(self, verbose: bool = True) -> "Model":
         """Fold every BatchNorm into its conv, in place, for inference. Callers fuse a deepcopy to keep
         a trainable model."""
-        LOGGER.info("Fusing layers... ")
+        if verbose:
+            LOGGER.info("Fusing layers... ")
         for m in self.model.modules():
             if isinstance(m, Conv):
                 m.fuse()
-        self.info()
+        if verbose:
+            self.info()
         return self
 
     def info(self, imgsz: int = 640) -> str:
