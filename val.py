@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import time
@@ -94,6 +95,16 @@ from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_
 from utils.torch_utils import autocast, non_finite_tensors, select_device  # noqa: E402
 
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
+
+
+def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The model in its fastest form for inference, as a copy (the caller's model, e.g. ema.ema, is never
+    touched): BatchNorm folded into the convolutions and channels_last weights, the layout oneDNN on the CPU
+    and cuDNN's fp16 kernels run best. Predictions equal the original's up to float rounding."""
+    fast = copy.deepcopy(model)
+    if hasattr(fast, "fuse"):
+        fast.fuse(verbose=False)
+    return fast.to(memory_format=torch.channels_last)
 
 
 def latest_best(search_dir: Path | None = None) -> Path:
@@ -212,6 +223,7 @@ def run(
         model_names = getattr(model, "names", None)
         stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
         imgsz = imgsz or DEFAULT_IMGSZ
+        model = inference_copy(model)
     else:
         if task not in ("val", "test", "speed"):
             raise ValError(f"--task must be val, test or speed, not {task!r}")
@@ -235,7 +247,7 @@ def run(
         del ckpt
         model_names = model.names
         model.fuse()
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last)
         stride = int(max(model.stride.max(), 32))
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
@@ -284,7 +296,7 @@ def run(
             im, targets, paths, shapes, _ = batch
             with phases("pre-process"):
                 im = im.to(device, non_blocking=True)
-                im = im.float() / 255
+                im = (im.float() / 255).contiguous(memory_format=torch.channels_last)
                 targets = targets.to(device)
                 height, width = im.shape[2:]
             with phases("inference"), autocast(device, amp_dtype):

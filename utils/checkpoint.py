@@ -54,7 +54,7 @@ def _plain(obj: Any, where: str) -> Any:
     if isinstance(obj, torch.Tensor):
         if type(obj) not in (torch.Tensor, nn.Parameter):
             raise CheckpointError(f"{where}: tensor subclass {type(obj).__name__} cannot be stored in a checkpoint")
-        return obj.detach()
+        return obj.detach().contiguous()  # the standard layout on disk, whatever memory format training used
     if isinstance(obj, pathlib.PurePath):
         return str(obj)
     if isinstance(obj, dict):
