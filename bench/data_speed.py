@@ -14,12 +14,12 @@ Collate is measured as a DataLoader worker pays for it: the batch ends in shared
 moves it there otherwise).
 
 Times are CPU time of the measuring thread (time.thread_time) in ms per image: on a shared machine, wall
-time mostly measures the other processes; page_faults counts minor page faults per image. Stage times come
-from wrapping the functions of the measured
-checkout's `utils.dataloaders` with timers; "rest" is the sample's time outside them. The table gives,
-per stage, the median over rounds of each checkout's ms/image and the median of the per-round ratios
-(baseline / this tree: above 1 is faster here). A digest of every sample (image and targets) tells whether
-the two checkouts produce identical data.
+time mostly measures the other processes. Stage times come from wrapping the functions of the measured
+checkout's `utils.dataloaders` with timers; "rest" is the sample's time outside them; page_faults counts
+minor page faults per image (fresh memory costs more here than the copies that fill it). The table gives,
+per stage, the median over rounds of each checkout's figure and the median of the per-round ratios
+(baseline / this tree: above 1 is faster or fewer here). A digest of every sample (image and targets)
+tells whether the two checkouts produce identical data.
 """
 from __future__ import annotations
 
