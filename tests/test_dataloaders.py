@@ -360,18 +360,18 @@ def test_unreadable_training_image_replaced_by_the_seeded_stand_in(tmp_path, how
     sizes = [(64, 48), (48, 64), (64, 64), (60, 40), (40, 60), (64, 32)]
     hyp = {**AUG_HYP, "mosaic": mosaic, "mixup": 0.3 * mosaic}
     a = make_split(tmp_path / "a", n=6, sizes=sizes)
-    (tmp_path / "a" / "labels" / "train" / "4.txt").write_text("1 0.3 0.6 0.2 0.4\n")  # labels that tell images apart
+    (tmp_path / "a" / "labels" / "train" / "4.txt").write_text("1 0.3 0.6 0.2 0.4\n")  # tells image 4 apart
     k, epoch, seed = 2, 1, 7
     j = int(substitute_order(seed, epoch, k, 6)[0])
     assert j != k and j == int(substitute_order(seed, epoch, k, 6)[0])
     b = tmp_path / "b" / "images" / "train"  # the same files, but file k is a copy of image j
-    for src in (a, tmp_path / "a" / "labels" / "train"):
-        dst = b if src == a else tmp_path / "b" / "labels" / "train"
+    labels_a, labels_b = tmp_path / "a" / "labels" / "train", tmp_path / "b" / "labels" / "train"
+    for src, dst in ((a, b), (labels_a, labels_b)):
         dst.mkdir(parents=True, exist_ok=True)
         for f in src.glob("*"):
             (dst / f.name).write_bytes(f.read_bytes())
     (b / f"{k}.jpg").write_bytes((a / f"{j}.jpg").read_bytes())
-    (tmp_path / "b" / "labels" / "train" / f"{k}.txt").write_text((tmp_path / "a" / "labels" / "train" / f"{j}.txt").read_text())
+    (labels_b / f"{k}.txt").write_text((labels_a / f"{j}.txt").read_text())
     expected = LoadImagesAndLabels(b, img_size=64, augment=True, hyp=hyp, seed=seed)
 
     loaders = {w: create_dataloader(a, 64, 2, 32, hyp=hyp, augment=True, shuffle=True, seed=seed, workers=w)
