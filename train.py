@@ -149,6 +149,7 @@ from utils.optim import (apply_warmup, build_optimizer, build_scheduler, nominal
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.posthoc import PosthocEMA, PosthocError, settings_from_hyp  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from utils.tensorboard_log import TensorBoardLog  # noqa: E402
@@ -233,6 +234,10 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     missing = [k for k in HYP_KEYS if k not in d]
     if missing:
         raise TrainError(f"{where}: missing hyperparameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    try:
+        settings_from_hyp(d)  # post-hoc EMA settings: refused here, before anything is created on disk
+    except ValueError as e:
+        raise TrainError(f"{where}: {e}") from None
     defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
     if defaulted:
         LOGGER.info(f"{where}: using the defaults " + ", ".join(f"{k}={v}" for k, v in defaulted.items()))
@@ -407,6 +412,22 @@ def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> Mod
         raise TrainError(f"hyp: {e}") from None
 
 
+def ema_planned_steps(hyp: dict, planned_steps: int, images_per_epoch: int, epochs: int) -> int:
+    """The run's length on the EMA's clock (what the 'exp' schedule decays by): optimizer steps, or with
+    ema_unit 'images' nominal batches of nbs images."""
+    if hyp.get("ema_unit", "steps") == "images":
+        return max(math.ceil(images_per_epoch * epochs / hyp["nbs"]), 1)
+    return planned_steps
+
+
+def make_posthoc(model: nn.Module, hyp: dict, planned_steps: int, folder: Path) -> PosthocEMA | None:
+    """The post-hoc EMA bank (hyp posthoc_sigma_rels; None when off), snapshots spaced over the planned steps."""
+    try:
+        return PosthocEMA.from_hyp(model, hyp, planned_steps, folder)
+    except ValueError as e:
+        raise TrainError(f"hyp: {e}") from None
+
+
 def make_scaler(amp: str, device: torch.device, hyp: dict) -> torch.amp.GradScaler:
     """The GradScaler of the run: enabled for fp16 on any device, its settings from the hyp's amp_* keys; for
     bf16 and FP32 a disabled one, whose calls pass gradients and steps through unchanged."""
@@ -455,16 +476,20 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, compute_loss, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, ema: ModelEMA | None, amp_dtype: torch.dtype | None,
-                 world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=()):
+                 world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=(),
+                 posthoc: PosthocEMA | None = None):
         self.model, self.compute_loss, self.optimizer, self.scaler, self.ema = model, compute_loss, optimizer, scaler, ema
+        self.posthoc = posthoc
         self.amp_dtype, self.world_size, self.last_opt_step = amp_dtype, world_size, last_opt_step
         self.timer = timer or (lambda name: contextlib.nullcontext())
         self.overflow_at = frozenset(overflow_at)
         self.skipped: list[int] = []  # global iterations whose optimizer step was skipped
+        self.window_images = 0  # images (over all processes) whose gradients the next step applies
 
     def drop_partial_window(self) -> None:
         """Forget gradients gathered since the last step (at an epoch start, as YOLOv5 does)."""
         self.optimizer.zero_grad()
+        self.window_images = 0
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int) -> torch.Tensor:
         """Train on one batch at global iteration ni; returns the loss items (box, obj, cls), detached."""
@@ -479,14 +504,18 @@ class TrainStep:
                 loss = loss * math.inf
         with self.timer("backward"):
             self.scaler.scale(loss).backward()
+        self.window_images += imgs.shape[0] * self.world_size  # DDP's samplers give every process equal shares
         if ni - self.last_opt_step >= accumulate:
             with self.timer("optimizer"):
                 stepped = optimizer_step(self.model, self.optimizer, self.scaler, where=f" at iteration {ni}")
             if stepped and self.ema is not None:
                 with self.timer("ema"):
-                    self.ema.update(self.model)
+                    self.ema.update(self.model, images=self.window_images)
+                    if self.posthoc is not None:  # may write its snapshots due at this step
+                        self.posthoc.update(self.model, images=self.window_images)
             elif not stepped:
                 self.skipped.append(ni)
+            self.window_images = 0
             self.last_opt_step = ni
         return loss_items
 
@@ -531,7 +560,7 @@ def plain_opt(opt: argparse.Namespace) -> dict:
 
 def build_checkpoint(*, epoch: int, best_fitness: float, model: nn.Module, ema: ModelEMA, optimizer, scaler,
                      scheduler, stopper: EarlyStopping, last_opt_step: int, accumulate: int, opt, hyp: dict,
-                     names: list[str], finished: bool) -> dict:
+                     names: list[str], finished: bool, posthoc: PosthocEMA | None = None) -> dict:
     """The checkpoint dict: FP16 weights for use, plus (while unfinished) FP32 state for exact resume."""
     raw = de_parallel(model)
     ckpt = {
@@ -550,7 +579,7 @@ def build_checkpoint(*, epoch: int, best_fitness: float, model: nn.Module, ema: 
         "date": datetime.now(timezone.utc).isoformat(),
         # Small state that continues through an --epochs extension of a finished run too.
         "train_state": {"last_opt_step": int(last_opt_step), "accumulate": int(accumulate),
-                        "early_stopping": stopper.state_dict()},
+                        "early_stopping": stopper.state_dict(), "ema_images": float(ema.images)},
     }
     if not finished:
         ckpt["resume"] = {
@@ -560,6 +589,8 @@ def build_checkpoint(*, epoch: int, best_fitness: float, model: nn.Module, ema: 
             "scheduler": scheduler.state_dict(),
             "rng": capture_rng_state(),
         }
+        if posthoc is not None:
+            ckpt["resume"]["posthoc"] = posthoc.state_dict()
     return ckpt
 
 
@@ -582,6 +613,7 @@ class Run:
     batch_size: int  # per process
     model: nn.Module  # DDP-wrapped under torchrun
     ema: ModelEMA | None  # rank 0 only
+    posthoc: PosthocEMA | None  # rank 0 only, when hyp posthoc_sigma_rels is set
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lf: object  # epoch -> lr factor
@@ -678,8 +710,11 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     model.to(memory_format=torch.channels_last)
     nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
-    ema = make_ema(model, hyp, planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)) \
-        if procs.main else None
+    planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
+    ema = posthoc = None
+    if procs.main:
+        ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
+        posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
@@ -689,16 +724,16 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     start_epoch, best_fitness, last_opt_step, rng_state = 0, 0.0, -1, None
     if resume_ckpt is not None:
         start_epoch, best_fitness, last_opt_step, accumulate, rng_state = restore_training_state(
-            resume_ckpt, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate)
+            resume_ckpt, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate, posthoc)
 
     if procs.distributed:
         model = wrap_ddp(model, opt, device)
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
     overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
-                     last_opt_step, timer=timer, overflow_at=overflow_at)
+                     last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
-              batch_size=batch_size, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, lf=lf,
+              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, optimizer=optimizer, scheduler=scheduler, lf=lf,
               scaler=scaler, stopper=stopper, train_loader=train_loader, val_loader=val_loader,
               compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw, accumulate=accumulate,
               start_epoch=start_epoch,
@@ -773,10 +808,13 @@ def log_run_plan(run: Run) -> None:
                 f"Accumulating {nominal} x {opt.batch_size} = {nominal * opt.batch_size} images per optimizer step "
                 f"(nominal batch {hyp['nbs']}); {warmup}\nLogging results to {run.save_dir}\n"
                 f"Starting training for {opt.epochs} epochs...")
+    if run.posthoc is not None:
+        LOGGER.info(run.posthoc.summary())
 
 
-def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int):
-    """Load the optimizer, schedule, scaler, early stopper and EMA of a resumed run.
+def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int,
+                           posthoc: PosthocEMA | None = None):
+    """Load the optimizer, schedule, scaler, early stopper, EMA and post-hoc EMAs of a resumed run.
 
     Returns (start_epoch, best_fitness, last_opt_step, accumulate, rng_state or None). An unfinished run
     continues exactly; a finished run extended with --epochs continues from its FP16 weights.
@@ -796,6 +834,15 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
         else:
             ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()})
             ema.updates = int(ckpt["updates"])
+            ema.images = float(state.get("ema_images", ema.updates * ema.nbs))
+    if posthoc is not None:
+        try:
+            if resume is not None:
+                posthoc.load_state_dict(resume["posthoc"])  # keeps the new plan: an --epochs extension re-spaces
+            else:
+                posthoc.continue_from_snapshots(int(ckpt["updates"]))  # a finished run, extended
+        except (KeyError, ValueError, PosthocError) as e:
+            raise TrainError(f"--resume: post-hoc EMA: {e}") from None
     planned = int(ckpt["opt"]["epochs"])
     if resume is not None:
         scheduler.load_state_dict(resume["scheduler"])
@@ -904,7 +951,8 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
         append_results_row(run.results_csv, row, opt.val_raw)
         if run.tensorboard is not None:
             scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
-            scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(ema.updates)})
+            clock = math.ceil(ema.images / ema.nbs) if ema.unit == "images" else ema.updates
+            scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(clock)})
             if run.scaler.is_enabled():
                 scalars["amp/scale"] = run.scaler.get_scale()
             run.tensorboard.scalars(epoch, scalars)
@@ -934,7 +982,7 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
     ckpt = build_checkpoint(epoch=epoch, best_fitness=run.best_fitness, model=run.model, ema=run.ema,
                             optimizer=run.optimizer, scaler=run.scaler, scheduler=run.scheduler, stopper=run.stopper,
                             last_opt_step=run.step.last_opt_step, accumulate=run.accumulate, opt=run.opt,
-                            hyp=run.hyp, names=run.names, finished=False)
+                            hyp=run.hyp, names=run.names, finished=False, posthoc=run.posthoc)
     try:
         if improved:
             save_checkpoint(finished_checkpoint(ckpt), run.best)
@@ -949,6 +997,11 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
 def finish(run: Run, epochs_done: int, t0: float) -> None:
     """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
     LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if run.posthoc is not None:
+        try:  # the bank's state at the last step, before the resume state that also holds it is stripped
+            run.posthoc.finish()
+        except CheckpointError as e:
+            raise TrainError(f"post-hoc EMA: {e}; {run.resume_hint()}") from None
     if run.last.exists():
         with run.timer("checkpoints"):
             strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
@@ -988,6 +1041,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         at_epoch, batch = run.position
         raise Interrupted(f"interrupted in epoch {at_epoch} at batch {batch + 1} of {run.nb}; "
                           f"{run.resume_hint()}") from None
+    except CheckpointError as e:  # a post-hoc EMA snapshot written during a step (a full disk)
+        raise TrainError(f"{e}; {run.resume_hint()}") from None
     if procs.main:
         finish(run, epoch - run.start_epoch + 1, t0)
         if timer.enabled:

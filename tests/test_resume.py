@@ -2,6 +2,8 @@
 fp16 with its GradScaler); its TensorBoard curves continue without duplicates; extension with --epochs;
 refusals that leave the disk untouched."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,10 @@ import yaml
 from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, results_columns, run_train,
                                  tensorboard_scalars, tiny_model_yaml, tiny_run_args, tree_digest,
                                  walked_optimizer_steps)
+import val
+from tests.train_helpers import ROOT, train_env
 from train import OVERFLOW_HOOK_ENV, TrainError, load_hyp, parse_opt, prepare_resume
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import FINISHED_KEYS, load_checkpoint, save_checkpoint
 
 N_IMAGES, BATCH, EPOCHS = 12, 4, 3
 NB = N_IMAGES // BATCH  # 3 batches per epoch
@@ -23,7 +27,8 @@ def expected_optimizer_steps(epochs):
 
 # The fp16 runs: a small growth interval and an overflow before and after the kill, so the GradScaler's scale and
 # growth tracker at the kill differ from their start and decide how the resumed run goes on.
-FP16_HYP = {"amp_init_scale": 1024.0, "amp_growth_interval": 2}
+# They also keep post-hoc EMAs: a killed and resumed run must write the same snapshots as the run left alone.
+FP16_HYP = {"amp_init_scale": 1024.0, "amp_growth_interval": 2, "posthoc_sigma_rels": [0.05, 0.1], "posthoc_snapshots": 4}
 FP16_ENV = {OVERFLOW_HOOK_ENV: "1,7"}
 
 
@@ -108,6 +113,15 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, res
         assert [v for _, v in scalars[tag]] == pytest.approx(values, rel=1e-4, abs=1e-9), tag
     if fp16:
         assert scalars["amp/scale"] == tensorboard_scalars(ref_dir)["amp/scale"]
+        snapshots = sorted(p.name for p in (ref_dir / "weights" / "posthoc").glob("*.pt"))
+        # 4 planned over the 6 planned steps (2, 3, 4, 6); the two overflows leave 4 steps taken, the last one is
+        # also the final snapshot: steps 2, 3, 4 for each of the two widths
+        assert [n.split("_")[1] for n in snapshots] == ["step00000002.pt", "step00000003.pt", "step00000004.pt"] * 2
+        assert snapshots == sorted(p.name for p in (run_dir / "weights" / "posthoc").glob("*.pt"))
+        for name in snapshots:
+            a = torch.load(ref_dir / "weights" / "posthoc" / name, weights_only=True)
+            b = torch.load(run_dir / "weights" / "posthoc" / name, weights_only=True)
+            assert checkpoint_differences(a, b, ignore=()) == [], name
 
 
 def test_resume_extends_a_finished_run(setup, tmp_path):
@@ -190,3 +204,21 @@ def test_a_run_killed_while_stopping_early_is_finished_not_trained_further(setup
     assert len((tmp_path / "stop" / "results.csv").read_text().splitlines()) == 1 + 2
     with pytest.raises(TrainError, match="stopped early after 2 of 3 epochs; pass --epochs larger than 3"):
         prepare_resume(parse_opt(["--resume", str(last)]))
+
+
+def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
+    """A run with posthoc_sigma_rels, then posthoc_ema.py: the sweep (widths 3 snapshots of 0.05 and 0.1 can
+    reach) is validated and the best is saved as a finished checkpoint that val.py loads."""
+    run = tmp_path / "ref16"
+    shutil.copytree(setup["ref16"], run)
+    out = subprocess.run([sys.executable, str(ROOT / "posthoc_ema.py"), "--run", str(run), "--sigma-rel", "0.04",
+                          "0.14", "--num", "3", "--workers", "0"], env=train_env(), cwd=str(ROOT),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    rows = [ln.split() for ln in out.stdout.splitlines()]
+    assert [r[1] for r in rows if r[:1] == ["posthoc"]] == ["0.04", "0.07483", "0.14"], out.stdout[-3000:]
+    assert any(r[:2] == ["EMA", "last"] for r in rows) and any(r[:2] == ["raw", "last"] for r in rows)
+    best = torch.load(run / "weights" / "posthoc_best.pt", weights_only=True)
+    assert set(best) == set(FINISHED_KEYS) and (run / "posthoc_ema.png").is_file()
+    assert val.run(str(setup["data"]), weights=run / "weights" / "posthoc_best.pt", imgsz=64, workers=0,
+                   plots=False, project=tmp_path / "val")[0][3] >= 0

@@ -27,7 +27,8 @@ YOLOV5_MED_CHANGES = dict(lrf=0.1, cls=0.3, obj=0.7, scale=0.9, mixup=0.1)
 YOLOV5_HIGH_CHANGES = dict(YOLOV5_MED_CHANGES, copy_paste=0.1)
 # torch.amp.GradScaler's own defaults, spelled out (a changed torch default must not change our runs silently)
 AMP_KEYS = dict(amp_init_scale=2.0 ** 16, amp_growth_factor=2.0, amp_backoff_factor=0.5, amp_growth_interval=2000)
-OUR_KEYS = dict(nbs=64, ema_decay=0.9999, ema_tau=2000, ema_schedule="ramp", ema_update_every=1, **AMP_KEYS)
+OUR_KEYS = dict(nbs=64, ema_decay=0.9999, ema_tau=2000, ema_schedule="ramp", ema_update_every=1, **AMP_KEYS,
+                ema_unit="steps", posthoc_sigma_rels=[], posthoc_snapshots=32)
 
 
 def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
@@ -36,9 +37,10 @@ def test_hyp_files_hold_yolov5_values_and_our_keys(tmp_path):
     assert med == {**YOLOV5_SCRATCH_LOW, **YOLOV5_MED_CHANGES, **OUR_KEYS}
     assert high == {**YOLOV5_SCRATCH_LOW, **YOLOV5_HIGH_CHANGES, **OUR_KEYS}
     # A YOLOv5 hyp file has no nbs (YOLOv5 hard-codes 64) and no EMA keys: YOLOv5's values fill them in.
-    yolov5 = {k: v for k, v in low.items() if k != "nbs" and not k.startswith(("ema_", "amp_"))}
+    yolov5 = {k: v for k, v in low.items() if k != "nbs" and not k.startswith(("ema_", "amp_", "posthoc_"))}
     (tmp_path / "yolov5.yaml").write_text(yaml.safe_dump(yolov5))
-    assert train.load_hyp(tmp_path / "yolov5.yaml") == low
+    assert train.load_hyp(tmp_path / "yolov5.yaml") == {k: v for k, v in low.items()
+                                                        if k not in ("ema_unit", "posthoc_sigma_rels", "posthoc_snapshots")}
     broken = dict(low)
     del broken["lr0"], broken["obj"]
     (tmp_path / "h.yaml").write_text(yaml.safe_dump(broken))
