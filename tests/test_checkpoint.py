@@ -17,6 +17,8 @@ from utils.checkpoint import (
     check_checkpoint_classes,
     half_state_dict,
     load_checkpoint,
+    pack_state_dict,
+    unpacked_state_dict,
     model_from_checkpoint,
     save_checkpoint,
     strip_resume_state,
@@ -169,8 +171,8 @@ def test_missing_text_and_foreign_files_fail_with_one_line(tmp_path):
     damaged[start:start + 64] = bytes(64)
     (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
     cases["damaged.pt"] = "is not a"
-    save_checkpoint(our_checkpoint(tiny_model(), version=2), tmp_path / "future.pt")
-    cases["future.pt"] = "version 2; this code reads up to 1"
+    save_checkpoint(our_checkpoint(tiny_model(), version=3), tmp_path / "future.pt")
+    cases["future.pt"] = "version 3; this code reads up to 2"
     save_checkpoint(our_checkpoint(tiny_model(), nc="3"), tmp_path / "nc_text.pt")
     cases["nc_text.pt"] = "malformed: 'nc' is '3', not a positive int"
     save_checkpoint(our_checkpoint(tiny_model(), ema={"model.0.conv.weight": [1.0]}), tmp_path / "ema_list.pt")
@@ -264,3 +266,21 @@ def test_save_removes_temp_files_left_by_a_killed_writer(tmp_path):
     assert not stale.exists()
     assert other.exists()
     assert torch.load(target, weights_only=True) == {"epoch": 1}
+
+
+def test_packed_state_dict_round_trip(tmp_path):
+    """The resume state's weights are stored as one buffer per dtype: every tensor comes back bitwise, in its
+    shape and in the standard layout, integer buffers included; a plain state dict passes through as it is."""
+    model = tiny_model().to(memory_format=torch.channels_last)
+    sd = model.state_dict()
+    assert sd["model.0.conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    packed = pack_state_dict(sd)
+    assert sorted(packed["packed"]) == ["float32", "int64"]
+    assert packed["packed"]["float32"].numel() == sum(v.numel() for v in sd.values() if v.dtype == torch.float32)
+    save_checkpoint({"resume": packed}, tmp_path / "p.pt")
+    back = unpacked_state_dict(torch.load(tmp_path / "p.pt", weights_only=True)["resume"])
+    assert list(back) == list(sd)
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+        assert back[k].is_contiguous(), k
+    assert unpacked_state_dict(sd) is sd  # version 1: already a state dict

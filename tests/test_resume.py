@@ -15,7 +15,7 @@ from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dat
 import val
 from tests.train_helpers import ROOT, train_env
 from train import OVERFLOW_HOOK_ENV, TrainError, load_hyp, parse_opt, prepare_resume
-from utils.checkpoint import FINISHED_KEYS, load_checkpoint, save_checkpoint
+from utils.checkpoint import FINISHED_KEYS, load_checkpoint, save_checkpoint, unpacked_state_dict
 
 N_IMAGES, BATCH, EPOCHS = 12, 4, 3
 NB = N_IMAGES // BATCH  # 3 batches per epoch
@@ -73,7 +73,7 @@ def test_reference_run_checkpoint_contents(setup):
 
 @pytest.mark.parametrize("kill_at, workers, resume_workers, amp", [(4, 0, None, "off"), (7, 2, 2, "off"),
                                                                    (5, 0, None, "fp16")],
-                         ids=["kill-epoch1-workers0", "kill-epoch2-workers2", "kill-epoch1-fp16"])
+                         ids=["kill-epoch1-workers0-v1file", "kill-epoch2-workers2", "kill-epoch1-fp16"])
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, resume_workers, amp):
     name = f"killed{kill_at}-{amp}"
     fp16 = amp == "fp16"
@@ -85,10 +85,17 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(setup, kill_at, workers, res
     last = setup["project"] / name / "weights" / "last.pt"
     interrupted = load_checkpoint(last)
     assert interrupted["epoch"] == kill_at // NB - 1 and "resume" in interrupted
-    assert interrupted["resume"]["model"]["model.0.conv.weight"].dtype == torch.float32
+    assert unpacked_state_dict(interrupted["resume"]["model"])["model.0.conv.weight"].dtype == torch.float32
     if fp16:  # the scaler had moved away from its start: restoring it is what keeps the resumed run exact
         scaler = interrupted["resume"]["scaler"]
         assert (scaler["scale"], scaler["_growth_tracker"]) != (FP16_HYP["amp_init_scale"], 0), scaler
+    assert interrupted["version"] == 2 and set(interrupted["resume"]["model"]) == {"packed", "layout"}
+    if workers == 0 and not fp16:  # a checkpoint of version 1 (plain state dicts in the resume state) resumes too
+        interrupted["version"] = 1
+        interrupted["resume"]["model"] = {k: v.clone() for k, v in unpacked_state_dict(interrupted["resume"]["model"]).items()}
+        ema_state = interrupted["resume"]["ema"]
+        ema_state["ema"] = {k: v.clone() for k, v in unpacked_state_dict(ema_state["ema"]).items()}
+        save_checkpoint(interrupted, last)
     # A kill between writing an epoch's results row and its last.pt leaves a row that the resumed run writes
     # again; stand one in for it.
     csv = setup["project"] / name / "results.csv"

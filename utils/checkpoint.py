@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import math
 import os
 import pathlib
 import pickle
@@ -30,7 +31,9 @@ from utils.yolov5_import import (YOLOv5ImportError, first_refused_global, one_li
                                  read_yolov5_checkpoint)
 
 FORMAT = "yolo-ema"
-VERSION = 1
+# 2: the resume state's FP32 model and EMA weights are packed (pack_state_dict); version-1 files, whose resume
+# state holds plain state dicts, still load and resume.
+VERSION = 2
 
 
 class CheckpointError(Exception):
@@ -135,6 +138,33 @@ def _remove_stale_temps(path: Path, keep_newer_than: float) -> None:
             if stale.stat().st_mtime < keep_newer_than:
                 stale.unlink()
                 LOGGER.info(f"Removed {stale}, left by an interrupted checkpoint write")
+
+
+def pack_state_dict(state_dict: dict) -> dict:
+    """A state dict as one contiguous buffer per dtype plus its layout: a few large tensors to pickle and write
+    instead of hundreds of small ones (what every epoch's last.pt holds twice for exact resume). The values are
+    copied in the standard layout, whatever memory format they have. unpacked_state_dict() restores it."""
+    buffers: dict[str, list[torch.Tensor]] = {}
+    layout = []
+    for name, tensor in state_dict.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        buffers.setdefault(dtype, []).append(tensor.detach().reshape(-1))
+        layout.append([name, dtype, list(tensor.shape)])
+    return {"packed": {dtype: torch.cat(parts) for dtype, parts in buffers.items()}, "layout": layout}
+
+
+def unpacked_state_dict(entry: dict) -> dict:
+    """The state dict of a pack_state_dict() entry (its tensors are views into the packed buffers), or the
+    entry itself when it already is a plain state dict (a version-1 checkpoint)."""
+    if set(entry) != {"packed", "layout"}:
+        return entry
+    offsets = dict.fromkeys(entry["packed"], 0)
+    out = {}
+    for name, dtype, shape in entry["layout"]:
+        n = math.prod(shape)
+        out[name] = entry["packed"][dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
+        offsets[dtype] += n
+    return out
 
 
 def half_state_dict(state_dict: dict) -> dict:

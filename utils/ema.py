@@ -679,11 +679,12 @@ class ModelEMA:
                 for m, s in zip(model_entries, saved):
                     m.tensor.detach().copy_(s)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, weights: bool = True) -> dict:
         """EMA weights (an FP32 state dict of ``ema``, detached copies), counters and schedule settings:
-        plain values only, so it loads with ``torch.load(weights_only=True)``."""
-        return {
-            "ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()},
+        plain values only, so it loads with ``torch.load(weights_only=True)``. With ``weights=False`` the
+        'ema' entry is left out, for a caller that stores ``ema.ema``'s weights its own way (train.py packs them)."""
+        state = {"ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()}} if weights else {}
+        return state | {
             "updates": self.updates,
             "skipped": self.skipped,
             "decay": self.decay,
