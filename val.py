@@ -77,6 +77,7 @@ from tqdm import tqdm  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.inference import EXPORT_SUFFIXES, load_model  # noqa: E402
 from utils.coco import (  # noqa: E402
     category_map,
     coco_evaluate,
@@ -236,18 +237,23 @@ def run(
         if weights is None:
             weights = latest_best()
             LOGGER.info(f"No --weights given: validating the latest run's {shown_path(weights)}")
-        ckpt = load_checkpoint(weights)
+        if Path(weights).suffix.lower() in EXPORT_SUFFIXES:  # .onnx / .torchscript, run as detect.py runs them
+            model = load_model(weights, device)
+            ckpt = {"nc": model.nc}
+            imgsz = model.square_size(imgsz) or DEFAULT_IMGSZ  # a fixed-size file's own size
+        else:
+            ckpt = load_checkpoint(weights)
+            if imgsz is None:
+                imgsz = trained_imgsz(ckpt) or DEFAULT_IMGSZ
+                LOGGER.info(f"Validating at --img {imgsz}, " + ("the size the weights were trained at"
+                                                                 if trained_imgsz(ckpt) else "the default"))
+            model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse
+            model.fuse()
         if not (single_cls and ckpt["nc"] == 1):
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
-        if imgsz is None:
-            imgsz = trained_imgsz(ckpt) or DEFAULT_IMGSZ
-            LOGGER.info(f"Validating at --img {imgsz}, " + ("the size the weights were trained at"
-                                                             if trained_imgsz(ckpt) else "the default"))
-        model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse
         del ckpt
         model_names = model.names
-        model.fuse()
-        model.to(device, memory_format=torch.channels_last)
+        model.to(device, memory_format=memory_format)
         stride = int(max(model.stride.max(), 32))
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
@@ -261,7 +267,7 @@ def run(
         split = "val" if task == "speed" else task
         if not data_dict.get(split):
             raise DatasetError(f"{data_dict.get('yaml_file', data)} has no '{split}' split")
-        pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+        pad, rect = (0.0, False) if task == "speed" or getattr(model, "fixed_shape", None) else (0.5, True)
         dataloader, _ = create_dataloader(
             data_dict[split], check_img_size(imgsz, stride), batch_size, stride, single_cls=single_cls, pad=pad,
             rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ", pin_memory=device.type == "cuda",
