@@ -253,7 +253,7 @@ def run(
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
         del ckpt
         model_names = model.names
-        model.to(device, memory_format=memory_format)
+        model.to(device, memory_format=torch.channels_last)
         stride = int(max(model.stride.max(), 32))
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
