@@ -19,7 +19,6 @@ import importlib
 import json
 import math
 import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -40,6 +39,7 @@ from utils.dataloaders import IMG_FORMATS
 from utils.log import LOGGER
 from utils.paths import increment_path
 from utils.plots import Annotator, class_color
+from utils.profiling import PhaseTimer
 from utils.torch_utils import autocast
 
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
@@ -124,6 +124,7 @@ class ExportedModel(nn.Module):
         self.file, self.device = file, device
         self.names, self.nc, self.stride = [], 0, torch.tensor([32.0])
         self.fixed_shape, self.batch = None, None
+        self.export_shape = None  # (h, w) the file was exported at, when it says
 
     def _configure(self, meta: dict, input_shape, output_width) -> None:
         """Names, strides and input geometry from the file's metadata (ours or YOLOv5's) and its input shape."""
@@ -138,11 +139,27 @@ class ExportedModel(nn.Module):
         self.names, self.nc = [str(n) for n in names], len(names)
         stride = meta.get("stride", 32)
         self.stride = torch.tensor(stride if isinstance(stride, (list, tuple)) else [stride], dtype=torch.float32)
+        shape = meta.get("shape") or input_shape
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+            self.export_shape = (int(shape[2]), int(shape[3]))
         dynamic = bool(meta.get("dynamic", False))
         if not dynamic and all(isinstance(d, int) for d in input_shape[2:]):
             self.fixed_shape = tuple(int(d) for d in input_shape[2:])
         if not dynamic and isinstance(input_shape[0], int):
             self.batch = int(input_shape[0])
+
+    def square_size(self, imgsz: int | None) -> int | None:
+        """The square size val.py letterboxes to: a fixed-size file's own (said in one line when --img asked
+        for another), else imgsz, else the size it was exported at."""
+        if self.fixed_shape is None:
+            return imgsz or (self.export_shape[0] if self.export_shape else None)
+        h, w = self.fixed_shape
+        if h != w:
+            raise CheckpointError(f"{self.file} takes {h}x{w} images, and validation letterboxes to squares: "
+                                  "export with one --img size or with --dynamic")
+        if imgsz not in (None, h):
+            LOGGER.info(f"{self.file.name} was exported for {h}x{w} images: validating at --img {h}")
+        return h
 
     def forward(self, im: torch.Tensor, augment: bool = False):
         if augment:
@@ -186,7 +203,7 @@ class OnnxModel(ExportedModel):
         self._configure(meta, inp.shape, self.session.get_outputs()[0].shape[-1])
 
     def _run(self, im: torch.Tensor) -> torch.Tensor:
-        x = im.detach().cpu().numpy().astype(self.input_dtype, copy=False)
+        x = np.ascontiguousarray(im.detach().cpu().numpy(), dtype=self.input_dtype)  # val passes channels_last
         return torch.from_numpy(self.session.run(None, {self.input_name: x})[0]).float()
 
 
@@ -437,25 +454,6 @@ def letterbox_batch(images: list[np.ndarray], size, stride: int, fixed_shape=Non
     return torch.from_numpy(np.ascontiguousarray(np.stack(batch))), ratio_pads
 
 
-class Stopwatch:
-    """Accumulated wall time of a code block; waits for queued CUDA work on `device` so GPU time is counted."""
-
-    def __init__(self, device: torch.device):
-        self.device = device if device.type == "cuda" else None
-        self.total = 0.0
-
-    def __enter__(self):
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)
-        self.total += time.perf_counter() - self._start
-
-
 class Detector(nn.Module):
     """A loaded model that takes pictures and returns Results (the hub model; detect.py uses detect()).
 
@@ -499,18 +497,18 @@ class Detector(nn.Module):
     @torch.no_grad()
     def detect(self, images: list[np.ndarray], files: list[str], size=640, augment: bool = False) -> "Results":
         """Detect in BGR images: letterbox into one batch, run the model, NMS, boxes back to each image."""
-        watches = [Stopwatch(self.device) for _ in range(3)]  # pre-process, inference, NMS
-        with watches[0]:
+        phases = PhaseTimer(self.device)
+        with phases("pre-process"):
             batch, ratio_pads = letterbox_batch(images, size, self.stride, getattr(self.model, "fixed_shape", None))
             x = batch.to(self.device).float() / 255
-        with watches[1], self._autocast():
+        with phases("inference"), self._autocast():
             pred = self.model(x, augment=augment)[0]
-        with watches[2]:
+        with phases("NMS"):
             dets = non_max_suppression(pred.float(), self.conf, self.iou, self.classes, self.agnostic,
                                        self.multi_label, max_det=self.max_det)  # fmt: skip
             for det, rp, im in zip(dets, ratio_pads, images):
                 scale_boxes(x.shape[2:], det[:, :4], im.shape[:2], ratio_pad=rp)
-        times = tuple(w.total * 1e3 / len(images) for w in watches)
+        times = tuple(phases.total(k) * 1e3 / len(images) for k in ("pre-process", "inference", "NMS"))
         return Results(images, dets, files, times, self.names, tuple(x.shape))
 
 

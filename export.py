@@ -1,0 +1,201 @@
+"""Export trained weights to ONNX and TorchScript, written beside the weights (best.onnx, best.torchscript).
+
+    python export.py --weights runs/train/exp/weights/best.pt --include onnx torchscript
+    python export.py --weights best.pt --include onnx --dynamic          # any batch size and image size
+    python export.py --weights best.pt --include onnx --half --device 0  # FP16, on a GPU
+
+The exported graph has one output, (batch, anchors, 5 + nc): boxes (cx, cy, w, h) in input pixels, then
+objectness and class scores, as YOLOv5's exports. Without --weights the latest runs/train/*/weights/best.pt
+is exported. detect.py, val.py and torch.hub ('custom', path=...) run the exported files.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from utils.cli import HelpFormatter, shown_path  # noqa: E402
+
+FORMATS = ("torchscript", "onnx")
+TRAIN_RUNS = ROOT / "runs" / "train"  # where export.py without --weights looks for the latest best.pt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a YOLOv5-style detector to ONNX and TorchScript",
+                                formatter_class=HelpFormatter)  # fmt: skip
+    p.add_argument("--weights", type=str, default=None,
+                   help="checkpoint to export (default: the latest runs/train/*/weights/best.pt)")
+    p.add_argument("--include", nargs="+", default=["torchscript"], choices=FORMATS, help="formats to write")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
+                   help="input size: one number, or h w")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size and image size (multiples of the stride)")
+    p.add_argument("--half", action="store_true", help="FP16 weights and input (needs a CUDA --device)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or a GPU index such as 0")
+    return p
+
+
+def parse_opt(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+if __name__ == "__main__":
+    CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+
+import json  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+from models.yolo import Detect, check_img_size  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.inference import (  # noqa: E402
+    EXPORT_SUFFIXES,
+    TORCHSCRIPT_CONFIG,
+    MissingPackageError,
+    export_metadata,
+    latest_weights,
+    load_model,
+    require,
+)
+from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+
+
+class ExportError(Exception):
+    """An export that cannot be made; the message is one line."""
+
+
+def _size_mb(file: Path) -> float:
+    return file.stat().st_size / 2**20
+
+
+def export_torchscript(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict) -> Path:
+    """torch.jit.trace; the metadata travels in the archive's config.txt (as YOLOv5's does)."""
+    LOGGER.info(f"\nTorchScript: starting export with torch {torch.__version__}...")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")  # still YOLOv5's format
+        traced = torch.jit.trace(model, im, strict=False)
+        traced.save(str(file), _extra_files={TORCHSCRIPT_CONFIG: json.dumps(meta)})
+    return file
+
+
+def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict, opset: int | None,
+                dynamic: bool, stride: int) -> Path:
+    """torch.onnx.export (torch.export-based: it needs onnxscript), one input 'images' and one output
+    'output0', the metadata as metadata_props, checked with onnx.checker before it is written."""
+    onnx = require("onnx", "ONNX export")
+    require("onnxscript", "ONNX export")
+    LOGGER.info(f"\nONNX: starting export with onnx {onnx.__version__}...")
+    dynamic_shapes = None
+    if dynamic:
+        from torch.export import Dim
+
+        # Sizes are multiples of the largest stride: every level's grid then tiles the image and the
+        # upsampled maps match the ones they are concatenated with, which torch.export must be told.
+        dynamic_shapes = {"x": {0: Dim("batch", min=1), 2: stride * Dim("height", min=1), 3: stride * Dim("width", min=1)}}
+        if im.shape[0] == 1:  # torch.export treats a size-1 example dimension as fixed; any other batch will do
+            im = im.repeat(2, 1, 1, 1)
+    program = torch.onnx.export(model, (im,), None, input_names=["images"], output_names=["output0"],
+                                opset_version=opset, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False)
+    proto = program.model_proto
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(file))
+    return file
+
+
+def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: int = 1, dynamic: bool = False,
+        half: bool = False, opset: int | None = None, device="cpu") -> list[Path]:
+    """Write each format in `include` beside `weights`; returns the files written."""
+    include = [f.lower() for f in include]
+    unknown = [f for f in include if f not in FORMATS]
+    if unknown:
+        raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
+    sizes = [int(imgsz)] if isinstance(imgsz, int) else [int(s) for s in imgsz]
+    if len(sizes) not in (1, 2) or min(sizes) < 1 or batch_size < 1:
+        raise ExportError(f"--img takes one positive size or two (h w) and --batch-size at least 1, got {imgsz}, {batch_size}")
+    try:
+        device = select_device(device)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if half and device.type != "cuda":
+        raise ExportError("--half export needs a CUDA device (--device 0): FP16 models are for GPU inference")
+    if "onnx" in include:  # missing packages fail before any work
+        require("onnx", "ONNX export")
+        require("onnxscript", "ONNX export")
+    if weights is None:
+        weights = latest_weights(TRAIN_RUNS)
+    weights = Path(weights)
+    if weights.suffix.lower() in EXPORT_SUFFIXES:
+        raise ExportError(f"{weights} is already exported; export.py starts from PyTorch weights (.pt)")
+
+    t0 = time.time()
+    model = load_model(weights, device)  # a fresh FP32 copy with the EMA weights, fused: ours to convert
+    head = model.model[-1]
+    if not isinstance(head, Detect):
+        raise ExportError(f"{weights}: the model does not end in a Detect layer")
+    head.export = True
+    stride = int(max(float(model.stride.max()), 32))
+    sizes = [check_img_size(s, stride) for s in (sizes * 2 if len(sizes) == 1 else sizes)]
+    im = torch.zeros(batch_size, 3, *sizes, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if half:
+        im, model = im.half(), model.half()
+    with torch.no_grad():
+        shape = tuple(model(im).shape)
+    LOGGER.info(f"\nPyTorch: starting from {shown_path(weights)} with output shape {shape} ({_size_mb(weights):.1f} MB)")
+    meta = export_metadata(model, im.shape, dynamic, half)
+
+    written = []
+    for fmt in FORMATS:  # a fixed order, whatever --include's
+        if fmt not in include:
+            continue
+        t = time.time()
+        file = weights.with_suffix(".torchscript" if fmt == "torchscript" else ".onnx")
+        name = "TorchScript" if fmt == "torchscript" else "ONNX"
+        try:
+            if fmt == "torchscript":
+                export_torchscript(model, im, file, meta)
+            else:
+                export_onnx(model, im, file, meta, opset, dynamic, stride)
+        except MissingPackageError:
+            raise
+        except Exception as e:  # the exporters' many error types: one line, naming the format
+            text = str(e).strip().splitlines()
+            raise ExportError(f"{name} export failed: {type(e).__name__}: {text[0] if text else ''}"[:400]) from None
+        LOGGER.info(f"{name}: export success, {time.time() - t:.1f}s, saved as {shown_path(file)} ({_size_mb(file):.1f} MB)")
+        written.append(file)
+
+    LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)\nResults saved to {shown_path(weights.parent)}")
+    for file in written:
+        f = shown_path(file)
+        LOGGER.info(f"Detect:          python detect.py --weights {f} --source IMAGE\n"
+                    f"Validate:        python val.py --weights {f}\n"
+                    f"PyTorch Hub:     model = torch.hub.load('.', 'custom', path='{f}', source='local')")
+    return written
+
+
+def main(argv=None) -> int:
+    """export.py's exit status: 0, or 1 after a one-line error."""
+    opt = parse_opt(argv) if not isinstance(argv, argparse.Namespace) else argv
+    set_logging()
+    try:
+        run(**vars(opt))
+    except (ExportError, CheckpointError, MissingPackageError, OSError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(CLI_OPT))

@@ -1,0 +1,213 @@
+"""export.py: ONNX (torch.onnx's exporter, onnx.checker) and TorchScript files whose outputs equal the PyTorch
+model's on real coco128 images, a --dynamic ONNX at other batch sizes and image sizes, val.py's mAP on the
+exported files equal to the checkpoint's, and one-line refusals."""
+import logging
+import shutil
+import sys
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+import detect
+import export
+import val
+from models.yolo import Model
+from tests.test_detect import coco128_images, read_labels
+from tests.train_helpers import make_dataset, tiny_model_yaml
+from utils.checkpoint import half_state_dict, save_checkpoint
+from utils.dataloaders import create_dataloader
+from utils.inference import Detector, OnnxModel, TorchScriptModel, letterbox_batch, load_model
+from utils.loss import ComputeLoss
+
+ROOT = export.ROOT
+FIXED = (64, 64)  # the fixed-size export's input: the size the model was trained at, so val's mAP means something
+FIXED_BATCH = 3  # its batch size: val's batches of 8 run as chunks of 3, 3 and a padded 2
+TRAIN_SIZE = 64
+STEPS = 150  # about 6 s on one CPU core; mAP50-95 about 0.3 after it
+FLOAT32_EPS = 2.0**-23  # spacing of float32 numbers in [1, 2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(best.pt, data yaml): a tiny yolov5n-layout model trained for a few seconds on coloured rectangles, so
+    its mAP is well above zero and val's figures for two backends could differ."""
+    root = tmp_path_factory.mktemp("trained")
+    data = make_dataset(root / "data", n=8, size=TRAIN_SIZE)
+    torch.manual_seed(0)
+    model = Model(tiny_model_yaml(root), nc=2, verbose=False)
+    hyp = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
+    model.hyp = hyp
+    compute_loss = ComputeLoss(model, hyp)
+    loader, _ = create_dataloader(str(root / "data" / "images" / "train"), TRAIN_SIZE, 8, 32, workers=0, nc=2)
+    batch = next(iter(loader))  # all 8 images, letterboxed without augmentation: the same batch every step
+    images, targets = batch[0].float() / 255, batch[1]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for _ in range(STEPS):
+        loss, _ = compute_loss(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sd = half_state_dict(model.state_dict())
+    ckpt = dict(format="yolo-ema", version=1, epoch=STEPS - 1, best_fitness=0.0, model=sd, ema=sd, updates=STEPS,
+                opt={"imgsz": TRAIN_SIZE}, hyp=hyp, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")  # fmt: skip
+    return save_checkpoint(ckpt, root / "weights" / "best.pt"), data
+
+
+@pytest.fixture(scope="module")
+def fixed(trained, tmp_path_factory):
+    """export.py --include onnx torchscript at a fixed 64x64, batch 3: (best.pt, best.onnx, best.torchscript)."""
+    weights = trained[0]
+    argv = ["--weights", str(weights), "--include", "onnx", "torchscript", "--img", str(FIXED[0]),
+            "--batch-size", str(FIXED_BATCH)]  # fmt: skip
+    assert export.main(argv) == 0
+    return weights, weights.with_suffix(".onnx"), weights.with_suffix(".torchscript")
+
+
+@pytest.fixture(scope="module")
+def dynamic(trained, tmp_path_factory):
+    """export.py --include onnx --dynamic, from a copy of best.pt in its own folder: (best.pt, best.onnx)."""
+    folder = tmp_path_factory.mktemp("dynamic")
+    weights = copy_into(trained[0], folder)
+    assert export.main(["--weights", str(weights), "--include", "onnx", "--dynamic", "--img", "64"]) == 0
+    return weights, weights.with_suffix(".onnx")
+
+
+def copy_into(file, folder):
+    shutil.copy(file, folder / file.name)
+    return folder / file.name
+
+
+@pytest.fixture(scope="module")
+def coco_batch(coco128):
+    """Four real coco128 images letterboxed into one float batch of the fixed export's size."""
+    images = [cv2.imread(str(f)) for f in coco128_images()]
+    batch, _ = letterbox_batch(images, FIXED, 32, fixed_shape=FIXED)
+    return images, batch.float() / 255
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, image_size: int) -> None:
+    """actual == expected within a relative 1e-4, with an absolute floor for values near zero.
+
+    Columns 0-3 are pixels: the graph computes them from terms as large as the image, which float32 holds only
+    to image_size * 2^-23 (2e-5 px at 160); summing in another order moves the result by a few such steps, so
+    the floor is 8 of them (1.5e-4 px at 160, far below a pixel). Columns 4+ are probabilities, whose
+    rounding steps are 2^-24 near 1 and smaller below: a floor of 1e-6 is still a thousand times under the
+    lowest threshold in use (val's 0.001).
+    """
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.float32
+    floor = torch.full((expected.shape[-1],), 1e-6)
+    floor[:4] = 8 * image_size * FLOAT32_EPS
+    excess = (actual - expected).abs() - (1e-4 * expected.abs() + floor)
+    worst = excess.argmax()
+    assert excess.max() <= 0, (f"largest miss at {np.unravel_index(int(worst), excess.shape)}: {float(actual.flatten()[worst])} "
+                               f"vs {float(expected.flatten()[worst])}")  # fmt: skip
+
+
+def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
+    weights, onnx_file, ts_file = fixed
+    x = coco_batch[1]
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto)  # the written file, metadata included
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["output0"]
+    dims = [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    n = 3 * sum((FIXED[0] // s) * (FIXED[1] // s) for s in (8, 16, 32))
+    assert dims == [FIXED_BATCH, n, 7]  # one output: boxes, objectness, 2 class scores
+    assert {p.key for p in proto.metadata_props} >= {"names", "stride", "shape", "dynamic"}
+
+    pt = load_model(weights)
+    with torch.no_grad():
+        expected = pt(x)[0]
+    obj = expected[..., 4]
+    assert expected.shape == (4, n, 7) and obj.max() > 100 * obj.median()  # outputs that follow the picture
+    onnx_model = load_model(onnx_file)
+    assert isinstance(onnx_model, OnnxModel) and onnx_model.fixed_shape == FIXED and onnx_model.batch == FIXED_BATCH
+    assert onnx_model.names == ["c0", "c1"] and onnx_model.stride.tolist() == [8.0, 16.0, 32.0]
+    assert_parity(onnx_model(x)[0], expected, FIXED[0])  # 4 images: a batch of 3 and a padded one
+    ts_model = load_model(ts_file)
+    assert isinstance(ts_model, TorchScriptModel) and ts_model.names == ["c0", "c1"]
+    assert_parity(ts_model(x)[0], expected, FIXED[0])
+    images, _ = coco_batch
+    other, _ = letterbox_batch(images[:2], (160, 224), 32, fixed_shape=(160, 224))  # a traced graph takes any size
+    other = other.float() / 255
+    with torch.no_grad():
+        assert_parity(ts_model(other)[0], pt(other)[0], 224)
+    with pytest.raises(ValueError, match="exported for 64x64 images, got 160x224"):
+        onnx_model(other)
+
+
+def test_dynamic_onnx_at_two_batch_sizes_and_image_sizes(dynamic, coco_batch):
+    weights, onnx_file = dynamic
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto)
+    in_dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in in_dims][:2] == ["batch", 3] and all(d.dim_param for d in in_dims[2:])
+    images, _ = coco_batch
+    pt, onnx_model = load_model(weights), load_model(onnx_file)
+    assert onnx_model.fixed_shape is None and onnx_model.batch is None
+    for n, size in ((1, (96, 128)), (3, (160, 224))):
+        batch, _ = letterbox_batch(images[:n], size, 32, fixed_shape=size)
+        x = batch.float() / 255
+        with torch.no_grad():
+            expected = pt(x)[0]
+        got = onnx_model(x)[0]
+        assert got.shape == (n, 3 * sum((size[0] // s) * (size[1] // s) for s in (8, 16, 32)), 7)
+        assert_parity(got, expected, max(size))
+
+
+def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path):
+    weights, data = trained
+    common = dict(batch_size=8, workers=0, plots=False, project=tmp_path, exist_ok=True)
+    # rect batches at 64 px: the checkpoint, and the files that take any size on the same letterbox
+    pt_map = val.run(data, weights=str(weights), imgsz=TRAIN_SIZE, name="pt", **common)[0][3]
+    assert pt_map > 0.2  # a model that really detects: a wrong export would show
+    for exported in (dynamic[1], fixed[2]):  # the --dynamic ONNX, the TorchScript file
+        exported_map = val.run(data, weights=str(exported), imgsz=TRAIN_SIZE, name=exported.parent.name, **common)[0][3]
+        assert abs(exported_map - pt_map) <= 0.001, exported
+    # the fixed 64x64 ONNX: every image letterboxed to that square (no rect batches), as the PyTorch model sees it here
+    loader, _ = create_dataloader(str(data.parent / "images" / "train"), FIXED[0], 8, 32, rect=False, pad=0.0,
+                                  workers=0, nc=2)  # fmt: skip
+    square_map = val.run(data, model=load_model(weights), dataloader=loader, plots=False)[0][3]
+    assert square_map > 0.2 and abs(square_map - pt_map) > 0.01  # the square letterbox really is another one
+    onnx_map = val.run(data, weights=str(fixed[1]), name="fixed", **common)[0][3]  # no --img: the file's own size
+    assert abs(onnx_map - square_map) <= 0.001
+
+
+def test_detect_runs_the_onnx_file(fixed, coco128, tmp_path):
+    weights, onnx_file, _ = fixed
+    image = coco128_images()[0]
+    save_dir = detect.run(source=image, weights=onnx_file, imgsz=640, conf_thres=0.01, save_txt=True, save_conf=True,
+                          project=tmp_path, name="onnx")  # fmt: skip
+    rows = read_labels(save_dir / "labels" / f"{image.stem}.txt")
+    pt = Detector(load_model(weights))
+    pt.conf = 0.01
+    pt.model.fixed_shape = FIXED  # the PyTorch weights letterboxed as the fixed-size file (not 640) needs
+    expected = pt.detect([cv2.imread(str(image))], [image.name]).xywhn[0]
+    assert len(rows) == len(expected) > 0
+    np.testing.assert_allclose(rows[:, 1:], expected[:, :5].numpy(), rtol=1e-4, atol=2e-6)
+
+
+def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
+    weights = trained[0]
+    caplog.set_level(logging.INFO, logger="yolo")
+    cases = [
+        (["--weights", str(weights), "--half"], "--half export needs a CUDA device"),
+        (["--weights", str(tmp_path / "gone.pt")], "gone.pt not found"),
+        (["--weights", str(weights.with_suffix(".onnx"))], "already exported"),
+    ]
+    for argv, text in cases:
+        caplog.clear()
+        assert export.main(argv) == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and text in errors[0] and "\n" not in errors[0], errors
+    copy = copy_into(weights, tmp_path)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+    caplog.clear()
+    assert export.main(["--weights", str(copy), "--include", "onnx"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["ERROR: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
+    assert not copy.with_suffix(".onnx").exists()
