@@ -177,6 +177,8 @@ KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"
 INTERRUPT_HOOK_ENV = "YOLO_TEST_INTERRUPT_AT_ITER"
 OVERFLOW_HOOK_ENV = "YOLO_TEST_OVERFLOW_AT_ITER"
 DDP_TIMEOUT = timedelta(hours=3)
+# The layout oneDNN (CPU) and cuDNN's fp16 tensor-core kernels run fastest: the model and its inputs use it.
+MEMORY_FORMAT = torch.channels_last
 PLOTTED_TRAIN_BATCHES = 3  # train_batch{0,1,2}.jpg
 
 
@@ -478,9 +480,9 @@ class TrainStep:
     def __init__(self, model: nn.Module, compute_loss, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, ema: ModelEMA | None, amp_dtype: torch.dtype | None,
                  world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=(),
-                 posthoc: PosthocEMA | None = None):
+                 posthoc: PosthocEMA | None = None, memory_format: torch.memory_format = MEMORY_FORMAT):
         self.model, self.compute_loss, self.optimizer, self.scaler, self.ema = model, compute_loss, optimizer, scaler, ema
-        self.posthoc = posthoc
+        self.posthoc, self.memory_format = posthoc, memory_format
         self.amp_dtype, self.world_size, self.last_opt_step = amp_dtype, world_size, last_opt_step
         self.timer = timer or (lambda name: contextlib.nullcontext())
         self.overflow_at = frozenset(overflow_at)
@@ -493,8 +495,10 @@ class TrainStep:
         self.window_images = 0
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int) -> torch.Tensor:
-        """Train on one batch at global iteration ni; returns the loss items (box, obj, cls), detached."""
+        """Train on one batch (float images in 0-1) at global iteration ni; returns the loss items (box, obj,
+        cls), detached."""
         device = imgs.device
+        imgs = imgs.contiguous(memory_format=self.memory_format)  # the model's layout
         with self.timer("forward"), autocast(device, self.amp_dtype):
             pred = self.model(imgs)
         with self.timer("loss"), autocast(device, self.amp_dtype):
@@ -708,9 +712,9 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     model.hyp = loss_gains(hyp, nc, model.model[-1].nl, imgsz, opt.label_smoothing)
     model.class_weights = class_weights_from_labels(dataset.labels, nc).to(device)
 
-    # channels_last: the layout oneDNN (CPU) and cuDNN's fp16 tensor-core kernels run fastest. Converted before
-    # the EMA is built, so that its flat buffer keeps these strides (converting later drops it to the foreach path).
-    model.to(memory_format=torch.channels_last)
+    # Converted before the EMA is built, so that its flat buffer keeps these strides (converting later drops it to
+    # the foreach path).
+    model.to(memory_format=MEMORY_FORMAT)
     nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
@@ -886,7 +890,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         if ni == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         note_unreadable(run, batch)
-        imgs = (imgs.to(device, non_blocking=True).float() / 255).contiguous(memory_format=torch.channels_last)
+        imgs = imgs.to(device, non_blocking=True).float() / 255
         if ni <= run.nw:
             run.accumulate = warmup_accumulate(ni, run.nw, hyp["nbs"], opt.batch_size)
             apply_warmup(run.optimizer, ni, run.nw, run.lf(epoch), hyp)
@@ -895,8 +899,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
             scale = size / max(imgs.shape[2:])
             if scale != 1:
                 new_shape = [math.ceil(x * scale / run.gs) * run.gs for x in imgs.shape[2:]]
-                imgs = nn.functional.interpolate(imgs, size=new_shape, mode="bilinear", align_corners=False
-                                                 ).contiguous(memory_format=torch.channels_last)
+                imgs = nn.functional.interpolate(imgs, size=new_shape, mode="bilinear", align_corners=False)
 
         loss_items = run.step(imgs, targets, ni, run.accumulate)
 

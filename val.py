@@ -98,14 +98,15 @@ from utils.torch_utils import autocast, non_finite_tensors, select_device  # noq
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
 
 
-def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+def inference_copy(model: torch.nn.Module, memory_format: torch.memory_format = torch.channels_last
+                   ) -> torch.nn.Module:
     """The model in its fastest form for inference, as a copy (the caller's model, e.g. ema.ema, is never
-    touched): BatchNorm folded into the convolutions and channels_last weights, the layout oneDNN on the CPU
+    touched): BatchNorm folded into the convolutions, and channels_last weights, the layout oneDNN on the CPU
     and cuDNN's fp16 kernels run best. Predictions equal the original's up to float rounding."""
     fast = copy.deepcopy(model)
     if hasattr(fast, "fuse"):
         fast.fuse(verbose=False)
-    return fast.to(memory_format=torch.channels_last)
+    return fast.to(memory_format=memory_format)
 
 
 def latest_best(search_dir: Path | None = None) -> Path:
@@ -205,6 +206,7 @@ def run(
     plots: bool = True,
     compute_loss=None,
     timer: PhaseTimer | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ):
     """Evaluate and report. Returns ((P, R, mAP50, mAP50-95, box_loss, obj_loss, cls_loss), maps, times):
     maps (nc,) is each class's mAP50-95 (classes without boxes get the overall value), times the
@@ -212,7 +214,8 @@ def run(
 
     Precision: the model's weights are never converted; `amp_dtype` (train.py passes its run's) or, with
     `half`, float16 is the autocast dtype on whatever device runs, CPU included. A given `timer` is charged
-    with this validation's phases (data wait, pre-process, inference, NMS, metrics, plots).
+    with this validation's phases (data wait, pre-process, inference, NMS, metrics, plots). The model runs
+    fused, in `memory_format` (bench/val_speed.py compares the layouts).
     """
     training = model is not None
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
@@ -224,7 +227,7 @@ def run(
         model_names = getattr(model, "names", None)
         stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
         imgsz = imgsz or DEFAULT_IMGSZ
-        model = inference_copy(model)
+        model = inference_copy(model, memory_format)
     else:
         if task not in ("val", "test", "speed"):
             raise ValError(f"--task must be val, test or speed, not {task!r}")
@@ -253,7 +256,7 @@ def run(
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
         del ckpt
         model_names = model.names
-        model.to(device, memory_format=torch.channels_last)
+        model.to(device, memory_format=memory_format)
         stride = int(max(model.stride.max(), 32))
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
@@ -302,7 +305,7 @@ def run(
             im, targets, paths, shapes, _ = batch
             with phases("pre-process"):
                 im = im.to(device, non_blocking=True)
-                im = (im.float() / 255).contiguous(memory_format=torch.channels_last)
+                im = (im.float() / 255).contiguous(memory_format=memory_format)
                 targets = targets.to(device)
                 height, width = im.shape[2:]
             with phases("inference"), autocast(device, amp_dtype):

@@ -47,6 +47,10 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
             self.counts[name] = self.counts.get(name, 0) + count
 
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.counts.clear()
+
     def merge(self, other: "PhaseTimer", prefix: str = "") -> None:
         for name, seconds in other.seconds.items():
             self.add(prefix + name, seconds, other.counts.get(name, 1))
