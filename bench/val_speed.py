@@ -4,10 +4,12 @@
     python bench/val_speed.py --images 128 --device 0      # the full coco128 on a GPU
     python bench/val_speed.py --weights-dir runs/train/exp/weights   # trained yolov5{n,s}.pt from there
     python bench/val_speed.py --busy-head                  # untrained head forced to propose boxes everywhere
+    python bench/val_speed.py --formats channels_last contiguous   # both layouts, alternating, with their ratio
 
 Images per second = images / wall time of the val.run call (median of --repeats runs), which builds its dataloader (label cache
 already warm), loads the checkpoint, fuses, evaluates and scores. The per-stage columns are val's own
-per-image timings.
+per-image timings. With several --formats the runs of each configuration alternate between the memory
+formats, so machine noise hits them alike, and the last column is the time ratio to the first format.
 
 Untrained weights: the YOLOv5 bias priors make a random-init head score every anchor below the default
 --conf-thres 0.001, so NMS and matching get (almost) nothing to do and the figures show the model plus
@@ -70,7 +72,10 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="FP16 on CUDA")
     p.add_argument("--weights-dir", default="", help="folder with <model>.pt checkpoints to use instead of random init")
     p.add_argument("--busy-head", action="store_true", help="random init biased to propose a box at every anchor")
+    p.add_argument("--formats", nargs="+", choices=("channels_last", "contiguous"), default=["channels_last"],
+                   help="memory formats of the model and its inputs")
     opt = p.parse_args()
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     set_logging()
     device = select_device(opt.device)
     data = check_dataset(opt.data)
@@ -84,13 +89,13 @@ def main() -> None:
         (tmp / "data.yaml").write_text(yaml.safe_dump(subset))
         rows = []
 
-        def timed_run(weights, size):
+        def timed_run(weights, size, fmt=opt.formats[0]):
             LOGGER.setLevel(logging.WARNING)
             t0 = time.perf_counter()
             with contextlib.redirect_stderr(io.StringIO()):  # progress bars
                 _, _, times = val.run(str(tmp / "data.yaml"), weights=str(weights), batch_size=opt.batch_size,
                                       imgsz=size, device=opt.device, workers=opt.workers, half=opt.half,
-                                      project=str(tmp / "runs"), plots=False)  # fmt: skip
+                                      project=str(tmp / "runs"), plots=False, memory_format=formats[fmt])  # fmt: skip
             wall = time.perf_counter() - t0
             LOGGER.setLevel(logging.INFO)
             return wall, times
@@ -104,18 +109,26 @@ def main() -> None:
             if i == 0:  # untimed: builds the label cache, fills the file cache, initialises kernels
                 timed_run(weights, min(opt.sizes))
             for size in opt.sizes:
-                runs = sorted(timed_run(weights, size) for _ in range(max(opt.repeats, 1)))
-                wall, times = runs[len(runs) // 2]  # the median run, whole
-                rows.append((cfg, size, len(images), wall, times, kind))
-                print(f"{cfg} {size}: {len(images) / wall:.1f} img/s", file=sys.stderr, flush=True)
+                runs = {fmt: [] for fmt in opt.formats}
+                for _ in range(max(opt.repeats, 1)):
+                    for fmt in opt.formats:  # alternating
+                        runs[fmt].append(timed_run(weights, size, fmt))
+                first = None
+                for fmt in opt.formats:
+                    wall, times = sorted(runs[fmt])[len(runs[fmt]) // 2]  # the median run, whole
+                    first = first or wall
+                    rows.append((cfg, size, len(images), wall, times, kind, fmt, wall / first))
+                    print(f"{cfg} {size} {fmt}: {len(images) / wall:.1f} img/s", file=sys.stderr, flush=True)
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nval.run throughput on {Path(opt.data).stem}, {dev}, batch {opt.batch_size}, "
           f"{'FP16' if opt.half and device.type == 'cuda' else 'FP32'}, conf 0.001, iou 0.6\n")  # fmt: skip
-    print("| model | --img | images | weights | wall s | images/s | pre-process ms/img | inference ms/img | NMS ms/img |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cfg, size, n, wall, (pre, inf, nms), kind in rows:
-        print(f"| {cfg} | {size} | {n} | {kind} | {wall:.1f} | {n / wall:.1f} | {pre:.1f} | {inf:.1f} | {nms:.1f} |")
+    print("| model | --img | images | weights | format | wall s | images/s | pre-process ms/img | inference ms/img | "
+          f"NMS ms/img | time / {opt.formats[0]} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for cfg, size, n, wall, (pre, inf, nms), kind, fmt, ratio in rows:
+        print(f"| {cfg} | {size} | {n} | {kind} | {fmt} | {wall:.1f} | {n / wall:.1f} | {pre:.1f} | {inf:.1f} | {nms:.1f} | "
+              f"{ratio:.2f} |")
 
 
 if __name__ == "__main__":
