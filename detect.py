@@ -138,8 +138,8 @@ def run(
     for flag, value, low, high in (("--conf-thres", conf_thres, 0, 1), ("--iou-thres", iou_thres, 0, 1)):
         if not low <= value <= high:
             raise ValueError(f"{flag} must be in [{low}, {high}], got {value}")
-    if max_det < 1 or line_thickness < 1:
-        raise ValueError("--max-det and --line-thickness must be at least 1")
+    if min(max_det, line_thickness, vid_stride) < 1:
+        raise ValueError("--max-det, --line-thickness and --vid-stride must be at least 1")
     device = select_device(device)
     files = list_source_files(source)  # a bad source fails before anything is loaded or written
     if weights is None:
@@ -182,7 +182,7 @@ def run(
         raise SourceError(f"none of the {len(files)} file(s) of {source} could be read (see the warnings above)")
     LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
                 % (*(t / seen for t in totals), (1, 3, *imgsz)))
-    labels = f"\n{len(list((save_dir / 'labels').glob('*.txt')))} labels saved to {save_dir / 'labels'}" if save_txt else ""
+    labels = f"\n{len(list((save_dir / 'labels').glob('*.txt')))} labels saved to {shown_path(save_dir / 'labels')}" if save_txt else ""
     LOGGER.info(f"Results saved to {shown_path(save_dir)}{labels}")
     return save_dir
 

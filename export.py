@@ -57,6 +57,7 @@ from models.yolo import Detect, check_img_size  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
     EXPORT_SUFFIXES,
+    JIT_DEPRECATION,
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
     export_metadata,
@@ -80,7 +81,7 @@ def export_torchscript(model: torch.nn.Module, im: torch.Tensor, file: Path, met
     """torch.jit.trace; the metadata travels in the archive's config.txt (as YOLOv5's does)."""
     LOGGER.info(f"\nTorchScript: starting export with torch {torch.__version__}...")
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\..*` is deprecated")  # still YOLOv5's format
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
         traced = torch.jit.trace(model, im, strict=False)
         traced.save(str(file), _extra_files={TORCHSCRIPT_CONFIG: json.dumps(meta)})
     return file
@@ -177,8 +178,8 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
         written.append(file)
 
     LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)\nResults saved to {shown_path(weights.parent)}")
-    for file in written:
-        f = shown_path(file)
+    if written:  # how to use it (the last format written; the others the same way)
+        f = shown_path(written[-1])
         LOGGER.info(f"Detect:          python detect.py --weights {f} --source IMAGE\n"
                     f"Validate:        python val.py --weights {f}\n"
                     f"PyTorch Hub:     model = torch.hub.load('.', 'custom', path='{f}', source='local')")

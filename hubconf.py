@@ -32,7 +32,7 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     set_logging(verbose=verbose)
     device = select_device("" if device is None else str(device))
     if pretrained:
-        candidates = [Path.cwd() / f"{name}.pt", ROOT / f"{name}.pt"]
+        candidates = list(dict.fromkeys([Path.cwd() / f"{name}.pt", ROOT / f"{name}.pt"]))  # each folder once
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise CheckpointError(

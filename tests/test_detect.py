@@ -235,6 +235,15 @@ def test_video_comes_back_annotated_with_same_frames_size_and_fps(weights, image
         drawn = np.abs(frame_out.astype(int) - frame_in.astype(int)).max(2) > 60  # beyond mp4v's own losses
         assert (drawn.mean() > 1e-3) if len(lb) else (drawn.mean() < 1e-3)
     assert sum(len(lb) for lb in labels) > 0
+    # --vid-stride 2: frames 1, 3 and 5, written at half the frame rate so the video lasts as long
+    strided = detect.run(source=src / "clip.mp4", weights=weights, imgsz=IMG, vid_stride=2, save_txt=True,
+                         project=tmp_path, name="v2")  # fmt: skip
+    cap = cv2.VideoCapture(str(strided / "clip.mp4"))
+    assert (cap.get(cv2.CAP_PROP_FRAME_COUNT), cap.get(cv2.CAP_PROP_FPS)) == (3, pytest.approx(6))
+    cap.release()
+    assert sorted(p.name for p in (strided / "labels").iterdir()) == ["clip_1.txt", "clip_3.txt", "clip_5.txt"]
+    for k in (1, 3, 5):
+        np.testing.assert_array_equal(read_labels(strided / "labels" / f"clip_{k}.txt"), labels[k - 1])
 
 
 def test_half_is_autocast_and_leaves_weights_fp32(weights, images):

@@ -189,6 +189,9 @@ def test_detect_runs_the_onnx_file(fixed, coco128, tmp_path):
     expected = pt.detect([cv2.imread(str(image))], [image.name]).xywhn[0]
     assert len(rows) == len(expected) > 0
     np.testing.assert_allclose(rows[:, 1:], expected[:, :5].numpy(), rtol=1e-4, atol=2e-6)
+    hub = torch.hub.load(str(ROOT), "custom", path=str(onnx_file), source="local", _verbose=False)
+    hub.conf = 0.01
+    np.testing.assert_allclose(hub(str(image)).xywhn[0][:, :5].numpy(), rows[:, 1:], rtol=1e-4, atol=2e-6)
 
 
 def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):

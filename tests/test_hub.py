@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import detect
-from tests.test_detect import IMG, build_checkpoint, coco128_images, read_labels
+from tests.test_detect import IMG, images, read_labels, weights  # noqa: F401  (images, weights: fixtures)
 from utils.boxes import xyxy2xywh
 from utils.checkpoint import CheckpointError
 from utils.inference import Results, SourceError
@@ -30,16 +30,6 @@ def private_hub_dir(tmp_path, monkeypatch):
     torch.hub.set_dir(str(tmp_path / "hub"))
     yield
     torch.hub.set_dir(before)
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("weights") / "best.pt")
-
-
-@pytest.fixture(scope="module")
-def images(coco128):
-    return coco128_images()
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ EXPORT_SUFFIXES = (".onnx", ".torchscript")
 TORCHSCRIPT_CONFIG = "config.txt"  # the extra file of a .torchscript archive that holds its metadata (as YOLOv5's)
 DOWNLOAD_TIMEOUT_S = 10
 # torch 2.14 marks torch.jit deprecated; TorchScript stays one of the export formats YOLOv5 users expect.
-_JIT_DEPRECATION = r"`torch\.jit\..*` is deprecated"
+JIT_DEPRECATION = r"`torch\.jit\..*` is deprecated"
 
 
 class SourceError(ValueError):
@@ -216,7 +216,7 @@ class TorchScriptModel(ExportedModel):
         extra = {TORCHSCRIPT_CONFIG: ""}
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_JIT_DEPRECATION)
+                warnings.filterwarnings("ignore", message=JIT_DEPRECATION)
                 self.module = torch.jit.load(str(file), map_location=device, _extra_files=extra).eval()
         except Exception as e:  # torch.jit raises RuntimeError/ValueError for anything unreadable
             raise CheckpointError(f"{file} is not a readable TorchScript model ({str(e).splitlines()[0][:200]})") from None
@@ -370,10 +370,8 @@ def _video_frames(f: str, index: int, count: int, vid_stride: int):
         frames = math.ceil(total / vid_stride)
         for k in range(total):
             if not cap.grab():
-                if k == 0:
-                    LOGGER.warning(f"WARNING: skipping {f}: not a readable video")
-                elif k < total:
-                    LOGGER.warning(f"WARNING: {f}: only {k} of {total} frames could be read")
+                LOGGER.warning(f"WARNING: skipping {f}: not a readable video" if k == 0 else
+                               f"WARNING: {f}: only {k} of {total} frames could be read")
                 return
             if k % vid_stride:
                 continue
