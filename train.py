@@ -563,44 +563,6 @@ def plain_opt(opt: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opt).items()}
 
 
-def build_checkpoint(*, epoch: int, best_fitness: float, model: nn.Module, ema: ModelEMA, optimizer, scaler,
-                     scheduler, stopper: EarlyStopping, last_opt_step: int, accumulate: int, opt, hyp: dict,
-                     names: list[str], finished: bool, posthoc: PosthocEMA | None = None) -> dict:
-    """The checkpoint dict: FP16 weights for use, plus (while unfinished) FP32 state for exact resume, its
-    weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors)."""
-    raw = de_parallel(model)
-    model_state, ema_state = raw.state_dict(), ema.ema.state_dict()
-    ckpt = {
-        "format": "yolo-ema", "version": VERSION,
-        "epoch": epoch,
-        "best_fitness": float(best_fitness),
-        "model": half_state_dict(model_state),
-        "ema": half_state_dict(ema_state),
-        "updates": int(ema.updates),
-        "optimizer": optimizer.state_dict(),
-        "opt": plain_opt(opt),
-        "hyp": dict(hyp),
-        "yaml": raw.yaml,
-        "nc": int(raw.nc),
-        "names": list(names),
-        "date": datetime.now(timezone.utc).isoformat(),
-        # Small state that continues through an --epochs extension of a finished run too.
-        "train_state": {"last_opt_step": int(last_opt_step), "accumulate": int(accumulate),
-                        "early_stopping": stopper.state_dict(), "ema_images": float(ema.images)},
-    }
-    if not finished:
-        ckpt["resume"] = {
-            "model": pack_state_dict(model_state),
-            "ema": {**ema.state_dict(weights=False), "ema": pack_state_dict(ema_state)},
-            "scaler": scaler.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": capture_rng_state(),
-        }
-        if posthoc is not None:
-            ckpt["resume"]["posthoc"] = posthoc.state_dict()
-    return ckpt
-
-
 def file_size(path: Path) -> str:
     return f"{path.stat().st_size / 1e6:.1f} MB"
 
@@ -977,6 +939,42 @@ def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
     return tuple(results)
 
 
+def build_checkpoint(run: Run, epoch: int) -> dict:
+    """last.pt's contents at the end of `epoch`: FP16 weights for use, and the FP32 state an exact resume needs,
+    its weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors)."""
+    raw, ema = de_parallel(run.model), run.ema
+    model_state, ema_state = raw.state_dict(), ema.ema.state_dict()
+    ckpt = {
+        "format": "yolo-ema", "version": VERSION,
+        "epoch": epoch,
+        "best_fitness": float(run.best_fitness),
+        "model": half_state_dict(model_state),
+        "ema": half_state_dict(ema_state),
+        "updates": int(ema.updates),
+        "optimizer": run.optimizer.state_dict(),
+        "opt": plain_opt(run.opt),
+        "hyp": dict(run.hyp),
+        "yaml": raw.yaml,
+        "nc": int(raw.nc),
+        "names": list(run.names),
+        "date": datetime.now(timezone.utc).isoformat(),
+        # Small state that continues through an --epochs extension of a finished run too.
+        "train_state": {"last_opt_step": int(run.step.last_opt_step), "accumulate": int(run.accumulate),
+                        "early_stopping": run.stopper.state_dict(), "ema_images": float(ema.images)},
+        # Stripped when the run finishes (strip_resume_state).
+        "resume": {
+            "model": pack_state_dict(model_state),
+            "ema": {**ema.state_dict(weights=False), "ema": pack_state_dict(ema_state)},
+            "scaler": run.scaler.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": capture_rng_state(),
+        },
+    }
+    if run.posthoc is not None:
+        ckpt["resume"]["posthoc"] = run.posthoc.state_dict()
+    return ckpt
+
+
 def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
     """best.pt when fitness improved and weights/epochN.pt every --save-period epochs (both finished
     checkpoints, without optimizer or resume state), then last.pt with everything a resume needs.
@@ -985,10 +983,7 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
     epoch and rewrites the files above with identical contents. A failed write (a full disk) ends the run
     with one line saying what last.pt still holds.
     """
-    ckpt = build_checkpoint(epoch=epoch, best_fitness=run.best_fitness, model=run.model, ema=run.ema,
-                            optimizer=run.optimizer, scaler=run.scaler, scheduler=run.scheduler, stopper=run.stopper,
-                            last_opt_step=run.step.last_opt_step, accumulate=run.accumulate, opt=run.opt,
-                            hyp=run.hyp, names=run.names, finished=False, posthoc=run.posthoc)
+    ckpt = build_checkpoint(run, epoch)
     try:
         if improved:
             save_checkpoint(finished_checkpoint(ckpt), run.best)
