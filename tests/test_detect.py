@@ -64,6 +64,16 @@ def build_checkpoint(path, width: float = 0.125, obj_bias: float = -1.5, seed: i
     return save_checkpoint(ckpt, path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread per test module: on a busy machine two threads spin against each other and a few
+    seconds of work take minutes (train_helpers.train_env does the same for its subprocesses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("weights") / "best.pt")

@@ -16,7 +16,7 @@ import detect
 import export
 import val
 from models.yolo import Model
-from tests.test_detect import coco128_images, read_labels
+from tests.test_detect import coco128_images, one_thread, read_labels  # noqa: F401  (one_thread: autouse fixture)
 from tests.train_helpers import make_dataset, tiny_model_yaml
 from utils.checkpoint import half_state_dict, save_checkpoint
 from utils.dataloaders import create_dataloader

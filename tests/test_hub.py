@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import detect
-from tests.test_detect import IMG, images, read_labels, weights  # noqa: F401  (images, weights: fixtures)
+from tests.test_detect import IMG, images, one_thread, read_labels, weights  # noqa: F401  (fixtures)
 from utils.boxes import xyxy2xywh
 from utils.checkpoint import CheckpointError
 from utils.inference import Results, SourceError
