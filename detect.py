@@ -74,12 +74,11 @@ from utils.inference import (  # noqa: E402
     MissingPackageError,
     SourceError,
     iter_frames,
-    latest_weights,
     list_source_files,
     load_model,
 )
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import increment_path  # noqa: E402
+from utils.paths import increment_path, latest_best_weights  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 
@@ -143,7 +142,7 @@ def run(
     device = select_device(device)
     files = list_source_files(source)  # a bad source fails before anything is loaded or written
     if weights is None:
-        weights = latest_weights(TRAIN_RUNS)
+        weights = latest_best_weights(TRAIN_RUNS)
         LOGGER.info(f"No --weights given: using the latest run's {shown_path(weights)}")
     model = load_model(weights, device)
     detector = Detector(model)

@@ -61,11 +61,11 @@ from utils.inference import (  # noqa: E402
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
     export_metadata,
-    latest_weights,
     load_model,
     require,
 )
 from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.paths import latest_best_weights  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
         require("onnx", "ONNX export")
         require("onnxscript", "ONNX export")
     if weights is None:
-        weights = latest_weights(TRAIN_RUNS)
+        weights = latest_best_weights(TRAIN_RUNS)
     weights = Path(weights)
     if weights.suffix.lower() in EXPORT_SUFFIXES:
         raise ExportError(f"{weights} is already exported; export.py starts from PyTorch weights (.pt)")

@@ -32,7 +32,7 @@ TRAIN_RUNS = ROOT / "runs" / "train"  # where val.py without --weights looks for
 
 
 class ValError(Exception):
-    """A validation that cannot start (a bad --device or --task, no weights to find); one line for the user."""
+    """A validation that cannot start (a bad --device or --task); one line for the user."""
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ from tqdm import tqdm  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.inference import EXPORT_SUFFIXES, load_model  # noqa: E402
+from utils.inference import EXPORT_SUFFIXES, load_model, write_yolo_labels  # noqa: E402
 from utils.coco import (  # noqa: E402
     category_map,
     coco_evaluate,
@@ -89,7 +89,7 @@ from utils.coco import (  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import increment_path  # noqa: E402
+from utils.paths import increment_path, latest_best_weights  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
@@ -107,16 +107,6 @@ def inference_copy(model: torch.nn.Module, memory_format: torch.memory_format = 
     if hasattr(fast, "fuse"):
         fast.fuse(verbose=False)
     return fast.to(memory_format=memory_format)
-
-
-def latest_best(search_dir: Path | None = None) -> Path:
-    """The newest best.pt of the training runs (what `val.py` without --weights validates)."""
-    search_dir = Path(search_dir or TRAIN_RUNS)
-    found = sorted(search_dir.glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
-    if not found:
-        raise ValError(f"no --weights given and no trained weights found under {shown_path(search_dir)}; "
-                       "pass --weights path/to/best.pt")
-    return found[-1]
 
 
 def trained_imgsz(ckpt: dict) -> int | None:
@@ -138,17 +128,6 @@ def eval_mode(model: torch.nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-def save_one_txt(predn: torch.Tensor, save_conf: bool, shape, file: Path) -> None:
-    """YOLO-format prediction file: cls cx cy w h [conf], normalised by the original image (h, w)."""
-    h, w = shape
-    det = predn.detach().cpu().double()
-    xywhn = xyxy2xywh(det[:, :4]) / torch.tensor([w, h, w, h], dtype=torch.float64)
-    with open(file, "w") as f:  # one call per image: a rerun with --exist-ok replaces, never appends
-        for cls, xywh, conf in zip(det[:, 5].tolist(), xywhn.tolist(), det[:, 4].tolist()):
-            row = (int(cls), *xywh, conf) if save_conf else (int(cls), *xywh)
-            f.write(("%g " * len(row)).rstrip() % row + "\n")
 
 
 def output_to_target(output: list[torch.Tensor]) -> torch.Tensor:
@@ -238,7 +217,7 @@ def run(
         except ValueError as e:
             raise ValError(str(e)) from None
         if weights is None:
-            weights = latest_best()
+            weights = latest_best_weights(TRAIN_RUNS)
             LOGGER.info(f"No --weights given: validating the latest run's {shown_path(weights)}")
         if Path(weights).suffix.lower() in EXPORT_SUFFIXES:  # .onnx / .torchscript, run as detect.py runs them
             model = load_model(weights, device)
@@ -338,7 +317,7 @@ def run(
                     if plots:
                         confusion.process_batch(predn, torch.cat((gt[:, 0:1], tbox), 1))
                     if save_txt:
-                        save_one_txt(predn, save_conf, shape, save_dir / "labels" / f"{path.stem}.txt")
+                        write_yolo_labels(predn, shape, save_dir / "labels" / f"{path.stem}.txt", save_conf)
                     if save_json:
                         jdict += predictions_to_coco(predn, image_id_from_path(path), class_map)
 

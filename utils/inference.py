@@ -88,15 +88,6 @@ def load_model(weights, device: torch.device | str = "cpu", fuse: bool = True) -
     return model.to(device).eval()
 
 
-def latest_weights(runs_dir: Path) -> Path:
-    """The newest runs_dir/**/weights/best.pt (what detect.py and export.py use without --weights)."""
-    found = sorted(Path(runs_dir).glob("**/weights/best.pt"), key=lambda f: f.stat().st_mtime)
-    if not found:
-        raise CheckpointError(f"no --weights given and no trained weights found under {runs_dir}; "
-                              "pass --weights path/to/best.pt")
-    return found[-1]
-
-
 def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
     """What an exported file records about its model (read back by the loaders below): class names, strides,
     the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
