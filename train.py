@@ -702,11 +702,10 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
                      last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
-              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, optimizer=optimizer, scheduler=scheduler, lf=lf,
-              scaler=scaler, stopper=stopper, train_loader=train_loader, val_loader=val_loader,
-              compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw, accumulate=accumulate,
-              start_epoch=start_epoch,
-              end_epoch=opt.epochs, best_fitness=best_fitness,
+              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, optimizer=optimizer,
+              scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
+              val_loader=val_loader, compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw,
+              accumulate=accumulate, start_epoch=start_epoch, end_epoch=opt.epochs, best_fitness=best_fitness,
               saved_epoch=start_epoch - 1 if resume_ckpt is not None else None)
     if procs.main:
         log_run_plan(run)
@@ -837,7 +836,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
     run.train_loader.set_epoch(epoch)  # the DataLoader's iterator below starts the epoch's batches
     run.step.drop_partial_window()
     mloss = torch.zeros(3, device=device)
-    unreadable_before = len(run.unreadable)
+    unreadable = set()  # image files this epoch could not read
     if procs.main:
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
     bar = tqdm(enumerate(run.train_loader), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
@@ -852,6 +851,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         if ni == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         note_unreadable(run, batch)
+        unreadable.update(batch.unreadable)
         imgs = imgs.to(device, non_blocking=True).float() / 255
         if ni <= run.nw:
             run.accumulate = warmup_accumulate(ni, run.nw, hyp["nbs"], opt.batch_size)
@@ -876,9 +876,9 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
                     if run.tensorboard is not None:
                         run.tensorboard.image(f"train_batch{ni}", f)
         waited_from = time.perf_counter()
-    if procs.main and len(run.unreadable) > unreadable_before:
-        LOGGER.warning(f"epoch {epoch}: {len(run.unreadable) - unreadable_before} image file(s) could not be read "
-                       f"and were replaced by other samples ({len(run.unreadable)} in this run so far)")
+    if procs.main and unreadable:
+        LOGGER.warning(f"epoch {epoch}: {len(unreadable)} image file(s) could not be read and were replaced by other "
+                       f"samples ({len(run.unreadable)} in this run so far)")
     return mloss
 
 

@@ -253,3 +253,35 @@ def test_loaders_pin_memory_only_for_a_cuda_run(tiny, monkeypatch):
     for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda:0"), True)):
         train_loader, _, val_loader = train.build_loaders(opt, hyp, data, 64, 4, 32, train.Processes(), device)
         assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned, device
+
+
+def test_an_image_damaged_during_the_run_is_named_once_and_trained_around(tmp_path, monkeypatch, caplog):
+    """An image that turns unreadable after the label scan: the run warns once naming it, counts it in each epoch's
+    log, trains on a substitute sample, and its validation leaves the image out and says so."""
+    data = make_dataset(tmp_path / "data", n=8)
+    victim = tmp_path / "data" / "images" / "train" / "im003.jpg"
+    real = train.create_dataloader
+
+    def create_then_damage(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        if kwargs.get("prefix") == "val: ":  # after the training and validation scans accepted it
+            victim.write_bytes(b"no longer a jpeg")
+        return loader
+
+    monkeypatch.setattr(train, "create_dataloader", create_then_damage)
+    args = [str(a) for a in tiny_run_args(data, tiny_model_yaml(tmp_path), tmp_path / "runs", "damaged", 2)]
+    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level("INFO", logger="yolo"):
+            assert train.cli(train.parse_opt(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    messages = [r.getMessage() for r in caplog.records]
+    named = [m for m in messages if str(victim) in m and "substitute sample" in m]
+    assert len(named) == 1, named  # once, not once per epoch or per worker
+    assert sum(m.startswith("epoch 0: 1 image file(s) could not be read") for m in messages) == 1
+    assert any(m.startswith("epoch 1: 1 image file(s) could not be read") for m in messages)
+    assert any("metrics exclude 1 image" in m and str(victim) in m for m in messages)
+    assert load_checkpoint(tmp_path / "runs" / "damaged" / "weights" / "last.pt")["epoch"] == 1
