@@ -143,8 +143,9 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     top = max(sweep, key=lambda r: r["fitness"])
     ax.plot([top["sigma_rel"]], [top["mAP50-95"]], "*", color="black", markersize=12, label="best fitness")
     ax.set_xscale("log")
+    ax.set_xticks([v for v in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3) if min(x) <= v <= max(x)] or x)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks would overlap
     ax.set_xlabel("sigma_rel (EMA length relative to the run)")
     ax.set_ylabel("mAP")
     ax.legend(fontsize=7)
