@@ -19,7 +19,8 @@ model and EMA, GradScaler, scheduler and RNG states, so a run killed at any inst
 bit-identical to the same run left alone (given --deterministic and the same hardware).
 
 Test hooks, environment variables naming a global training iteration N (counted from 0, at its start):
-    YOLO_TEST_KILL_AT_ITER=N             the process SIGKILLs itself
+    YOLO_TEST_KILL_AT_ITER=N             the process SIGKILLs itself (once the checkpoint writes queued before it are
+                                         on disk, so that which epoch last.pt holds is certain)
     YOLO_TEST_INTERRUPT_AT_ITER=N        the process sends itself SIGINT, as Ctrl-C does
     YOLO_TEST_OVERFLOW_AT_ITER=N[,M...]  the loss of those iterations is multiplied by inf (an fp16 overflow)
 """
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors")
     p.add_argument("--noplots", action="store_true", help="save no plot files")
     p.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
-    p.add_argument("--cache", type=str, nargs="?", const="ram", choices=("ram", "disk"),
-                   help="cache images in ram or on disk (default: no cache)")
+    p.add_argument("--cache", type=str, nargs="?", const="ram", default="auto", choices=("auto", "ram", "disk", "off"),
+                   help="keep decoded images in ram or on disk; auto: in ram when they take at most 10%% of the "
+                        "available memory (small datasets), off: decode every time")
     p.add_argument("--device", type=str, default=None,
                    help="cpu, cuda, a GPU index (0) or list (0,1,2,3) (default: the first GPU, else cpu; with "
                         "--resume, the run's own)")
@@ -136,9 +138,9 @@ from tqdm import tqdm  # noqa: E402
 import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import (VERSION, CheckpointError, finished_checkpoint, half_state_dict,  # noqa: E402
-                              load_checkpoint, model_from_checkpoint, pack_state_dict, save_checkpoint,
-                              strip_resume_state, unpacked_state_dict)
+from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
+                              half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
+                              strip_resume_state, unpacked_state_dict, unpacked_tree)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
@@ -605,6 +607,8 @@ class Run:
     results: tuple = (0.0,) * len(METRIC_COLUMNS)
     raw_results: tuple = (0.0,) * len(RAW_COLUMNS)
     unreadable: set = field(default_factory=set)  # image files that could not be read during training
+    inference_copies: dict = field(default_factory=dict)  # id(validated model) -> its val.InferenceCopy
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # rank 0's checkpoints, in the background
 
     @property
     def save_dir(self) -> Path:
@@ -627,6 +631,9 @@ class Run:
         return not self.opt.noplots
 
     def resume_hint(self) -> str:
+        """Which epoch last.pt holds and the command that continues the run (once pending writes have ended)."""
+        with contextlib.suppress(CheckpointError):  # a failed write is the caller's error to report
+            self.writer.wait()
         if self.saved_epoch is None or not self.last.exists():
             return "no epoch has been saved yet, so there is nothing to resume: start the run again"
         return (f"{shown_path(self.last)} holds epoch {self.saved_epoch}; continue with: "
@@ -791,7 +798,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
     state = ckpt.get("train_state", {})
     resume = ckpt.get("resume")
     if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(unpacked_tree(ckpt["optimizer"]))
     if state.get("early_stopping"):
         stopper.load_state_dict(state["early_stopping"])
     if ema is not None:
@@ -846,12 +853,14 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         imgs, targets, paths = batch.imgs, batch.targets, batch.paths
         ni = i + run.nb * epoch  # global iteration
         run.position = (epoch, i)
-        if ni == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hooks, see module docstring
+        if ni == kill_at:  # test hooks, see module docstring
+            run.writer.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
         if ni == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
         note_unreadable(run, batch)
         unreadable.update(batch.unreadable)
+        run.writer.raise_error()  # a checkpoint write of the last epoch that failed (a full disk) ends the run
         imgs = imgs.to(device, non_blocking=True).float() / 255
         if ni <= run.nw:
             run.accumulate = warmup_accumulate(ni, run.nw, hyp["nbs"], opt.batch_size)
@@ -931,11 +940,17 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
 
 
 def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
-    """val.run on the run's validation loader, under the run's autocast precision (weights untouched)."""
-    results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=model,
-                                 amp_dtype=check_amp(run.opt.amp, run.device), single_cls=run.opt.single_cls,
-                                 dataloader=run.val_loader, save_dir=run.save_dir, plots=False,
-                                 compute_loss=compute_loss, timer=run.timer)
+    """val.run on the run's validation loader, under the run's autocast precision, of the model's inference copy
+    (made once, refreshed in place every epoch: the model's own weights are never touched)."""
+    copy = run.inference_copies.get(id(model))
+    if copy is None:
+        copy = run.inference_copies[id(model)] = validate.InferenceCopy(model)
+    with run.timer("validation/model refresh"):
+        evaluated = copy.refresh()
+    results, _, _ = validate.run(run.data, batch_size=run.batch_size * 2, imgsz=run.imgsz, model=evaluated,
+                                 copy_model=False, amp_dtype=check_amp(run.opt.amp, run.device),
+                                 single_cls=run.opt.single_cls, dataloader=run.val_loader, save_dir=run.save_dir,
+                                 plots=False, compute_loss=compute_loss, timer=run.timer)
     return tuple(results)
 
 
@@ -951,7 +966,7 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
         "model": half_state_dict(model_state),
         "ema": half_state_dict(ema_state),
         "updates": int(ema.updates),
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": pack_tree(run.optimizer.state_dict()),  # a copy: the writer's thread saves it while training goes on
         "opt": plain_opt(run.opt),
         "hyp": dict(run.hyp),
         "yaml": raw.yaml,
@@ -980,29 +995,24 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
     checkpoints, without optimizer or resume state), then last.pt with everything a resume needs.
 
     last.pt is written last: it is the commit point a resume starts from, so a kill before it repeats this
-    epoch and rewrites the files above with identical contents. A failed write (a full disk) ends the run
-    with one line saying what last.pt still holds.
+    epoch and rewrites the files above with identical contents. The files are written on the writer's thread
+    while the next epoch trains (the checkpoint holds copies); a failed write (a full disk) ends the run with
+    one line saying what last.pt still holds.
     """
     ckpt = build_checkpoint(run, epoch)
-    try:
-        if improved:
-            save_checkpoint(finished_checkpoint(ckpt), run.best)
-        if run.opt.save_period > 0 and epoch % run.opt.save_period == 0:
-            save_checkpoint(finished_checkpoint(ckpt), run.last.parent / f"epoch{epoch}.pt")
-        save_checkpoint(ckpt, run.last)
-    except CheckpointError as e:
-        raise TrainError(f"{e}; {run.resume_hint()}") from None
-    run.saved_epoch = epoch
+    if improved:
+        run.writer.submit(finished_checkpoint(ckpt), run.best)
+    if run.opt.save_period > 0 and epoch % run.opt.save_period == 0:
+        run.writer.submit(finished_checkpoint(ckpt), run.last.parent / f"epoch{epoch}.pt")
+    run.writer.submit(ckpt, run.last, on_saved=lambda: setattr(run, "saved_epoch", epoch))
 
 
 def finish(run: Run, epochs_done: int, t0: float) -> None:
     """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
     LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    run.writer.close()  # every epoch's files on disk (or the error of one that could not be written)
     if run.posthoc is not None:
-        try:  # the bank's state at the last step, before the resume state that also holds it is stripped
-            run.posthoc.finish()
-        except CheckpointError as e:
-            raise TrainError(f"post-hoc EMA: {e}; {run.resume_hint()}") from None
+        run.posthoc.finish()  # the bank's state at the last step, before the resume state that also holds it goes
     if run.last.exists():
         with run.timer("checkpoints"):
             strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
@@ -1038,16 +1048,16 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
             stop = end_epoch(run, epoch, mloss)
             if broadcast(stop, procs):
                 break
+        if procs.main:
+            finish(run, epoch - run.start_epoch + 1, t0)
     except KeyboardInterrupt:
         at_epoch, batch = run.position
         raise Interrupted(f"interrupted in epoch {at_epoch} at batch {batch + 1} of {run.nb}; "
                           f"{run.resume_hint()}") from None
-    except CheckpointError as e:  # a post-hoc EMA snapshot written during a step (a full disk)
+    except CheckpointError as e:  # a checkpoint or post-hoc snapshot that could not be written (a full disk)
         raise TrainError(f"{e}; {run.resume_hint()}") from None
-    if procs.main:
-        finish(run, epoch - run.start_epoch + 1, t0)
-        if timer.enabled:
-            report_profile(run, wall=time.perf_counter() - T_IMPORT)
+    if timer.enabled:
+        report_profile(run, wall=time.perf_counter() - T_IMPORT)
     return run.results
 
 

@@ -74,6 +74,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from models.common import Conv  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -98,15 +99,37 @@ from utils.torch_utils import autocast, non_finite_tensors, select_device  # noq
 PLOTTED_BATCHES = 3  # val_batch{0,1,2}_labels.jpg / _pred.jpg
 
 
-def inference_copy(model: torch.nn.Module, memory_format: torch.memory_format = torch.channels_last
-                   ) -> torch.nn.Module:
-    """The model in its fastest form for inference, as a copy (the caller's model, e.g. ema.ema, is never
-    touched): BatchNorm folded into the convolutions, and channels_last weights, the layout oneDNN on the CPU
-    and cuDNN's fp16 kernels run best. Predictions equal the original's up to float rounding."""
-    fast = copy.deepcopy(model)
-    if hasattr(fast, "fuse"):
-        fast.fuse(verbose=False)
-    return fast.to(memory_format=memory_format)
+class InferenceCopy:
+    """A model in its fastest form for inference, as a copy (the source model, e.g. ema.ema, is never touched):
+    BatchNorm folded into the convolutions, and channels_last weights, the layout oneDNN on the CPU and cuDNN's
+    fp16 kernels run best. Predictions equal the source's up to float rounding.
+
+    refresh() brings the copy up to date with the source's current weights in place, folding each BatchNorm
+    with the same function fuse() uses (so the values equal a fresh copy's), which costs a fraction of making
+    a new copy: train.py keeps one per validated model and refreshes it every epoch.
+    """
+
+    def __init__(self, model: torch.nn.Module, memory_format: torch.memory_format = torch.channels_last):
+        self.model = copy.deepcopy(model)
+        if hasattr(self.model, "fuse"):
+            self.model.fuse(verbose=False)
+        self.model.to(memory_format=memory_format)
+        source, copied = dict(model.named_modules()), dict(self.model.named_modules())
+        folded = [n for n, m in source.items() if isinstance(m, Conv) and not m.fused and copied[n].fused]
+        self._folded = [(source[n], copied[n]) for n in folded]
+        inside_folded = tuple(f"{n}." for n in folded)
+        self._copied = [(source[n], copied[n]) for n in source if not n.startswith(inside_folded) and n not in folded]
+
+    @torch.no_grad()
+    def refresh(self) -> torch.nn.Module:
+        for conv, twin in self._folded:
+            weight, bias = conv.fused_weights()
+            twin.conv.weight.copy_(weight)
+            twin.conv.bias.copy_(bias)
+        for module, twin in self._copied:
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                getattr(twin, name).copy_(t)
+        return self.model
 
 
 def trained_imgsz(ckpt: dict) -> int | None:
@@ -186,6 +209,7 @@ def run(
     compute_loss=None,
     timer: PhaseTimer | None = None,
     memory_format: torch.memory_format = torch.channels_last,
+    copy_model: bool = True,
 ):
     """Evaluate and report. Returns ((P, R, mAP50, mAP50-95, box_loss, obj_loss, cls_loss), maps, times):
     maps (nc,) is each class's mAP50-95 (classes without boxes get the overall value), times the
@@ -193,8 +217,9 @@ def run(
 
     Precision: the model's weights are never converted; `amp_dtype` (train.py passes its run's) or, with
     `half`, float16 is the autocast dtype on whatever device runs, CPU included. A given `timer` is charged
-    with this validation's phases (data wait, pre-process, inference, NMS, metrics, plots). The model runs
-    fused, in `memory_format` (bench/val_speed.py compares the layouts).
+    with this validation's phases (data wait, pre-process, inference, NMS, metrics, plots). A given model is
+    evaluated as an InferenceCopy in `memory_format` (bench/val_speed.py compares the layouts); with
+    `copy_model=False` it is evaluated as it is (train.py passes its own, refreshed InferenceCopy).
     """
     training = model is not None
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
@@ -206,7 +231,8 @@ def run(
         model_names = getattr(model, "names", None)
         stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
         imgsz = imgsz or DEFAULT_IMGSZ
-        model = inference_copy(model, memory_format)
+        if copy_model:
+            model = InferenceCopy(model, memory_format).model
     else:
         if task not in ("val", "test", "speed"):
             raise ValError(f"--task must be val, test or speed, not {task!r}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import fuse_conv_bn_eval
+from torch.nn.utils import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 # YOLOv5 trains with these BatchNorm settings rather than torch's defaults (eps 1e-5, momentum 0.1).
 BN_EPS = 1e-3
@@ -42,6 +42,13 @@ class Conv(nn.Module):
     @property
     def fused(self) -> bool:
         return isinstance(self.bn, nn.Identity)
+
+    @torch.no_grad()
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the conv with this layer's BatchNorm folded in, as fuse() would make them (the
+        same function, so the same values), without changing this layer."""
+        return fuse_conv_bn_weights(self.conv.weight, self.conv.bias, self.bn.running_mean, self.bn.running_var,
+                                    self.bn.eps, self.bn.weight, self.bn.bias)
 
     @torch.no_grad()
     def fuse(self) -> None:

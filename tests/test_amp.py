@@ -10,7 +10,7 @@ import yaml
 
 import train
 from tests.train_helpers import make_dataset, tiny_model_yaml, tiny_run_args
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, unpacked_tree
 from utils.log import LOGGER
 from utils.optim import OPTIMIZERS
 from utils.torch_utils import AMP_DTYPES
@@ -102,7 +102,7 @@ def test_overflows_skip_the_step_halve_the_scale_and_leave_the_ema_alone(amp_run
 
 def test_updates_equal_the_steps_actually_taken(amp_run):
     ckpt = load_checkpoint(amp_run["run"] / "weights" / "last.pt")
-    adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}  # Adam's own count of its steps
+    adam_steps = {int(s["step"]) for s in unpacked_tree(ckpt["optimizer"])["state"].values()}  # Adam's own count of its steps
     taken = NB * EPOCHS - len(OVERFLOW_AT)
     assert adam_steps == {taken} and ckpt["updates"] == taken
     assert all(torch.isfinite(v.float()).all() for v in ckpt["ema"].values())

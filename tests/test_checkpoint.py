@@ -17,8 +17,11 @@ from utils.checkpoint import (
     check_checkpoint_classes,
     half_state_dict,
     load_checkpoint,
+    CheckpointWriter,
     pack_state_dict,
+    pack_tree,
     unpacked_state_dict,
+    unpacked_tree,
     model_from_checkpoint,
     save_checkpoint,
     strip_resume_state,
@@ -284,3 +287,52 @@ def test_packed_state_dict_round_trip(tmp_path):
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
         assert back[k].is_contiguous(), k
     assert unpacked_state_dict(sd) is sd  # version 1: already a state dict
+
+
+def test_packed_optimizer_state_round_trip_is_a_copy(tmp_path):
+    """The optimizer's state goes into last.pt packed: a copy taken now (training goes on while the writer
+    thread saves it), restored bitwise into a fresh optimizer, 0-dim tensors (Adam's step) included."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    expected = copy.deepcopy(state)
+    packed = pack_tree(state)
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    opt.step()  # moves the live state on; the packed copy keeps the old values
+    save_checkpoint({"optimizer": packed}, tmp_path / "o.pt")
+    back = unpacked_tree(torch.load(tmp_path / "o.pt", weights_only=True)["optimizer"])
+    assert back["param_groups"] == state["param_groups"]
+    for i, s in back["state"].items():
+        assert set(s) == {"step", "exp_avg", "exp_avg_sq"} and s["step"].shape == () and int(s["step"]) == 1
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(s[k], expected["state"][i][k]) and s[k].dtype == torch.float32
+        assert not torch.equal(s["exp_avg"], opt.state_dict()["state"][i]["exp_avg"])  # the live state moved on
+    fresh = torch.optim.Adam(net.parameters(), lr=0.1)
+    fresh.load_state_dict(back)
+    assert unpacked_tree(state) is state  # not packed (version 1): as it is
+
+
+def test_checkpoint_writer_keeps_order_and_reports_a_failed_write(tmp_path, monkeypatch):
+    writer = CheckpointWriter()
+    saved = []
+    for k in range(3):
+        writer.submit({"epoch": k, "w": torch.full((1000,), float(k))}, tmp_path / "last.pt",
+                      on_saved=lambda k=k: saved.append(k))
+    writer.wait()
+    assert saved == [0, 1, 2] and torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+
+    real_save = torch.save
+
+    def no_space(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    writer.submit({"epoch": 3}, tmp_path / "last.pt", on_saved=lambda: saved.append(3))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.wait()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert saved == [0, 1, 2] and torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2  # whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    writer.close()

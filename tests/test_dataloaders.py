@@ -650,6 +650,25 @@ def test_ram_and_disk_caches_give_identical_samples(tmp_path, user_cache, monkey
         ro.chmod(0o755)
 
 
+def test_auto_cache_keeps_a_small_dataset_in_ram_only(tmp_path, monkeypatch, log):
+    """--cache auto (train.py's default): decoded once when the images take at most 10% of the available
+    memory, not cached (and said so) above that; the samples are the same either way."""
+    images = make_split(tmp_path / "ds", n=3, sizes=[(80, 60), (60, 80), (64, 64)])
+    need = LoadImagesAndLabels(images, img_size=64)._resized_bytes()
+    assert need == 64 * 48 * 3 * 2 + 64 * 64 * 3
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * need)  # exactly at the share: cached
+    auto = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="auto")
+    assert all(im is not None for im in auto.ims)
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * need - 1)
+    uncached = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="auto")
+    assert all(im is None for im in uncached.ims)
+    assert "Not caching images in RAM" in log.text and "--cache ram forces it" in log.text
+    off = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="off")
+    for e in range(2):
+        for i in range(3):
+            assert torch.equal(auto[(e, i)][0], off[(e, i)][0]) and torch.equal(auto[(e, i)][1], off[(e, i)][1])
+
+
 # -------------------------------------------------------------------------------------------- real data
 
 def test_coco128_labels_match_the_coco_json(coco128):

@@ -239,6 +239,31 @@ def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
     assert "test" in _one_error_line(caplog)
 
 
+def test_inference_copy_refreshed_in_place_equals_a_fresh_copy():
+    """train.py refreshes one InferenceCopy per epoch instead of copying and fusing the EMA anew: after the
+    source's weights and BatchNorm statistics change, the refreshed copy equals a fresh one bit for bit."""
+    torch.manual_seed(0)
+    source = Model("yolov5n.yaml", nc=3, verbose=False)
+    copy = val.InferenceCopy(source)
+    with torch.no_grad():  # a training step and new statistics
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    refreshed, fresh = copy.refresh(), val.InferenceCopy(source).model
+    assert refreshed is copy.model and list(refreshed.state_dict()) == list(fresh.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(refreshed.state_dict().values(), fresh.state_dict().values()))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in refreshed.modules())  # folded
+    assert refreshed.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())  # the source is untouched
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(refreshed.eval()(x)[0], source.eval()(x)[0], rtol=1e-4, atol=1e-3)
+
+
 def test_half_is_fp16_autocast_on_the_cpu_too(tiny_data, tmp_path, monkeypatch):
     """`val.py --half` runs fp16 autocast on any device (never an in-place .half()) and agrees with FP32."""
     weights = _checkpoint(tmp_path / "w.pt")

@@ -17,9 +17,10 @@ import pathlib
 import pickle
 import tempfile
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ from utils.yolov5_import import (YOLOv5ImportError, first_refused_global, one_li
                                  read_yolov5_checkpoint)
 
 FORMAT = "yolo-ema"
-# 2: the resume state's FP32 model and EMA weights are packed (pack_state_dict); version-1 files, whose resume
-# state holds plain state dicts, still load and resume.
+# 2: the resume state's FP32 model and EMA weights (pack_state_dict) and the optimizer's state (pack_tree) are
+# packed; version-1 files, which hold plain state dicts there, still load and resume.
 VERSION = 2
 
 
@@ -167,6 +168,50 @@ def unpacked_state_dict(entry: dict) -> dict:
     return out
 
 
+def pack_tree(obj: Any) -> dict:
+    """Nested dicts, lists and tuples (an optimizer's state dict) with every tensor copied into one contiguous
+    buffer per dtype: {"packed": {dtype: tensor}, "tree": obj with each tensor replaced by {"tensor": [dtype,
+    shape]}}. The copy is the caller's to keep while the original goes on changing. unpacked_tree() restores it."""
+    buffers: dict[str, list[torch.Tensor]] = {}
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            dtype = str(x.dtype).removeprefix("torch.")
+            buffers.setdefault(dtype, []).append(x.detach().reshape(-1))
+            return {"tensor": [dtype, list(x.shape)]}
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    tree = walk(obj)
+    return {"packed": {dtype: torch.cat(parts) for dtype, parts in buffers.items()}, "tree": tree}
+
+
+def unpacked_tree(entry: Any) -> Any:
+    """What pack_tree() packed (its tensors are views into the packed buffers), or the entry itself when it is
+    not packed (a version-1 checkpoint)."""
+    if not (isinstance(entry, dict) and set(entry) == {"packed", "tree"}):
+        return entry
+    offsets = dict.fromkeys(entry["packed"], 0)
+
+    def walk(x):
+        if isinstance(x, dict) and set(x) == {"tensor"}:
+            dtype, shape = x["tensor"]
+            n = math.prod(shape)
+            t = entry["packed"][dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
+            offsets[dtype] += n
+            return t
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(walk(v) for v in x)
+        return x
+
+    return walk(entry["tree"])
+
+
 def half_state_dict(state_dict: dict) -> dict:
     """FP16 copy of a state dict for storage: floating tensors halved (detached, contiguous, own memory),
     integer tensors such as ``num_batches_tracked`` cloned unchanged."""
@@ -189,6 +234,49 @@ FINISHED_KEYS = ("format", "version", "epoch", "best_fitness", "model", "ema", "
 def finished_checkpoint(ckpt: dict) -> dict:
     """The entries of ``ckpt`` that a finished checkpoint keeps (FINISHED_KEYS); a shallow copy."""
     return {k: ckpt[k] for k in FINISHED_KEYS if k in ckpt}
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, in the order they were submitted, so that training goes on
+    while a file is pickled and flushed to disk. What is submitted must not change afterwards: pass copies.
+
+    A failed write (a full disk) is raised as its CheckpointError by the next call to raise_error(), submit()
+    or wait(); the files written before it stay whole.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._futures: list[Future] = []
+
+    def submit(self, ckpt: dict, path: str | Path, on_saved: Callable[[], None] | None = None) -> None:
+        """Queue save_checkpoint(ckpt, path); `on_saved` runs (on the writer's thread) once the file is in place."""
+        self.raise_error()
+
+        def write():
+            save_checkpoint(ckpt, path)
+            if on_saved is not None:
+                on_saved()
+
+        self._futures.append(self._pool.submit(write))
+
+    def raise_error(self) -> None:
+        """Raise the error of a finished write that failed (the first one); forget the writes done."""
+        done = [f for f in self._futures if f.done()]
+        self._futures = [f for f in self._futures if not f.done()]
+        for f in done:
+            f.result()
+
+    def wait(self) -> None:
+        """Block until every submitted write is done; raise the first failure."""
+        futures, self._futures = self._futures, []
+        errors = [f.exception() for f in futures]  # waits for each
+        for e in errors:
+            if e is not None:
+                raise e
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown()
 
 
 def strip_resume_state(path: str | Path) -> bool:

@@ -432,10 +432,12 @@ class LoadImagesAndLabels(Dataset):
         self.npy_files = None  # disk cache of decoded images
         if cache_images in ("ram", True):
             self.cache_in_ram()
+        elif cache_images == "auto":
+            self.cache_in_ram(auto=True)
         elif cache_images == "disk":
             self.cache_on_disk()
-        elif cache_images not in (None, False, ""):
-            raise ValueError(f"cache_images must be None, 'ram' or 'disk', got {cache_images!r}")
+        elif cache_images not in (None, False, "", "off"):
+            raise ValueError(f"cache_images must be None, 'off', 'auto', 'ram' or 'disk', got {cache_images!r}")
 
     def __len__(self):
         return self.n
@@ -495,9 +497,15 @@ class LoadImagesAndLabels(Dataset):
         r = self.img_size / self.shapes.max(1)
         return int((np.round(self.shapes[:, 0] * r) * np.round(self.shapes[:, 1] * r) * 3).sum())
 
-    def cache_in_ram(self) -> None:
-        """Decode and resize every image once and keep it in memory (skipped when memory is short)."""
+    def cache_in_ram(self, auto: bool = False) -> None:
+        """Decode and resize every image once and keep it in memory (skipped when memory is short). With `auto`,
+        only when the images take at most AUTO_CACHE_SHARE of the available memory: a small dataset is then
+        decoded once instead of every epoch (JPEG decoding is most of a sample's cost), with identical samples."""
         need, available = self._resized_bytes(), _available_memory()
+        if auto and (available is None or need > AUTO_CACHE_SHARE * available):
+            LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB is more than "
+                        f"{AUTO_CACHE_SHARE:.0%} of the available memory); --cache ram forces it")
+            return
         if available is not None and need > 0.8 * available:
             LOGGER.warning(f"{self.prefix}WARNING: not caching images in RAM: {need / 2**30:.1f} GiB needed, "
                            f"{available / 2**30:.1f} GiB available")
@@ -672,6 +680,11 @@ class SampleImages:
 
     def unreadable_paths(self) -> tuple[str, ...]:
         return tuple(self.dataset.im_files[i] for i in self.unreadable)
+
+
+# --cache auto (train.py's default) keeps decoded images in RAM when they take at most this share of the memory
+# available, so a small dataset is decoded once instead of every epoch.
+AUTO_CACHE_SHARE = 0.1
 
 
 def _available_memory() -> int | None:

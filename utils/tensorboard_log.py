@@ -12,6 +12,8 @@ import cv2
 
 from utils.log import LOGGER
 
+IMAGE_SIDE = 960  # longest side of an image summary, in pixels
+
 
 class TensorBoardLog:
     """Write scalars and images for one run (rank 0 only); each epoch's record is flushed at once."""
@@ -36,6 +38,9 @@ class TensorBoardLog:
         if im is None:
             LOGGER.warning(f"TensorBoard: {file} could not be read; not logged")
             return
+        scale = IMAGE_SIDE / max(im.shape[:2])
+        if scale < 1:  # TensorBoard stores PNG: encoding a full-size mosaic took a third of a second
+            im = cv2.resize(im, (round(im.shape[1] * scale), round(im.shape[0] * scale)), interpolation=cv2.INTER_AREA)
         self.writer.add_image(tag, im[..., ::-1].copy(), epoch, dataformats="HWC")
         self.writer.flush()
 
