@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
 TRAIN_RUNS = ROOT / "runs" / "train"  # where detect.py without --weights looks for the latest best.pt
 
@@ -213,4 +213,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(CLI_OPT))
+    exit_process(main(CLI_OPT))

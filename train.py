@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import HelpFormatter, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
@@ -1113,4 +1113,4 @@ def cli(opt: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli(CLI_OPT))
+    exit_process(cli(CLI_OPT))

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
 DEFAULT_IMGSZ = 640  # when neither --img nor the checkpoint says
 TRAIN_RUNS = ROOT / "runs" / "train"  # where val.py without --weights looks for the latest best.pt
@@ -456,4 +456,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(CLI_OPT))
+    exit_process(main(CLI_OPT))
