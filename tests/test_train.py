@@ -183,6 +183,14 @@ def test_two_epoch_run_writes_every_file(tiny):
     assert "resume" not in ckpt and "resume" not in torch.load(d / "weights" / "epoch0.pt", weights_only=True)
     assert ckpt["updates"] == 5  # accumulate 1 for ni 0-3, 2 at ni 4-5: steps at 0, 1, 2, 3, 5
     assert "Validating" in out.stdout and "0G" in out.stdout  # final best.pt validation; CPU memory column
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(d), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["train_batch0", "train_batch1", "train_batch2"]
+    first = events.Images("train_batch0")[0]
+    assert max(first.width, first.height) <= 640 and first.encoded_image_string.startswith(b"\x89PNG")
+    assert {"raw/mAP_0.5:0.95", "ema/updates", "ema/decay", "x/lr0"} <= set(events.Tags()["scalars"])
 
 
 class InfAtCall(ComputeLoss):

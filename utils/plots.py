@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+from matplotlib.collections import LineCollection, PatchCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -47,6 +48,11 @@ def _save(fig, fname) -> Path:
     return fname
 
 
+def _grey_lines(ax, x, ys) -> None:
+    """Many unlabelled curves y(x) as one artist (one line per class made the plot several times slower)."""
+    ax.add_collection(LineCollection([np.column_stack((x, y)) for y in ys], colors="grey", linewidths=1))
+
+
 def plot_pr_curve(recall, precision, ap, fname="PR_curve.png", names=None, classes=None) -> Path:
     """Precision against recall per class (thin grey when many) and their mean (thick).
 
@@ -56,9 +62,11 @@ def plot_pr_curve(recall, precision, ap, fname="PR_curve.png", names=None, class
     classes = list(range(len(precision))) if classes is None else list(classes)
     fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
     few = 0 < len(precision) < 21
-    for i, c in enumerate(classes):
-        label = f"{_name(names, c)} {ap[i]:.3f}" if few else None
-        ax.plot(recall, precision[i], linewidth=1, label=label, color=None if few else "grey")
+    if few:
+        for i, c in enumerate(classes):
+            ax.plot(recall, precision[i], linewidth=1, label=f"{_name(names, c)} {ap[i]:.3f}")
+    else:
+        _grey_lines(ax, recall, precision)
     if len(precision):
         ax.plot(recall, precision.mean(0), linewidth=3, color="blue", label=f"all classes {ap.mean():.3f} mAP@0.5")
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1), title="Precision-Recall Curve")
@@ -73,8 +81,11 @@ def plot_mc_curve(confidence, values, fname="mc_curve.png", names=None, classes=
     classes = list(range(len(values))) if classes is None else list(classes)
     fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
     few = 0 < len(values) < 21
-    for i, c in enumerate(classes):
-        ax.plot(confidence, values[i], linewidth=1, label=_name(names, c) if few else None, color=None if few else "grey")
+    if few:
+        for i, c in enumerate(classes):
+            ax.plot(confidence, values[i], linewidth=1, label=_name(names, c))
+    else:
+        _grey_lines(ax, confidence, values)
     if len(values):
         mean = values.mean(0)
         best = int(mean.argmax())
@@ -222,8 +233,9 @@ def plot_labels(labels, names=None, save_dir=Path(".")) -> Path:
         ax[0, 0].set_xticks(range(nc), [_name(names, c) for c in range(nc)], rotation=90, fontsize=7)
     # Box outlines centred in a unit square: shows the spread of shapes and sizes.
     ax[0, 1].set(xlim=(0, 1), ylim=(0, 1), title="boxes (centred)", aspect="equal")
-    for c, (_, _, bw, bh) in zip(cls[:500], xywh[:500]):
-        ax[0, 1].add_patch(plt.Rectangle((0.5 - bw / 2, 0.5 - bh / 2), bw, bh, fill=False, lw=0.5, color=np.array(class_color(c)) / 255))
+    boxes = [plt.Rectangle((0.5 - bw / 2, 0.5 - bh / 2), bw, bh) for _, _, bw, bh in xywh[:500]]
+    ax[0, 1].add_collection(PatchCollection(boxes, facecolor="none", linewidths=0.5,  # one artist, not 500
+                                            edgecolors=[np.array(class_color(c)) / 255 for c in cls[:500]]))
     ax[1, 0].hist2d(xywh[:, 0], xywh[:, 1], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
     ax[1, 0].set(xlabel="x", ylabel="y", aspect="equal")
     ax[1, 0].invert_yaxis()  # image rows grow downwards

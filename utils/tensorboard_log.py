@@ -12,7 +12,7 @@ import cv2
 
 from utils.log import LOGGER
 
-IMAGE_SIDE = 960  # longest side of an image summary, in pixels
+IMAGE_SIDE = 640  # longest side of an image summary, in pixels (its PNG encoding is the main thread's cost)
 
 
 class TensorBoardLog:
@@ -33,7 +33,7 @@ class TensorBoardLog:
         self.writer.flush()
 
     def image(self, tag: str, file: str | Path, epoch: int = 0) -> None:
-        """A saved picture (e.g. train_batch0.jpg) as an image summary."""
+        """A saved picture (e.g. train_batch0.jpg) as an image summary, written out with the next scalars()."""
         im = cv2.imread(str(file))
         if im is None:
             LOGGER.warning(f"TensorBoard: {file} could not be read; not logged")
@@ -41,8 +41,7 @@ class TensorBoardLog:
         scale = IMAGE_SIDE / max(im.shape[:2])
         if scale < 1:  # TensorBoard stores PNG: encoding a full-size mosaic took a third of a second
             im = cv2.resize(im, (round(im.shape[1] * scale), round(im.shape[0] * scale)), interpolation=cv2.INTER_AREA)
-        self.writer.add_image(tag, im[..., ::-1].copy(), epoch, dataformats="HWC")
-        self.writer.flush()
+        self.writer.add_image(tag, im[..., ::-1].copy(), epoch, dataformats="HWC")  # flushed with the epoch's scalars
 
     def close(self) -> None:
         self.writer.close()
