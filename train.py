@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
+                        "bench/train_speed.py --compile)")
     p.add_argument("--profile", action="store_true",
                    help="time every phase of the run; print the table at the end and write profile.json")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -123,6 +126,7 @@ if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import math  # noqa: E402
 import signal  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -704,6 +708,8 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
 
     if procs.distributed:
         model = wrap_ddp(model, opt, device)
+    if opt.compile:  # after the EMA (it pairs tensors by order through the wrapper) and DDP, as torch advises
+        model = torch.compile(model)
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
     overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
@@ -1040,6 +1046,10 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     timer = PhaseTimer(device, enabled=opt.profile and procs.main)
     timer.add("start-up: imports", IMPORT_SECONDS)
     run = setup_run(hyp, opt, device, procs, resume_ckpt, timer)
+    # What set-up made (torch's modules, the model, the loaders) lives until the end: frozen, it is no longer walked
+    # by the cyclic garbage collector, whose hundreds of collections per run took seconds (bench/profile_train.py).
+    gc.collect()
+    gc.freeze()
     t0 = time.time()
     epoch = run.start_epoch - 1
     try:

@@ -1,4 +1,5 @@
-"""Training-step throughput, channels_last against contiguous, in one run: yolov5n, coco128, --img 320, batch 16.
+"""Training-step throughput, channels_last against contiguous (and torch.compile), in one run: yolov5n, coco128,
+--img 320, batch 16.
 
 Times train.py's own TrainStep (autocast forward, loss, backward, accumulation to the nominal batch, clipped
 optimizer step, EMA update after each step taken) on the same mosaic batches for each memory format,
@@ -7,6 +8,9 @@ training loader and kept in memory, so the figures are the step's alone; the loa
 measured separately (bench/data_speed.py and bench/profile_train.py cover it in depth).
 
     python bench/train_speed.py [--iters 8] [--rounds 3] [--formats channels_last contiguous] [--amp fp16] [--device 0]
+    python bench/train_speed.py --formats channels_last compiled     # train.py --compile: compile time and gain
+
+'compiled' is channels_last with torch.compile (inductor); its first round, which compiles, is reported apart.
 """
 from __future__ import annotations
 
@@ -31,10 +35,11 @@ from utils.optim import build_optimizer, nominal_accumulate, scaled_weight_decay
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.torch_utils import check_amp, init_seeds, select_device  # noqa: E402
 
-FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format, "compiled": torch.channels_last}
 
 
-def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format) -> tuple[TrainStep, PhaseTimer]:
+def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format, compiled: bool = False
+              ) -> tuple[TrainStep, PhaseTimer]:
     """A fresh model (same seed for every format), its EMA, optimizer and scaler, in train.py's order."""
     init_seeds(0)
     model = Model(opt.cfg, nc=nc, verbose=False).to(device)
@@ -45,7 +50,8 @@ def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format) -> t
     optimizer = build_optimizer(model, "SGD", hyp["lr0"], hyp["momentum"],
                                 scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"]))
     timer = PhaseTimer(device)
-    step = TrainStep(model, ComputeLoss(model, model.hyp), optimizer, make_scaler(opt.amp, device, hyp), ema,
+    trained = torch.compile(model) if compiled else model  # after the EMA, as train.py --compile does
+    step = TrainStep(trained, ComputeLoss(model, model.hyp), optimizer, make_scaler(opt.amp, device, hyp), ema,
                      check_amp(opt.amp, device), timer=timer, memory_format=memory_format)
     model.train()
     return step, timer
@@ -78,7 +84,8 @@ def main(argv=None) -> dict:
             break
     data_ms = 1000 * (time.perf_counter() - t0) / len(batches)
 
-    steps = {name: make_step(opt, hyp, data["nc"], device, FORMATS[name]) for name in opt.formats}
+    steps = {name: make_step(opt, hyp, data["nc"], device, FORMATS[name], compiled=name == "compiled")
+             for name in opt.formats}
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     ms = {name: [] for name in opt.formats}
     ni = 0
@@ -110,12 +117,21 @@ def main(argv=None) -> dict:
         phases += [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1) for k in ("optimizer", "ema")]
         print(f"| {name} | {per_iter:.0f} | {opt.batch_size * 1000 / per_iter:.1f} | "
               + " | ".join(f"{v:.1f}" for v in phases) + " |")
-        result[name] = {"ms_per_iter": per_iter, "iterations": n, "ema_path": step.ema.path}
+        result[name] = {"ms_per_iter": per_iter, "iterations": n, "ema_path": step.ema.path, "first_round_s":
+                        ms[name][0] * len(batches) / 1000}
     if {"channels_last", "contiguous"} <= set(result):
         ratio = result["contiguous"]["ms_per_iter"] / result["channels_last"]["ms_per_iter"]
         print(f"\ncontiguous / channels_last time per iteration: {ratio:.2f} "
               f"(EMA path: {result['channels_last']['ema_path']} and {result['contiguous']['ema_path']})")
         result["ratio"] = ratio
+    if "compiled" in result and "channels_last" in result:
+        r = result["compiled"]
+        saving = result["channels_last"]["ms_per_iter"] - r["ms_per_iter"]
+        extra = r["first_round_s"] - result["channels_last"]["first_round_s"]
+        print(f"\ntorch.compile: first round {r['first_round_s']:.0f} s (compiling), then {r['ms_per_iter']:.0f} ms per "
+              f"iteration against {result['channels_last']['ms_per_iter']:.0f}; pays off after about "
+              f"{extra * 1000 / saving:.0f} iterations" if saving > 0 else
+              f"\ntorch.compile: first round {r['first_round_s']:.0f} s (compiling), and no faster afterwards")
     return result
 
 

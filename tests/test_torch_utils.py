@@ -87,10 +87,12 @@ def test_torchrun_processes_take_their_local_rank_gpu(four_gpus):
         select_device("2")
 
 
-def test_de_parallel_unwraps_data_parallel():
+def test_de_parallel_unwraps_data_parallel_and_compile():
     inner = nn.Linear(2, 2)
     assert de_parallel(nn.DataParallel(inner)) is inner
     assert de_parallel(inner) is inner
+    assert de_parallel(torch.compile(inner)) is inner  # torch.compile's wrapper: no '_orig_mod.' keys on save
+    assert de_parallel(torch.compile(nn.DataParallel(inner))) is inner
 
 
 def test_non_finite_tensors_names_parameters_and_buffers():

@@ -295,3 +295,31 @@ def test_an_image_damaged_during_the_run_is_named_once_and_trained_around(tmp_pa
     assert any(m.startswith("epoch 1: 1 image file(s) could not be read") for m in messages)
     assert any("metrics exclude 1 image" in m and str(victim) in m for m in messages)
     assert load_checkpoint(tmp_path / "runs" / "damaged" / "weights" / "last.pt")["epoch"] == 1
+
+
+def test_compile_trains_saves_plain_keys_and_keeps_the_flat_ema(tiny, monkeypatch):
+    """train.py --compile, with torch.compile's aot_eager backend standing in for inductor (whose C++ build takes
+    minutes here): the run finishes, the checkpoint's keys are the model's own (no '_orig_mod.' prefix) and the EMA
+    stayed on its flat path through the compiled wrapper."""
+    real_compile = torch.compile
+    compiled = []
+
+    def aot_eager(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    emas = []
+    real_make_ema = train.make_ema
+    monkeypatch.setattr(train, "make_ema", lambda *a, **k: emas.append(real_make_ema(*a, **k)) or emas[-1])
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tiny["root"] / "runs", "compiled", 1, "--compile")]
+    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.cli(train.parse_opt(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert len(compiled) == 1 and emas[0].path == "flat" and emas[0].updates == 3
+    ckpt = load_checkpoint(tiny["root"] / "runs" / "compiled" / "weights" / "last.pt")
+    assert list(ckpt["model"]) == list(train.Model(str(tiny["cfg"]), nc=2, verbose=False).state_dict())

@@ -198,18 +198,6 @@ def copy_attr(a: object, b: object, include: tuple | list = (), exclude: tuple |
         setattr(a, key, value)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP/DataParallel and torch.compile wrappers."""
-    while True:
-        inner = de_parallel(model)
-        orig = getattr(inner, "_orig_mod", None)  # torch.compile's OptimizedModule
-        if isinstance(orig, nn.Module):
-            inner = orig
-        if inner is model:
-            return model
-        model = inner
-
-
 @dataclass
 class _Entry:
     """One distinct tensor of a module's state dict and every (dict, key) slot that holds it."""
@@ -361,7 +349,7 @@ class ModelEMA:
         self.images = float(self.updates * self.nbs if images is None else images)
         self.pending_images = 0.0  # images of the calls since the last averaging (update_every > 1)
 
-        source = _unwrap(model)
+        source = de_parallel(model)
         self.ema = copy.deepcopy(source).float().eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
@@ -454,7 +442,7 @@ class ModelEMA:
         move them into flat buffers. Call again after replacing the model's tensors to get the flat path
         back; the EMA's values are kept."""
         flat = self.flat if flat is None else bool(flat)
-        self._bind(_unwrap(model), flat, "flat=False")
+        self._bind(de_parallel(model), flat, "flat=False")
 
     def _bind(self, model: nn.Module, flat: bool, reason: str) -> None:
         model_entries, ema_entries = self._paired_entries(model)
@@ -609,7 +597,7 @@ class ModelEMA:
         if model is bound or model is self._outer_ref():  # the usual call: skip unwrapping
             model = bound
         else:
-            outer, model = model, _unwrap(model)
+            outer, model = model, de_parallel(model)
             if model is bound:
                 self._outer_ref = weakref.ref(outer)
         if self._model_changed(model) or self._ema_replaced():
@@ -659,14 +647,14 @@ class ModelEMA:
                                                                     "class_weights"),
                     exclude: tuple | list = ("process_group", "reducer")) -> None:
         """Copy the model's metadata attributes (class names, strides, hyp...) onto the EMA module."""
-        copy_attr(self.ema, _unwrap(model), include, exclude)
+        copy_attr(self.ema, de_parallel(model), include, exclude)
 
     # ---------------------------------------------------------------- evaluation and checkpoints
     @contextlib.contextmanager
     def apply_to(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily put the EMA weights into ``model`` (in place, so wrappers, optimizers and views stay
         valid); the model's own values come back on exit, also when the block raises."""
-        target = _unwrap(model)
+        target = de_parallel(model)
         model_entries, ema_entries = self._paired_entries(target)
         with torch.no_grad():
             saved = [m.tensor.detach().clone() for m in model_entries]

@@ -72,8 +72,16 @@ def is_parallel(model: nn.Module) -> bool:
 
 
 def de_parallel(model: nn.Module) -> nn.Module:
-    """The module inside a DataParallel/DistributedDataParallel wrapper, or the model itself."""
-    return model.module if is_parallel(model) else model
+    """The plain module inside DataParallel/DistributedDataParallel and torch.compile wrappers (in any nesting),
+    or the model itself: what state dicts are saved from and the EMA pairs with."""
+    while True:
+        inner = model.module if is_parallel(model) else model
+        orig = getattr(inner, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(orig, nn.Module):
+            inner = orig
+        if inner is model:
+            return model
+        model = inner
 
 
 def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
