@@ -281,7 +281,8 @@ def run(
             rect=rect, workers=workers, nc=data_dict["nc"], prefix=f"{task}: ", pin_memory=device.type == "cuda",
         )  # fmt: skip
 
-    warn_non_finite(model)
+    if copy_model:  # (train.py checks the EMA itself before handing over its copy)
+        warn_non_finite(model)
     nc = 1 if single_cls else int(data_dict["nc"])
     names = _class_names(data_dict, model_names, nc, single_cls)
     confusion = ConfusionMatrix(nc=nc)
