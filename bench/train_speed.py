@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=8, help="timed iterations per format and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median round is reported")
-    p.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS))
+    p.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=["channels_last", "contiguous"])
     p.add_argument("--amp", choices=("fp16", "bf16", "off"), default=None, help="default: fp16 on CUDA, off on CPU")
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=2)
