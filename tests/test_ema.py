@@ -253,29 +253,36 @@ def test_torch_compile_wrapper_pairs_by_order_not_name():
     assert_matches(ema, ref)
 
 
-def test_flat_ema_follows_a_really_compiled_model():
-    """Training through torch.compile (dynamo graph capture and AOTAutograd; the aot_eager backend skips only
-    inductor's C++ code generation, which takes minutes on this CPU): the compiled graph's parameter updates and
-    BatchNorm statistics land in the flat buffer's views, so the EMA stays on the flat path and matches the
-    float64 reference; an untouched twin trained eagerly agrees."""
+def train_through_wrapper(wrap, seed: int, atol: float):
+    """Build a model and its EMA, wrap the model (as train.py does, after the EMA flattened it), train the wrapper
+    and an eager twin alike for four SGD steps with the EMA following the wrapper; the EMA must stay on the flat
+    path, match the float64 reference, and the wrapped model must have trained as the twin did."""
     model, twin = make_net(), make_net()
     ema = ModelEMA(model, decay=0.8, tau=2)
-    compiled = torch.compile(model, backend="aot_eager")  # after the EMA, as train.py --compile does
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (compiled, twin)]
-    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+    wrapped = wrap(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (wrapped, twin)]
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
     ref = snapshot(model)
     for n in range(1, 5):
-        for m, opt in zip((compiled, twin), opts):
+        for m, opt in zip((wrapped, twin), opts):
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
         reference_step(ref, snapshot(model), ramp(n, 0.8, 2))
-        ema.update(compiled)
+        ema.update(wrapped)
         assert ema.path == "flat"
     assert_matches(ema, ref)
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-5), k  # the compiled model trained (weights and BN statistics)
+        assert torch.allclose(a, b, atol=atol), k
+    assert not torch.equal(model.conv.weight, make_net().conv.weight)
     assert not torch.equal(model.bn.running_mean, make_net().bn.running_mean)
+
+
+def test_flat_ema_follows_a_really_compiled_model():
+    """Training through torch.compile (dynamo graph capture and AOTAutograd; the aot_eager backend skips only
+    inductor's C++ code generation, which takes minutes on this CPU): the compiled graph's parameter updates and
+    BatchNorm statistics land in the flat buffer's views."""
+    train_through_wrapper(lambda model: torch.compile(model, backend="aot_eager"), seed=7, atol=1e-5)
 
 
 def test_ddp_wraps_flattened_model_and_ema_follows(tmp_path):
@@ -284,24 +291,7 @@ def test_ddp_wraps_flattened_model_and_ema_follows(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        model, twin = make_net(), make_net()
-        ema = ModelEMA(model, decay=0.8, tau=2)
-        ddp = DDP(model)  # wrapped after the EMA flattened it, as train.py does
-        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ddp, twin)]
-        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(6))
-        ref = snapshot(model)
-        for n in range(1, 5):
-            for m, opt in zip((ddp, twin), opts):
-                opt.zero_grad()
-                m(x).square().mean().backward()
-                opt.step()
-            reference_step(ref, snapshot(model), ramp(n, 0.8, 2))
-            ema.update(ddp)
-            assert ema.path == "flat"
-        assert_matches(ema, ref)
-        for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
-            assert torch.allclose(a, b, atol=1e-6), k  # DDP trained the flattened model normally
-        assert not torch.equal(model.conv.weight, make_net().conv.weight)
+        train_through_wrapper(DDP, seed=6, atol=1e-6)
     finally:
         dist.destroy_process_group()
 
