@@ -314,6 +314,24 @@ def test_packed_optimizer_state_round_trip_is_a_copy(tmp_path):
     assert unpacked_tree(state) is state  # not packed (version 1): as it is
 
 
+def test_packing_keeps_devices_apart():
+    """An optimizer's state can mix devices: Adam keeps `step` on the CPU beside CUDA momenta (torch.cat of the two
+    raises). Each device gets its own buffer; the meta device stands in for CUDA here."""
+    tree = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3, device="meta")},
+                      1: {"step": torch.tensor(4.0), "exp_avg": torch.ones(5, device="meta")}}}
+    packed = pack_tree(tree)
+    assert sorted(packed["packed"]) == ["float32", "float32@meta"]
+    assert packed["packed"]["float32"].tolist() == [3.0, 4.0]
+    assert packed["packed"]["float32@meta"].shape == (11,)
+    back = unpacked_tree(packed)
+    assert [float(back["state"][i]["step"]) for i in (0, 1)] == [3.0, 4.0]
+    assert [back["state"][i]["exp_avg"].device.type for i in (0, 1)] == ["meta", "meta"]
+    assert [back["state"][i]["exp_avg"].shape for i in (0, 1)] == [(2, 3), (5,)]
+    sd = {"a": torch.arange(3.0), "b": torch.zeros(4, device="meta")}
+    back_sd = unpacked_state_dict(pack_state_dict(sd))
+    assert back_sd["a"].tolist() == [0.0, 1.0, 2.0] and back_sd["b"].device.type == "meta"
+
+
 def test_checkpoint_writer_keeps_order_and_reports_a_failed_write(tmp_path, monkeypatch):
     writer = CheckpointWriter()
     saved = []

@@ -141,17 +141,24 @@ def _remove_stale_temps(path: Path, keep_newer_than: float) -> None:
                 LOGGER.info(f"Removed {stale}, left by an interrupted checkpoint write")
 
 
+def _buffer_key(tensor: torch.Tensor) -> str:
+    """The packed buffer a tensor goes into: one per dtype and device. An optimizer's state can mix devices
+    (Adam keeps its `step` counters on the CPU beside CUDA momenta), and torch.cat needs one device."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return dtype if tensor.device.type == "cpu" else f"{dtype}@{tensor.device}"
+
+
 def pack_state_dict(state_dict: dict) -> dict:
-    """A state dict as one contiguous buffer per dtype plus its layout: a few large tensors to pickle and write
-    instead of hundreds of small ones (what every epoch's last.pt holds twice for exact resume). The values are
-    copied in the standard layout, whatever memory format they have. unpacked_state_dict() restores it."""
+    """A state dict as one contiguous buffer per dtype (and device) plus its layout: a few large tensors to pickle
+    and write instead of hundreds of small ones (what every epoch's last.pt holds twice for exact resume). The
+    values are copied in the standard layout, whatever memory format they have. unpacked_state_dict() restores it."""
     buffers: dict[str, list[torch.Tensor]] = {}
     layout = []
     for name, tensor in state_dict.items():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        buffers.setdefault(dtype, []).append(tensor.detach().reshape(-1))
-        layout.append([name, dtype, list(tensor.shape)])
-    return {"packed": {dtype: torch.cat(parts) for dtype, parts in buffers.items()}, "layout": layout}
+        key = _buffer_key(tensor)
+        buffers.setdefault(key, []).append(tensor.detach().reshape(-1))
+        layout.append([name, key, list(tensor.shape)])
+    return {"packed": {key: torch.cat(parts) for key, parts in buffers.items()}, "layout": layout}
 
 
 def unpacked_state_dict(entry: dict) -> dict:
@@ -161,24 +168,25 @@ def unpacked_state_dict(entry: dict) -> dict:
         return entry
     offsets = dict.fromkeys(entry["packed"], 0)
     out = {}
-    for name, dtype, shape in entry["layout"]:
+    for name, key, shape in entry["layout"]:
         n = math.prod(shape)
-        out[name] = entry["packed"][dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
-        offsets[dtype] += n
+        out[name] = entry["packed"][key][offsets[key]:offsets[key] + n].view(shape)
+        offsets[key] += n
     return out
 
 
 def pack_tree(obj: Any) -> dict:
     """Nested dicts, lists and tuples (an optimizer's state dict) with every tensor copied into one contiguous
-    buffer per dtype: {"packed": {dtype: tensor}, "tree": obj with each tensor replaced by {"tensor": [dtype,
-    shape]}}. The copy is the caller's to keep while the original goes on changing. unpacked_tree() restores it."""
+    buffer per dtype (and device): {"packed": {key: tensor}, "tree": obj with each tensor replaced by
+    {"tensor": [key, shape]}}. The copy is the caller's to keep while the original goes on changing.
+    unpacked_tree() restores it."""
     buffers: dict[str, list[torch.Tensor]] = {}
 
     def walk(x):
         if isinstance(x, torch.Tensor):
-            dtype = str(x.dtype).removeprefix("torch.")
-            buffers.setdefault(dtype, []).append(x.detach().reshape(-1))
-            return {"tensor": [dtype, list(x.shape)]}
+            key = _buffer_key(x)
+            buffers.setdefault(key, []).append(x.detach().reshape(-1))
+            return {"tensor": [key, list(x.shape)]}
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -186,7 +194,7 @@ def pack_tree(obj: Any) -> dict:
         return x
 
     tree = walk(obj)
-    return {"packed": {dtype: torch.cat(parts) for dtype, parts in buffers.items()}, "tree": tree}
+    return {"packed": {key: torch.cat(parts) for key, parts in buffers.items()}, "tree": tree}
 
 
 def unpacked_tree(entry: Any) -> Any:
@@ -198,10 +206,10 @@ def unpacked_tree(entry: Any) -> Any:
 
     def walk(x):
         if isinstance(x, dict) and set(x) == {"tensor"}:
-            dtype, shape = x["tensor"]
+            key, shape = x["tensor"]
             n = math.prod(shape)
-            t = entry["packed"][dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
-            offsets[dtype] += n
+            t = entry["packed"][key][offsets[key]:offsets[key] + n].view(shape)
+            offsets[key] += n
             return t
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
