@@ -1,11 +1,13 @@
 """Device selection and AMP checks (CUDA faked with monkeypatch: CI has no GPU), de-parallelising, the
 non-finite weight check."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 
 from utils.ema import ModelEMA
-from utils.torch_utils import check_amp, de_parallel, non_finite_tensors, select_device
+from utils.torch_utils import check_amp, de_parallel, init_seeds, non_finite_tensors, select_device
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_the_chosen_gpu_becomes_the_current_device(four_gpus):
     assert len(four_gpus.current) == 3
 
 
-@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "0,a", "mps0"])
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "0,a", "mps0", ",", " , "])
 def test_device_strings_that_name_no_device_are_one_line_errors(four_gpus, spec):
     with pytest.raises(ValueError, match=r"is not a device: use cpu, cuda, a GPU index such as 0"):
         select_device(spec)
@@ -123,3 +125,28 @@ def test_non_finite_tensors_of_a_flat_ema_and_an_fp16_model():
     with torch.no_grad():
         half.weight.fill_(65504.0)  # the largest FP16 value
     assert non_finite_tensors(half) == []
+
+
+def test_non_finite_tensors_pass_over_empty_tensors():
+    """A tensor with no elements holds nothing to check (and the fused max-abs norm refuses it)."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 1))
+    m.register_buffer("empty", torch.zeros(0))
+    assert non_finite_tensors(m) == []
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+    assert non_finite_tensors(m) == ["0.weight"]
+    only_empty = nn.Module()
+    only_empty.register_buffer("empty", torch.zeros(0))
+    assert non_finite_tensors(only_empty) == []
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_seeding_sets_what_cuda_needs(monkeypatch, deterministic):
+    """cuBLAS is deterministic only with CUBLAS_WORKSPACE_CONFIG set, and cuDNN only without benchmarking."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # keep the process as it is
+    for flag in ("deterministic", "benchmark"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, torch.backends.cudnn.__dict__.get(flag, False))
+    init_seeds(0, deterministic=deterministic)
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+    assert torch.backends.cudnn.benchmark is (not deterministic)

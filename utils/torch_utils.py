@@ -29,12 +29,13 @@ def select_device(device: str = "", batch_size: int = 0) -> torch.device:
     if spec in ("", "auto") and not torch.cuda.is_available():
         return torch.device("cpu")
     every_gpu = spec in ("", "auto", "cuda")
-    if not every_gpu and not all(s.strip().isdigit() for s in spec.split(",") if s.strip()):
+    listed = [s.strip() for s in spec.split(",") if s.strip()]
+    if not every_gpu and not (listed and all(s.isdigit() for s in listed)):
         raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, a GPU index such as 0, or a list such as 0,1")
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available; use --device cpu")
     count = torch.cuda.device_count()
-    ids = list(range(count)) if every_gpu else [int(s) for s in spec.split(",") if s.strip()]
+    ids = list(range(count)) if every_gpu else [int(s) for s in listed]
     for i in ids:
         if i >= count:
             raise ValueError(f"--device {device}: only {count} CUDA device(s) present")
@@ -94,10 +95,12 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    else:  # fixed input shapes: let cuDNN time its kernels once and keep the fastest
-        torch.backends.cudnn.benchmark = True
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         os.environ["PYTHONHASHSEED"] = str(seed)
+    else:
+        # cuDNN times its kernels once per new input shape and keeps the fastest: training batches have one shape
+        # (unless --rect or --multi-scale), and validation's few rect shapes repeat every epoch.
+        torch.backends.cudnn.benchmark = True
 
 
 def non_finite_tensors(model: nn.Module) -> list[str]:
@@ -119,7 +122,10 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
         t = group[0]
         if len(group) > 1:
             t = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage())
-        whole.append(t)
+        if t.numel():  # the max-abs norm of an empty tensor is an error, and it holds nothing to check
+            whole.append(t)
+    if not whole:
+        return []
     # Max-abs norms: inf or nan exactly when a tensor holds one, and they cannot overflow.
     norms = torch._foreach_norm(whole, float("inf"))
     if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
