@@ -250,7 +250,18 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
     if defaulted:
         LOGGER.info(f"{where}: using the defaults " + ", ".join(f"{k}={v}" for k, v in defaulted.items()))
-    return {**d, **defaulted}
+    d = {**d, **defaulted}
+    scaler_checks = {"amp_init_scale": (lambda v: v > 0, "> 0"), "amp_growth_factor": (lambda v: v > 1, "> 1"),
+                     "amp_backoff_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+                     "amp_growth_interval": (lambda v: v >= 1 and v == int(v), "a whole number >= 1")}
+    for key, (valid, rule) in scaler_checks.items():
+        try:
+            ok = valid(float(d[key]))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:  # a zero scale, for one, would skip every step of the run
+            raise TrainError(f"{where}: {key} must be {rule}, not {d[key]!r}")
+    return d
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -387,6 +398,8 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> list[str]:
         p.requires_grad = not name.startswith(prefixes)
         if not p.requires_grad:
             frozen.append(name)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainError(f"--freeze {' '.join(map(str, freeze))} freezes every layer: nothing would train")
     if frozen:
         LOGGER.info(f"Frozen {len(frozen)} parameter tensors in layers {list(layers)}")
     return frozen
@@ -438,16 +451,12 @@ def make_posthoc(model: nn.Module, hyp: dict, planned_steps: int, folder: Path) 
 
 
 def make_scaler(amp: str, device: torch.device, hyp: dict) -> torch.amp.GradScaler:
-    """The GradScaler of the run: enabled for fp16 on any device, its settings from the hyp's amp_* keys; for
-    bf16 and FP32 a disabled one, whose calls pass gradients and steps through unchanged."""
-    try:
-        return torch.amp.GradScaler(device.type, init_scale=float(hyp["amp_init_scale"]),
-                                    growth_factor=float(hyp["amp_growth_factor"]),
-                                    backoff_factor=float(hyp["amp_backoff_factor"]),
-                                    growth_interval=int(hyp["amp_growth_interval"]), enabled=amp == "fp16")
-    except (AssertionError, ValueError, TypeError) as e:  # torch asserts growth_factor > 1 and backoff < 1
-        raise TrainError(f"hyp: invalid GradScaler settings amp_*: {e or 'growth_factor must be > 1, backoff < 1'}"
-                         ) from None
+    """The GradScaler of the run: enabled for fp16 on any device, its settings from the hyp's amp_* keys (checked
+    by load_hyp); for bf16 and FP32 a disabled one, whose calls pass gradients and steps through unchanged."""
+    return torch.amp.GradScaler(device.type, init_scale=float(hyp["amp_init_scale"]),
+                                growth_factor=float(hyp["amp_growth_factor"]),
+                                backoff_factor=float(hyp["amp_backoff_factor"]),
+                                growth_interval=int(hyp["amp_growth_interval"]), enabled=amp == "fp16")
 
 
 # ------------------------------------------------------------------------------------------------ the step

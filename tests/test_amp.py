@@ -3,6 +3,8 @@ skips, scale halving and growth, and EMA updates only after steps actually taken
 import logging
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -135,6 +137,9 @@ def test_one_step_code_for_every_precision():
     assert not train.make_scaler("bf16", cpu, hyp).is_enabled() and not train.make_scaler("off", cpu, hyp).is_enabled()
     s = train.make_scaler("fp16", cpu, {**hyp, "amp_init_scale": 8.0, "amp_growth_interval": 5})
     assert s.get_scale() == 8.0 and s.get_growth_interval() == 5
-    with pytest.raises(train.TrainError, match="hyp: invalid GradScaler settings"):
-        train.make_scaler("fp16", cpu, {**hyp, "amp_growth_factor": 0.5})
+    for key, value, rule in [("amp_init_scale", 0, "> 0"), ("amp_growth_factor", 0.5, "> 1"),
+                             ("amp_backoff_factor", 1.0, "in (0, 1)"), ("amp_growth_interval", 2.5, "a whole number >= 1"),
+                             ("amp_growth_interval", "often", "a whole number >= 1")]:
+        with pytest.raises(train.TrainError, match=rf"^hyp dict: {key} must be {re.escape(rule)}, not {value!r}$"):
+            train.load_hyp({**hyp, key: value})  # refused with the hyp, before any run folder exists
     assert train.OPTIMIZER_CHOICES == OPTIMIZERS and train.AMP_CHOICES == tuple(AMP_DTYPES)  # --help's copies

@@ -44,6 +44,7 @@ def errors_of(caplog) -> list[str]:
     (["--freeze", "-1"], "--freeze takes layer counts or indices of 0 or more, got [-1]"),
     (["--freeze", "26"], "--freeze 26: the model has 25 layers (0-24)"),
     (["--freeze", "3", "25"], "--freeze 3 25: the model has 25 layers (0-24)"),
+    (["--freeze", "25"], "--freeze 25 freezes every layer: nothing would train"),
     (["--resume", "x/last.pt", "--epochs", "0"], "--epochs must be at least 1, got 0"),
 ])
 def test_bad_numeric_flags_fail_in_one_line_before_any_folder(tiny, tmp_path, caplog, flags, message):
