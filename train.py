@@ -21,7 +21,8 @@ bit-identical to the same run left alone (given --deterministic and the same har
 Test hooks, environment variables naming a global training iteration N (counted from 0, at its start):
     YOLO_TEST_KILL_AT_ITER=N             the process SIGKILLs itself (once the checkpoint writes queued before it are
                                          on disk, so that which epoch last.pt holds is certain)
-    YOLO_TEST_INTERRUPT_AT_ITER=N        the process sends itself SIGINT, as Ctrl-C does
+    YOLO_TEST_INTERRUPT_AT_ITER=N        the process sends itself SIGINT, as Ctrl-C does (=finish: once the last
+                                         epoch is done, as finishing begins)
     YOLO_TEST_OVERFLOW_AT_ITER=N[,M...]  the loss of those iterations is multiplied by inf (an fp16 overflow)
 """
 from __future__ import annotations
@@ -179,6 +180,10 @@ METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "met
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
 RAW_COLUMNS = ("raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95")
 EMA_ATTRS = ("yaml", "nc", "hyp", "names", "stride", "class_weights")
+# What --resume takes from its command line: --epochs, --workers, --device and the switches of the session flags
+# (on if the run or the resuming command turned them on); everything else is the run's own, from its checkpoint.
+RESUME_SESSION_FLAGS = ("profile", "noplots", "no_tensorboard")
+RESUME_OVERRIDES = ("resume", "epochs", "workers", "device")
 KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"
 INTERRUPT_HOOK_ENV = "YOLO_TEST_INTERRUPT_AT_ITER"
 OVERFLOW_HOOK_ENV = "YOLO_TEST_OVERFLOW_AT_ITER"
@@ -301,7 +306,14 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     except DatasetError as e:
         raise TrainError(f"--resume: the run's data is not available: {e}") from None
 
-    new = argparse.Namespace(**{**vars(parse_opt([])), **saved})
+    defaults = vars(parse_opt([]))
+    new = argparse.Namespace(**{**defaults, **saved})
+    for flag in RESUME_SESSION_FLAGS:  # how the run reports, not what it trains: the resuming command may add them
+        setattr(new, flag, bool(getattr(opt, flag) or getattr(new, flag)))
+    ignored = [f"--{k.replace('_', '-')}" for k, v in vars(opt).items()
+               if k in defaults and k not in RESUME_SESSION_FLAGS + RESUME_OVERRIDES and v != defaults[k]]
+    if ignored:
+        LOGGER.warning(f"--resume continues the run with the settings it was started with; ignoring {', '.join(ignored)}")
     new.resume, new.epochs = str(path), opt.epochs or planned
     new.workers = opt.workers if opt.workers is not None else saved.get("workers", DEFAULT_WORKERS)
     new.device = opt.device if opt.device is not None else saved.get("device", "")
@@ -616,7 +628,8 @@ class Run:
     best_fitness: float = 0.0
     tensorboard: TensorBoardLog | None = None
     saved_epoch: int | None = None  # the epoch last.pt holds
-    position: tuple[int, int] = (0, -1)  # (epoch, batch) being trained
+    position: tuple[int, int] = (0, -1)  # (epoch, batch) being trained; batch -1 before the epoch's first
+    finishing: bool = False  # every epoch trained: finish() validates best.pt and plots
     results: tuple = (0.0,) * len(METRIC_COLUMNS)
     raw_results: tuple = (0.0,) * len(RAW_COLUMNS)
     unreadable: set = field(default_factory=set)  # image files that could not be read during training
@@ -728,7 +741,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
               scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
               val_loader=val_loader, compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw,
               accumulate=accumulate, start_epoch=start_epoch, end_epoch=opt.epochs, best_fitness=best_fitness,
-              saved_epoch=start_epoch - 1 if resume_ckpt is not None else None)
+              saved_epoch=start_epoch - 1 if resume_ckpt is not None else None, position=(start_epoch, -1))
     if procs.main:
         log_run_plan(run)
         if not opt.no_tensorboard:
@@ -853,7 +866,8 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
 def train_epoch(run: Run, epoch: int) -> torch.Tensor:
     """One pass over the training data; returns the mean loss items (box, obj, cls)."""
     opt, hyp, procs, device = run.opt, run.hyp, run.procs, run.device
-    kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(os.getenv(INTERRUPT_HOOK_ENV, -1))
+    interrupt_hook = os.getenv(INTERRUPT_HOOK_ENV, "")
+    kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(interrupt_hook) if interrupt_hook.isdigit() else -1
     run.model.train()
     run.train_loader.set_epoch(epoch)  # the DataLoader's iterator below starts the epoch's batches
     run.step.drop_partial_window()
@@ -943,8 +957,7 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
         append_results_row(run.results_csv, row, opt.val_raw)
         if run.tensorboard is not None:
             scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
-            clock = math.ceil(ema.images / ema.nbs) if ema.unit == "images" else ema.updates
-            scalars.update({"ema/updates": ema.updates, "ema/decay": ema.decay_at(clock)})
+            scalars.update({"ema/updates": ema.updates, "ema/decay": ema_decay_now(ema)})
             if run.scaler.is_enabled():
                 scalars["amp/scale"] = run.scaler.get_scale()
             run.tensorboard.scalars(epoch, scalars)
@@ -952,6 +965,13 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
         with run.timer("checkpoints"):
             save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)
     return stop
+
+
+def ema_decay_now(ema: ModelEMA) -> float:
+    """The decay per step (per nominal batch with ema_unit images) the EMA's schedule has reached: its clock
+    counts from the end of the update_after_step copies."""
+    clock = math.ceil(ema.images / ema.nbs) if ema.unit == "images" else ema.updates
+    return ema.decay_at(clock - ema.update_after_step)
 
 
 def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
@@ -1024,6 +1044,9 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
 
 def finish(run: Run, epochs_done: int, t0: float) -> None:
     """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
+    run.finishing = True
+    if os.getenv(INTERRUPT_HOOK_ENV) == "finish":  # test hook, see module docstring
+        os.kill(os.getpid(), signal.SIGINT)
     LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
     run.writer.close()  # every epoch's files on disk (or the error of one that could not be written)
     if run.posthoc is not None:
@@ -1070,21 +1093,27 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         if procs.main:
             finish(run, epoch - run.start_epoch + 1, t0)
     except KeyboardInterrupt:
+        if run.finishing:  # the weights are final: only best.pt's validation and the plots were left to do
+            raise Interrupted(f"interrupted after the last epoch, while validating best.pt and plotting; the trained "
+                              f"weights are in {shown_path(run.best)} and {shown_path(run.last)}") from None
         at_epoch, batch = run.position
-        raise Interrupted(f"interrupted in epoch {at_epoch} at batch {batch + 1} of {run.nb}; "
-                          f"{run.resume_hint()}") from None
+        where = f"at batch {batch + 1} of {run.nb}" if batch >= 0 else "before its first batch"
+        raise Interrupted(f"interrupted in epoch {at_epoch} {where}; {run.resume_hint()}") from None
     except CheckpointError as e:  # a checkpoint or post-hoc snapshot that could not be written (a full disk)
         raise TrainError(f"{e}; {run.resume_hint()}") from None
+    finally:
+        gc.unfreeze()  # train() may be called again in this process (tests, notebooks)
     if timer.enabled:
-        report_profile(run, wall=time.perf_counter() - T_IMPORT)
+        report_profile(run, wall=time.perf_counter() - T_IMPORT, epochs=epoch - run.start_epoch + 1)
     return run.results
 
 
-def report_profile(run: Run, wall: float) -> None:
-    """--profile: the phases of this run in a table and in profile.json (bench/profile_train.py reads it)."""
+def report_profile(run: Run, wall: float, epochs: int) -> None:
+    """--profile: the phases of this run (`epochs` of them trained) in a table and in profile.json
+    (bench/profile_train.py reads it)."""
     timer = run.timer
     timer.add("other (progress bar, loss averages, schedule...)", max(wall - sum(timer.seconds.values()), 0.0))
-    timer.save(run.save_dir / "profile.json", wall=wall, epochs=run.end_epoch - run.start_epoch)
+    timer.save(run.save_dir / "profile.json", wall=wall, epochs=epochs)
     LOGGER.info(f"\nWhere the {wall:.1f} s of this run went (--profile):\n{timer.table(wall)}")
 
 

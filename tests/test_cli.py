@@ -93,9 +93,18 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny, tmp_path):
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
     command = lines[0].split("continue with: python train.py ")[1].split()
-    resumed = run_train(command)  # the exact command works
+    assert command == ["--resume", str(last)]
+    # The exact command works; a session switch (--no-tensorboard) is taken, a training setting (--cos-lr) is named
+    # and ignored
+    events_before = sorted((tmp_path / "stopped").glob("events.out.tfevents.*"))
+    assert len(events_before) == 1
+    resumed = run_train(command + ["--no-tensorboard", "--cos-lr"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert load_checkpoint(last)["epoch"] == 2
+    assert ("--resume continues the run with the settings it was started with; ignoring --cos-lr"
+            in resumed.stdout)
+    assert sorted((tmp_path / "stopped").glob("events.out.tfevents.*")) == events_before  # no new writer opened
+    assert load_checkpoint(last)["opt"]["cos_lr"] is False
     # The log says what the run does after warm-up, and where warm-up stands (100 iterations; 3 done)
     assert f"Accumulating 16 x {BATCH} = 64 images per optimizer step (nominal batch 64)" in resumed.stdout
     assert "warm-up: 97 of 100 iterations left, accumulating 1 batch per step now" in resumed.stdout
@@ -108,6 +117,28 @@ def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(tiny, tmp_
     assert [ln for ln in out.stdout.splitlines() if "interrupted" in ln] == [
         f"train: interrupted in epoch 0 at batch 2 of {NB}; no epoch has been saved yet, so there is nothing to "
         "resume: start the run again"]
+
+
+def test_ctrl_c_while_finishing_says_the_weights_are_trained(tiny, tmp_path):
+    out = run_train(tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "late", 1), **{INTERRUPT_HOOK_ENV: "finish"})
+    assert out.returncode == 130 and "Traceback" not in out.stdout
+    weights = tmp_path / "late" / "weights"
+    assert [ln for ln in out.stdout.splitlines() if "interrupted" in ln] == [
+        "train: interrupted after the last epoch, while validating best.pt and plotting; the trained weights are in "
+        f"{weights / 'best.pt'} and {weights / 'last.pt'}"]
+    assert load_checkpoint(weights / "last.pt")["epoch"] == 0
+
+
+def test_ctrl_c_before_the_first_batch_names_the_epoch_it_was_to_train(tiny, tmp_path, caplog, monkeypatch):
+    def interrupted(run, epoch):
+        raise KeyboardInterrupt  # as Ctrl-C while the loader's workers start
+
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "starting", 1)]
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 130
+    assert errors_of(caplog) == ["train: interrupted in epoch 0 before its first batch; no epoch has been saved yet, "
+                                 "so there is nothing to resume: start the run again"]
 
 
 def test_a_full_disk_ends_the_run_in_one_line_with_the_resume_command(tiny, tmp_path, caplog, monkeypatch):

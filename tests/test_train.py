@@ -1,6 +1,7 @@
 """train.py: option handling, helpers with hand-computed values, a full tiny run's files, and the rule that
 the EMA is updated once per optimizer step actually taken (never after a skipped, non-finite step)."""
 import argparse
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import yaml
 import train
 from tests.train_helpers import make_dataset, run_train, tiny_model_yaml, tiny_run_args
 from utils.checkpoint import load_checkpoint, save_checkpoint, unpacked_tree
+from utils.ema import ModelEMA
 from utils.loss import ComputeLoss
 
 ROOT = train.ROOT
@@ -191,6 +193,20 @@ def test_two_epoch_run_writes_every_file(tiny):
     first = events.Images("train_batch0")[0]
     assert max(first.width, first.height) <= 640 and first.encoded_image_string.startswith(b"\x89PNG")
     assert {"raw/mAP_0.5:0.95", "ema/updates", "ema/decay", "x/lr0"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_ema_decay_counts_from_the_end_of_the_copies():
+    """The logged decay is the ramp's at the steps averaged so far: the update_after_step copies do not count, in
+    optimizer steps or (ema_unit images) in nominal batches of nbs images."""
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, decay=0.9999, tau=2000, update_after_step=2)
+    for _ in range(5):
+        ema.update(model)
+    assert train.ema_decay_now(ema) == pytest.approx(0.9999 * (1 - math.exp(-3 / 2000)), rel=1e-12)
+    by_images = ModelEMA(model, decay=0.9, tau=10, update_after_step=1, unit="images", nbs=64)
+    for _ in range(5):
+        by_images.update(model, images=32)  # 160 images: 2.5 nominal batches, the third one begun
+    assert train.ema_decay_now(by_images) == pytest.approx(0.9 * (1 - math.exp(-2 / 10)), rel=1e-12)
 
 
 class InfAtCall(ComputeLoss):
