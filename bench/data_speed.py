@@ -24,7 +24,6 @@ tells whether the two checkouts produce identical data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -65,19 +64,6 @@ def _wrap_stages(dl) -> dict:
     return spent
 
 
-@contextlib.contextmanager
-def _as_worker():
-    """Collate as in a DataLoader worker process (torch's default_collate checks get_worker_info)."""
-    import torch.utils.data
-
-    real = torch.utils.data.get_worker_info
-    torch.utils.data.get_worker_info = lambda: True
-    try:
-        yield
-    finally:
-        torch.utils.data.get_worker_info = real
-
-
 def _one_batch(spent: dict, dataset, items: list, digest) -> dict:
     """Seconds of CPU per stage, in the rest of the samples and in collate, for one batch of items."""
     for k in spent:
@@ -91,12 +77,11 @@ def _one_batch(spent: dict, dataset, items: list, digest) -> dict:
         digest.update(sample[0].numpy().tobytes())
         digest.update(sample[1].numpy().tobytes())
         samples.append(sample)
-    with _as_worker():
-        t0 = clock()
-        collated = dataset.collate_fn(samples)
-        for tensor in collated[:2]:
-            tensor.share_memory_()  # what the worker's queue does; nothing left to do if already there
-        collate = clock() - t0
+    t0 = clock()
+    collated = dataset.collate_fn(samples)
+    for tensor in collated[:2]:
+        tensor.share_memory_()  # what the worker's queue does; nothing left to do if already there
+    collate = clock() - t0
     out = {k: v for k, v in spent.items() if v > 0}
     out.update(rest=total - sum(out.values()), sample=total, collate=collate,
                page_faults=1e-3 * (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))  # shown x 1000
@@ -168,8 +153,8 @@ class Measurer:
         self.proc.wait()
 
 
-def compare(opt) -> dict:
-    """{(size, split): {"ours"/"base": [per-round {stage: ms per image}]}} and the digests of both."""
+def compare(opt) -> tuple[dict, dict]:
+    """({(size, split): {"ours"/"base": [per-round {stage: ms per image}]}}, {"ours"/"base": digests})."""
     measurers = {"ours": Measurer(ROOT, opt), "base": Measurer(opt.baseline, opt)}
     results = {}
     try:

@@ -1,4 +1,4 @@
-"""The CUDA paths, run where a GPU is present (`pytest -m cuda`, or bench/cuda_check.sh): device strings and the
+"""The CUDA paths, run where a GPU is present (`pytest -m cuda`, or bench/cuda_check.py): device strings and the
 current device, the fp16 step and its skip on CUDA, the EMA's flat path as one lerp_ kernel, the non-finite check
 as one synchronisation, and val's fp16 autocast leaving the EMA untouched. Skipped where there is no GPU: CI runs
 their CPU twins (tests/test_amp.py, tests/test_torch_utils.py, tests/test_val.py)."""

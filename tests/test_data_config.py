@@ -1,5 +1,6 @@
 """Dataset yaml resolution: search order, bare names, required keys, missing data and download."""
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -270,3 +271,27 @@ def test_unknown_yaml_and_invalid_yaml(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(DatasetError, match="mapping"):
         check_dataset(bad)
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "broken_symlink"])
+def test_download_blocked_by_a_non_folder_fails_and_cleans_up(fake_repo, tmp_path, monkeypatch, in_the_way):
+    """A file or dangling link where the dataset folder belongs: the unpacked folder cannot be moved there, so
+    the download must fail in one line (not report success) and take back the other entries it placed."""
+    env = tmp_path / "env"
+    env.mkdir()
+    target = env / "toy"
+    if in_the_way == "file":
+        target.write_text("not a dataset")
+    else:
+        target.symlink_to(tmp_path / "gone")
+    monkeypatch.setenv("DATASETS_DIR", str(env))
+    archive = zip_archive(tmp_path / "toy.zip", {**GOOD_MEMBERS, "extra/readme.txt": b"beside the dataset"})
+    before = listing(tmp_path)
+    with pytest.raises(DatasetError) as e:
+        data_config.resolve_dataset_root("toy", None, archive.as_uri(), autodownload=True)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"download of {archive.as_uri()} into {env} failed (nothing left behind)" in msg
+    assert f"{target} is not a folder" in msg
+    assert listing(tmp_path) == before  # 'extra/' and the temporary files are gone, the blocker is untouched
+    assert os.path.lexists(target) and not target.is_dir()

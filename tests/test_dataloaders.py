@@ -662,11 +662,75 @@ def test_auto_cache_keeps_a_small_dataset_in_ram_only(tmp_path, monkeypatch, log
     monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * need - 1)
     uncached = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="auto")
     assert all(im is None for im in uncached.ims)
-    assert "Not caching images in RAM" in log.text and "--cache ram forces it" in log.text
+    assert (f"Not caching images in RAM ({need / 2**20:.0f} MiB is more than 10% of the available memory); "
+            f"--cache ram caches it (up to 80% of available memory)") in log.text
     off = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="off")
     for e in range(2):
         for i in range(3):
             assert torch.equal(auto[(e, i)][0], off[(e, i)][0]) and torch.equal(auto[(e, i)][1], off[(e, i)][1])
+
+
+def test_cache_messages_match_what_ram_and_auto_do(tmp_path, monkeypatch, log):
+    """The auto-cache message names the real --cache ram limit (80% of the available memory, checked here
+    against what ram does), and unknown memory gets its own message instead of a comparison never made."""
+    images = make_split(tmp_path / "ds", n=2)
+    need = 64 * 48 * 3 * 2
+
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: None)
+    unknown = LoadImagesAndLabels(images, img_size=64, cache_images="auto")
+    assert all(im is None for im in unknown.ims)
+    assert "Not caching images in RAM (0 MiB): the available memory is unknown; --cache ram caches it" in log.text
+    assert "more than" not in log.text
+    assert all(im is not None for im in LoadImagesAndLabels(images, img_size=64, cache_images="ram").ims)
+
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: need * 5 // 4)  # need is exactly 80%
+    assert all(im is not None for im in LoadImagesAndLabels(images, img_size=64, cache_images="ram").ims)
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: need * 5 // 4 - 1)
+    assert all(im is None for im in LoadImagesAndLabels(images, img_size=64, cache_images="ram").ims)
+    assert "WARNING: not caching images in RAM" in log.text
+
+
+def test_cgroup_memory_headroom_v2_v1_and_no_limit(tmp_path):
+    """A container's memory limit, not the host's MemAvailable, bounds what a cache may take: limit minus
+    usage, where reclaimable page cache (inactive_file) does not count as used."""
+    headroom = dataloaders._cgroup_memory_headroom
+    assert headroom(tmp_path / "none") is None  # no cgroup files: no limit known
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("1000000\n")
+    (v2 / "memory.current").write_text("300000\n")
+    assert headroom(v2) == 700_000
+    (v2 / "memory.stat").write_text("anon 200000\nfile 100000\ninactive_file 40000\nactive_file 60000\n")
+    assert headroom(v2) == 740_000
+    (v2 / "memory.current").write_text("1200000\n")  # over the limit for a moment
+    assert headroom(v2) == 0
+    (v2 / "memory.max").write_text("max\n")
+    assert headroom(v2) is None
+
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("2000000\n")
+    (v1 / "memory.usage_in_bytes").write_text("500000\n")
+    (v1 / "memory.stat").write_text("inactive_file 1\ntotal_inactive_file 100000\n")
+    assert headroom(tmp_path / "v1") == 1_600_000
+
+
+def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       65536000 kB\nMemAvailable:   32768000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    host = 32768000 * 1024
+    assert dataloaders._available_memory(meminfo, cgroup) == host  # no cgroup limit: the host's figure
+    (cgroup / "memory.max").write_text(f"{2 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**30 + 2**29}\n")
+    assert dataloaders._available_memory(meminfo, cgroup) == 2**29  # the container has 512 MiB left
+    (cgroup / "memory.max").write_text(f"{2 * host}\n")
+    (cgroup / "memory.current").write_text("0\n")
+    assert dataloaders._available_memory(meminfo, cgroup) == host  # a loose limit changes nothing
+    assert dataloaders._available_memory(tmp_path / "absent", cgroup) == 2 * host  # only the cgroup known
+    assert dataloaders._available_memory(tmp_path / "absent", tmp_path / "absent") is None
 
 
 # -------------------------------------------------------------------------------------------- real data

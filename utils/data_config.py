@@ -153,6 +153,10 @@ def _fetch_and_unpack(url: str, dest_dir: Path, expected: Path) -> None:
             raise ValueError(f"the archive does not hold a folder {expected.name}/ (it holds: {held})")
         for entry in sorted(staging.iterdir()):
             _move_into(entry, dest_dir / entry.name, created)
+        # _move_into never replaces an existing file, so a file or dangling link named like the dataset
+        # leaves the unpacked folder unplaced; only a real folder at `expected` counts as success.
+        if not expected.is_dir():
+            raise ValueError(f"{expected} is not a folder after unpacking (a file or broken link is in the way)")
         done = True
     finally:
         if not done:

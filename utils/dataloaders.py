@@ -18,7 +18,9 @@ from a torch.Generator seeded from (seed, epoch); under DDP each rank takes a st
 
 Images that cannot be read any more (removed or damaged after the label scan) do not stop a run. In
 training, such an image (a mosaic tile too) is replaced by the first readable image of a permutation that
-is a pure function of (seed, epoch, index), so resumed runs, every worker and every DDP rank agree. In
+is a pure function of (seed, epoch, index), so within a run every worker and every DDP rank picks the same
+stand-in. A resumed run rescans the labels, so it repeats the original batches only while the dataset is
+unchanged: an image removed in between is dropped from the list, and every later index shifts. In
 validation, it becomes a grey image of the shape it would have had, without labels. Either way the sample
 and its collated Batch list the path in `unreadable`; workers never log, the consumer of the batches does.
 """
@@ -502,11 +504,16 @@ class LoadImagesAndLabels(Dataset):
         only when the images take at most AUTO_CACHE_SHARE of the available memory: a small dataset is then
         decoded once instead of every epoch (JPEG decoding is most of a sample's cost), with identical samples."""
         need, available = self._resized_bytes(), _available_memory()
-        if auto and (available is None or need > AUTO_CACHE_SHARE * available):
-            LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB is more than "
-                        f"{AUTO_CACHE_SHARE:.0%} of the available memory); --cache ram forces it")
+        if auto and available is None:
+            LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB): the available memory "
+                        f"is unknown; --cache ram caches it")
             return
-        if available is not None and need > 0.8 * available:
+        if auto and need > AUTO_CACHE_SHARE * available:
+            LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB is more than "
+                        f"{AUTO_CACHE_SHARE:.0%} of the available memory); --cache ram caches it "
+                        f"(up to {RAM_CACHE_SHARE:.0%} of available memory)")
+            return
+        if available is not None and need > RAM_CACHE_SHARE * available:
             LOGGER.warning(f"{self.prefix}WARNING: not caching images in RAM: {need / 2**30:.1f} GiB needed, "
                            f"{available / 2**30:.1f} GiB available")
             return
@@ -685,18 +692,64 @@ class SampleImages:
 # --cache auto (train.py's default) keeps decoded images in RAM when they take at most this share of the memory
 # available, so a small dataset is decoded once instead of every epoch.
 AUTO_CACHE_SHARE = 0.1
+# --cache ram still refuses above this share: the cache must leave room for the workers and the model.
+RAM_CACHE_SHARE = 0.8
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None when unknown."""
+def _read_int(path: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_memory_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this container's memory cgroup (v2, else v1, under root) may still take, or None without a limit.
+
+    Page cache the kernel would drop first (inactive_file) is not counted as used, as `docker stats` does:
+    reading the dataset fills the cache, and that must not make the memory look spent.
+    """
+    for limit_file, usage_file, stat_file, inactive_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
+        if not (root / limit_file).is_file():
+            continue
+        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
+        if limit is None or usage is None:  # "max" (v2's no limit) or unreadable
+            return None
+        used = max(usage - _stat_value(root / stat_file, inactive_key), 0)
+        return max(limit - used, 0)
+    return None
+
+
+def _available_memory(meminfo: Path = Path("/proc/meminfo"),
+                      cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory available to new allocations, or None when unknown: Linux MemAvailable, capped by the
+    container's cgroup limit, which MemAvailable ignores (it reports the host's memory)."""
+    host = None
+    try:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    host = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
         pass
-    return None
+    container = _cgroup_memory_headroom(cgroup_root)
+    known = [m for m in (host, container) if m is not None]
+    return min(known) if known else None
 
 
 # ------------------------------------------------------------------------------------------ sampling, loader
