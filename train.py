@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
-                        "bench/train_speed.py --compile)")
+                        "bench/train_speed.py --formats channels_last compiled)")
     p.add_argument("--profile", action="store_true",
                    help="time every phase of the run; print the table at the end and write profile.json")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
