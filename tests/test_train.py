@@ -3,6 +3,7 @@ the EMA is updated once per optimizer step actually taken (never after a skipped
 import argparse
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -191,7 +192,9 @@ def test_two_epoch_run_writes_every_file(tiny):
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["train_batch0", "train_batch1", "train_batch2"]
     first = events.Images("train_batch0")[0]
-    assert max(first.width, first.height) <= 640 and first.encoded_image_string.startswith(b"\x89PNG")
+    assert first.encoded_image_string.startswith(b"\xff\xd8")  # JPEG, which TensorBoard serves as image/jpeg
+    shown = cv2.imdecode(np.frombuffer(first.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    assert shown.shape[:2] == (first.height, first.width) and max(first.width, first.height) <= 640
     assert {"raw/mAP_0.5:0.95", "ema/updates", "ema/decay", "x/lr0"} <= set(events.Tags()["scalars"])
 
 
@@ -339,3 +342,28 @@ def test_compile_trains_saves_plain_keys_and_keeps_the_flat_ema(tiny, monkeypatc
     assert len(compiled) == 1 and emas[0].path == "flat" and emas[0].updates == 3
     ckpt = load_checkpoint(tiny["root"] / "runs" / "compiled" / "weights" / "last.pt")
     assert list(ckpt["model"]) == list(train.Model(str(tiny["cfg"]), nc=2, verbose=False).state_dict())
+
+
+def test_tensorboard_images_are_the_jpeg_pictures_at_most_640_px(tmp_path):
+    """A small picture goes in as its own file's bytes; a large one as a smaller JPEG of the same picture."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from utils.tensorboard_log import TensorBoardLog
+
+    rng = np.random.default_rng(0)
+    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
+    cv2.imwrite(str(small), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    gradient = np.broadcast_to(np.linspace(0, 255, 1280, dtype=np.uint8)[None, :, None], (960, 1280, 3))
+    cv2.imwrite(str(large), np.ascontiguousarray(gradient))
+    log = TensorBoardLog(tmp_path / "tb")
+    log.image("small", small)
+    log.image("large", large)
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    got_small, got_large = events.Images("small")[0], events.Images("large")[0]
+    assert got_small.encoded_image_string == small.read_bytes() and (got_small.width, got_small.height) == (64, 48)
+    assert (got_large.width, got_large.height) == (640, 480)
+    shown = cv2.imdecode(np.frombuffer(got_large.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
+    expected = cv2.resize(cv2.imread(str(large)), (640, 480), interpolation=cv2.INTER_AREA)
+    assert shown.shape == (480, 640, 3) and np.abs(shown.astype(int) - expected).mean() < 2  # the same picture
