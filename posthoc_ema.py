@@ -64,7 +64,8 @@ from utils.data_config import DatasetError  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
-from utils.posthoc import Fit, PosthocError, ProfileFit, check_architecture, find_snapshots, synthesize  # noqa: E402
+from utils.posthoc import (Fit, PosthocError, ProfileFit, Snapshot, check_architecture, find_snapshots,  # noqa: E402
+                           synthesize)
 from utils.torch_utils import select_device  # noqa: E402
 
 COLUMNS = ("candidate", "sigma_rel", "decay_at_end", "fit_error", "mAP50", "mAP50-95", "fitness")
@@ -102,16 +103,52 @@ def run_files(run: Path) -> tuple[dict, dict | None, dict]:
     return main, other, opt if isinstance(opt, dict) else {}
 
 
-def main_ema_decay(ckpt: dict, model: torch.nn.Module, position: float, unit: str) -> float:
-    """The per-step decay the run's main EMA applied at the end of the run (nan if its hyp says no more)."""
+def ema_run_length(*ckpts: dict | None) -> int | None:
+    """The run's length on its EMA's clock as train.py planned it (what 'exp' decays by): optimizer steps, or
+    nominal batches with ema_unit 'images'. Read from the first of the checkpoints that records it (last.pt does;
+    best.pt, like every finished checkpoint, does not); None when none does (files from before it was recorded)."""
+    for ckpt in ckpts:
+        if not isinstance(ckpt, dict):
+            continue
+        total = (ckpt.get("train_state") or {}).get("ema_total_steps")
+        if total is None and isinstance(ckpt.get("resume"), dict):
+            total = ckpt["resume"].get("ema", {}).get("total_steps")
+        if total is not None:
+            return int(total)
+    return None
+
+
+def ema_position(ckpt: dict, unit: str, snapshots: list[Snapshot]) -> float | None:
+    """Where the checkpoint's EMA stood on its clock: its optimizer steps, or with unit 'images' the images it had
+    counted over nbs. A finished checkpoint (best.pt) keeps no image count; the snapshots' (step, position)
+    pairs, read between the neighbours of its step, stand in (exact where the images per step were constant)."""
+    updates = int(ckpt.get("updates", 0))
+    if unit != "images":
+        return float(updates)
+    nbs = float((ckpt.get("hyp") or {}).get("nbs", 64))
+    images = (ckpt.get("train_state") or {}).get("ema_images")
+    if images is not None:
+        return float(images) / nbs
+    pairs = sorted({(s.step, s.position) for s in snapshots if s.unit == "images"})
+    if not pairs or updates > pairs[-1][0]:
+        return None
+    steps, positions = zip((0, 0.0), *pairs)
+    return float(np.interp(updates, steps, positions))
+
+
+def main_ema_decay(ckpt: dict, model: torch.nn.Module, snapshots: list[Snapshot], total_steps: int | None) -> float:
+    """The per-step (per nominal batch with ema_unit 'images') decay the run's main EMA applied at the
+    checkpoint's own step, in a run of total_steps (ema_run_length); nan where its hyp or position cannot be told."""
     hyp = ckpt.get("hyp") or {}
     updates = int(ckpt.get("updates", 0))
     try:
-        ema = ModelEMA.from_hyp(model, hyp, updates=updates, total_steps=max(updates, 1), flat=False)
+        ema = ModelEMA.from_hyp(model, hyp, updates=updates, total_steps=total_steps, flat=False)
     except (ValueError, TypeError):
         return float("nan")
-    step = math.ceil(position) if ema.unit == "images" and unit == "images" else updates
-    return ema.decay_at(step - ema.update_after_step)
+    position = ema_position(ckpt, ema.unit, snapshots)
+    if position is None:
+        return float("nan")
+    return ema.decay_at(math.ceil(position) - ema.update_after_step)
 
 
 def evaluate(model: torch.nn.Module, opt: argparse.Namespace, device: torch.device) -> tuple[float, float, float]:
@@ -180,7 +217,8 @@ def run(opt: argparse.Namespace) -> Path:
         LOGGER.info(f"sigma_rel {f.sigma_rel:.4g}: gamma {f.gamma:.3f}, relative profile error {f.error:.2%}")
     out = run_dir / "weights" / "posthoc_best.pt"
     if len(fits) == 1 and len(opt.sigma_rel) == 1:
-        return save_best(ckpt, synthesize(snapshots, fits[0].coeffs), fits[0], 0.0, out)
+        # Not validated: its fitness is unknown, and the run's best belongs to other weights.
+        return save_best(ckpt, synthesize(snapshots, fits[0].coeffs), fits[0], float("nan"), out)
 
     opt.data = opt.data or run_opt.get("data")
     opt.imgsz = opt.imgsz or run_opt.get("imgsz") or 640
@@ -205,7 +243,7 @@ def run(opt: argparse.Namespace) -> Path:
         references.insert(1, ("EMA best", best_ckpt, True))
     for name, source, use_ema in references:
         model = model_from_checkpoint(source, use_ema=use_ema)
-        decay = main_ema_decay(source, model, fitter.position, snapshots[0].unit) if use_ema else float("nan")
+        decay = main_ema_decay(source, model, snapshots, ema_run_length(ckpt, best_ckpt)) if use_ema else float("nan")
         m50, m, fi = evaluate(model, opt, device)
         rows.append({"candidate": name, "sigma_rel": float("nan"), "decay_at_end": decay, "fit_error": "",
                      "mAP50": m50, "mAP50-95": m, "fitness": fi})

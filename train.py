@@ -1011,7 +1011,8 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
         "date": datetime.now(timezone.utc).isoformat(),
         # Small state that continues through an --epochs extension of a finished run too.
         "train_state": {"last_opt_step": int(run.step.last_opt_step), "accumulate": int(run.accumulate),
-                        "early_stopping": run.stopper.state_dict(), "ema_images": float(ema.images)},
+                        "early_stopping": run.stopper.state_dict(), "ema_images": float(ema.images),
+                        "ema_total_steps": ema.total_steps},  # the run's length on the EMA's clock (posthoc_ema.py)
         # Stripped when the run finishes (strip_resume_state).
         "resume": {
             "model": pack_state_dict(model_state),

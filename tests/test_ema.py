@@ -831,3 +831,30 @@ def test_schedule_can_take_gamma_param(private_registry):
         ModelEMA(make_net(), schedule="scaled_power")
     with pytest.raises(ValueError, match="'gamma', 'sigma_rel'"):
         register_schedule("bad", lambda d, s, t, rho: d, params=("rho",))
+
+
+def test_failed_load_leaves_weights_and_settings_untouched():
+    model, gen = make_net(), torch.Generator().manual_seed(21)
+    ema = ModelEMA(model, decay=0.95, schedule="constant")
+    perturb(model, gen)
+    ema.update(model)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    moved = {k: v + 1 if v.is_floating_point() else v for k, v in before.items()}
+    wrong_shape = dict(moved, **{"head.bias": torch.zeros(5)})  # the last tensor: the others would copy first
+    for state, message in (({**ema.state_dict(), "ema": moved, "decay": 1.5}, "decay"),
+                           ({**ema.state_dict(), "ema": moved, "schedule": "exp", "total_steps": None}, "total_steps"),
+                           ({**ema.state_dict(), "ema": wrong_shape, "decay": 0.5}, "head.bias")):
+        with pytest.raises(ValueError, match=message) as e:
+            ema.load_state_dict(state)
+        assert "\n" not in str(e.value)
+        after = ema.ema.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items())
+        assert (ema.decay, ema.schedule, ema.total_steps) == (0.95, "constant", None)
+
+
+def test_exp_schedule_without_a_length_names_the_unit():
+    with pytest.raises(ValueError, match="optimizer steps"):
+        ModelEMA(make_net(), schedule="exp")
+    with pytest.raises(ValueError, match="nominal batches of 32 images") as e:
+        ModelEMA(make_net(), schedule="exp", unit="images", nbs=32)
+    assert "optimizer steps" not in str(e.value)

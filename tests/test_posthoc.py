@@ -15,7 +15,7 @@ from models.yolo import Model
 from tests.test_ema import Vec, make_net, perturb, set_vec
 from tests.train_helpers import make_dataset
 from utils.checkpoint import FINISHED_KEYS, half_state_dict, load_checkpoint, save_checkpoint
-from utils.ema import ModelEMA, power_gamma
+from utils.ema import SIGMA_REL_MAX, ModelEMA, power_gamma
 from utils.posthoc import (MAX_FIT_ERROR, PosthocEMA, PosthocError, ProfileFit, Snapshot, check_architecture,
                            find_snapshots, profile_inner, settings_from_hyp, synthesize)
 
@@ -437,3 +437,130 @@ def test_check_architecture_names_the_tensor(fake_run):
     reference.pop("model.0.conv.weight")
     with pytest.raises(PosthocError, match="it has 'model.0.conv.weight'"):
         check_architecture(fake_run["snapshots"][:1], reference, "the reference")
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_resume_removes_snapshots_written_after_the_checkpoint(tmp_path, caplog):
+    # Killed at step 17 with last.pt at 13: step 15's files are on disk but the resumed run (plan extended from
+    # 30 to 60 steps, so its snapshots fall at 10, 20, ...) never rewrites them; left there they would enter the fit.
+    folder = tmp_path / "posthoc"
+    model, gen = Vec(5), torch.Generator().manual_seed(8)
+    first = PosthocEMA(model, [0.05, 0.1], 30, folder, snapshots=6)
+    run_bank(model, first, 13, gen)
+    state = copy.deepcopy(first.state_dict())
+    run_bank(model, first, 4, gen)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"sr{s}_step{t:08d}.pt" for s in ("0.05", "0.1") for t in (5, 10, 15))
+
+    caplog.set_level(logging.INFO, logger="yolo")
+    resumed = PosthocEMA(Vec(5), [0.05, 0.1], 60, folder, snapshots=6)
+    resumed.load_state_dict(state)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"sr{s}_step{t:08d}.pt" for s in ("0.05", "0.1") for t in (5, 10))
+    removed = [r.getMessage() for r in caplog.records if "removed" in r.getMessage()]
+    assert len(removed) == 1 and "removed 2 snapshot files" in removed[0] and "\n" not in removed[0]
+    run_bank(model, resumed, 47, gen)
+    assert sorted({s.step for s in find_snapshots(folder)}) == [5, 10, 20, 30, 40, 50, 60]
+
+
+def test_widths_that_share_a_file_name_are_refused():
+    assert f"{0.1000001:g}" == "0.1"  # what the snapshot names hold
+    same = r"twice: 0\.1 and 0\.1000001 would write the same snapshot files \(sr0\.1_step"
+    with pytest.raises(ValueError, match=same) as e:
+        settings_from_hyp({"posthoc_sigma_rels": [0.1, 0.1000001]})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="post-hoc EMA sigma_rels lists a width twice"):
+        PosthocEMA(Vec(2), [0.05, 0.1, 0.1000001], 10, "unused")
+    assert settings_from_hyp({"posthoc_sigma_rels": [0.1, 0.10001]}) == ([0.1, 0.10001], 32)  # sr0.1, sr0.10001
+
+
+def write_snapshot(path, gamma, step=4):
+    save_checkpoint({"format": "yolo-ema-posthoc", "version": 1, "sigma_rel": 0.3, "gamma": gamma, "step": step,
+                     "position": float(step), "unit": "steps", "nbs": 64.0, "images": 64.0 * step,
+                     "ema": {"v": torch.zeros(3)}}, path)
+
+
+@pytest.mark.parametrize("gamma", [-0.39, -0.5, -0.6])
+def test_snapshot_with_a_gamma_no_power_ema_has_is_refused(tmp_path, gamma):
+    # The Gram entries hold 1 / (g_i + g_j + 1): at g = -0.5 it is infinite, below it negative. No power EMA is
+    # wider than at g = (sqrt(5) - 1) / 2 - 1 = -0.381966, so anything below that is not a real snapshot.
+    write_snapshot(tmp_path / "sr0.1_step00000004.pt", power_gamma(0.1))
+    write_snapshot(tmp_path / "sr0.3_step00000004.pt", gamma)
+    with pytest.raises(PosthocError, match=r"sr0\.3_step00000004\.pt has gamma .*-0\.382") as e:
+        find_snapshots(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_snapshot_of_the_widest_power_ema_is_accepted(tmp_path):
+    widest = (math.sqrt(5) - 1) / 2 - 1
+    write_snapshot(tmp_path / "sr0.3003_step00000004.pt", power_gamma(SIGMA_REL_MAX))
+    write_snapshot(tmp_path / "sr0.3_step00000008.pt", widest, step=8)
+    found = find_snapshots(tmp_path)
+    assert len(found) == 2 and all(np.isfinite(ProfileFit(found)._gram).ravel())
+
+
+def test_single_width_stores_no_unmeasured_fitness(fake_run):
+    assert posthoc_ema.main(["--run", str(fake_run["run"]), "--sigma-rel", "0.09"]) == 0
+    best = torch.load(fake_run["run"] / "weights" / "posthoc_best.pt", weights_only=True)
+    assert math.isnan(best["best_fitness"])  # never validated: no number pretends it was
+
+
+def exp_hyp(**extra):
+    return {"nbs": 16, "warmup_epochs": 0.0, "ema_decay": 0.9999, "ema_schedule": "exp", "ema_beta": 15.0, **extra}
+
+
+def run_ckpt(hyp, epochs, batch_size, done, updates, **extra):
+    return {"hyp": hyp, "opt": {"epochs": epochs, "batch_size": batch_size}, "epoch": done - 1, "updates": updates,
+            **extra}
+
+
+def test_main_ema_decay_of_an_early_stopped_exp_run_in_optimizer_steps():
+    # 500 optimizer steps planned (train.py records them in train_state), stopped early after 150: the 'exp'
+    # schedule's decay there was 0.9999 (1 - exp(-15 * 150 / 500)); best.pt, at step 100, is read at its own step
+    # in the same run (it records no length: last.pt's is used).
+    last = run_ckpt(exp_hyp(), epochs=10, batch_size=16, done=3, updates=150, train_state={"ema_total_steps": 500})
+    best = run_ckpt(exp_hyp(), epochs=10, batch_size=16, done=2, updates=100)
+    total = posthoc_ema.ema_run_length(best, last)
+    assert total == 500
+    assert posthoc_ema.main_ema_decay(last, Vec(2), [], total) == pytest.approx(0.9999 * (1 - math.exp(-4.5)), rel=1e-12)
+    assert posthoc_ema.main_ema_decay(best, Vec(2), [], total) == pytest.approx(0.9999 * (1 - math.exp(-3.0)), rel=1e-12)
+    # An unfinished last.pt holds the EMA's own setting in its resume state; files that record neither: nan
+    assert posthoc_ema.ema_run_length(run_ckpt(exp_hyp(), 10, 16, 3, 150, resume={"ema": {"total_steps": 320}})) == 320
+    assert posthoc_ema.ema_run_length(best, None) is None
+    assert math.isnan(posthoc_ema.main_ema_decay(best, Vec(2), [], None))
+
+
+def test_main_ema_decay_in_nominal_batches():
+    # ema_unit images, nbs 16: a run planned as 1000 nominal batches. last.pt after 4800 images: position 300.
+    hyp = exp_hyp(ema_unit="images")
+    last = run_ckpt(hyp, epochs=10, batch_size=32, done=3, updates=150,
+                    train_state={"ema_images": 4800.0, "ema_total_steps": 1000})
+    total = posthoc_ema.ema_run_length(last)
+    assert posthoc_ema.main_ema_decay(last, Vec(2), [], total) == pytest.approx(0.9999 * (1 - math.exp(-4.5)), rel=1e-12)
+    # best.pt (a finished checkpoint: no image count) at step 100: its position comes from the snapshots'
+    # (step, position) pairs, 200 here.
+    snaps = [Snapshot(None, 0.1, power_gamma(0.1), s, 2.0 * s, "images") for s in (50, 150)]
+    best = run_ckpt(hyp, epochs=10, batch_size=32, done=2, updates=100)
+    assert posthoc_ema.main_ema_decay(best, Vec(2), snaps, total) == pytest.approx(0.9999 * (1 - math.exp(-3.0)),
+                                                                                   rel=1e-12)
+    assert math.isnan(posthoc_ema.main_ema_decay(best, Vec(2), [], total))  # nowhere to tell its position from
+
+
+def test_sweep_reports_each_checkpoints_exp_decay_at_its_own_step(fake_run, tmp_path, monkeypatch):
+    # The run rewritten as an exp-schedule run stopped early: 48 of the 80 planned steps (last.pt records the
+    # plan); best.pt from epoch 3, step 24.
+    import shutil
+
+    run = tmp_path / "exp"
+    shutil.copytree(fake_run["run"], run)
+    last = load_checkpoint(run / "weights" / "last.pt")
+    hyp = {**last["hyp"], **exp_hyp(nbs=4)}
+    train_state = {**last.get("train_state", {}), "ema_total_steps": 80}
+    save_checkpoint({**last, "hyp": hyp, "epoch": 5, "train_state": train_state}, run / "weights" / "last.pt")
+    save_checkpoint({k: v for k, v in {**last, "hyp": hyp, "epoch": 2, "updates": 24}.items() if k in FINISHED_KEYS},
+                    run / "weights" / "best.pt")
+    monkeypatch.setattr(posthoc_ema, "evaluate", lambda model, opt, device: (0.5, 0.3, 0.4))
+    assert posthoc_ema.main(["--run", str(run), "--sigma-rel", "0.05", "0.1", "--num", "2"]) == 0
+    rows = {r.split(",")[0]: r.split(",") for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:]}
+    assert float(rows["EMA last"][2]) == pytest.approx(0.9999 * (1 - math.exp(-15 * 48 / 80)), rel=1e-9)
+    assert float(rows["EMA best"][2]) == pytest.approx(0.9999 * (1 - math.exp(-15 * 24 / 80)), rel=1e-9)

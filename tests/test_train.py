@@ -185,6 +185,7 @@ def test_two_epoch_run_writes_every_file(tiny):
     assert ckpt["format"] == "yolo-ema" and ckpt["names"] == ["c0", "c1"] and ckpt["nc"] == 2
     assert "resume" not in ckpt and "resume" not in torch.load(d / "weights" / "epoch0.pt", weights_only=True)
     assert ckpt["updates"] == 5  # accumulate 1 for ni 0-3, 2 at ni 4-5: steps at 0, 1, 2, 3, 5
+    assert ckpt["train_state"]["ema_total_steps"] == 5  # the plan the EMA was given: these same steps
     assert "Validating" in out.stdout and "0G" in out.stdout  # final best.pt validation; CPU memory column
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

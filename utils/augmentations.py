@@ -12,7 +12,6 @@ and the data pipeline says so when a hyp file asks for it.
 """
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np

@@ -317,7 +317,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
             raise CheckpointError(f"{path} is not a checkpoint (not a torch file)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         # Refused by the weights-only unpickler: either a YOLOv5 file (pickled modules) or hostile/foreign.
         if not is_zip:  # a bare pickle or torch's pre-1.6 format: neither ours nor a YOLOv5 v6+/v7 file
             name = first_refused_global(path)

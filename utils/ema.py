@@ -169,7 +169,8 @@ def _threshold(decay: float, step: int, total_steps: int | None) -> float:
 def _exp(decay: float, step: int, total_steps: int | None, beta: float) -> float:
     # Ramp measured in fractions of the run, so its shape does not depend on the dataset size.
     if not total_steps or total_steps <= 0:
-        raise ValueError("EMA schedule 'exp' needs total_steps (the number of optimizer steps of the run)")
+        raise ValueError("EMA schedule 'exp' needs total_steps (the run's length on the EMA's clock: optimizer "
+                         "steps, or nominal batches with unit 'images')")
     return decay * (1.0 - math.exp(-beta * step / total_steps))
 
 
@@ -388,7 +389,8 @@ class ModelEMA:
         if self.update_after_step < 0:
             raise ValueError(f"EMA update_after_step must be >= 0, got {self.update_after_step}")
         if self.schedule == "exp" and not self.total_steps:
-            raise ValueError("EMA schedule 'exp' needs total_steps (optimizer steps in the whole run)")
+            length = f"nominal batches of {self.nbs:g} images" if self.unit == "images" else "optimizer steps"
+            raise ValueError(f"EMA schedule 'exp' needs total_steps (the run's length in {length})")
         if self.gamma is not None:
             power_sigma_rel(self.gamma)  # refuses gamma <= -1
         if self.gamma is None and {"gamma", "sigma_rel"} & set(_SCHEDULES[self.schedule].params):
@@ -700,7 +702,9 @@ class ModelEMA:
         if settings.get("schedule", self.schedule) not in _SCHEDULES:
             raise ValueError(f"checkpoint uses EMA schedule {settings['schedule']!r}, which is not registered here "
                              f"(available: {available_schedules()}); register_schedule() it before loading")
-        self.ema.load_state_dict(state["ema"])  # in-place copies: the views into the EMA buffer stay
+        # Everything is checked before the first value is copied: torch copies tensor by tensor and reports a
+        # mismatch only at the end, so a refused state would otherwise leave the average half overwritten.
+        self._check_weights(state["ema"])
         old = {k: getattr(self, k) for k in settings}
         for k, v in settings.items():
             setattr(self, k, v)
@@ -710,10 +714,26 @@ class ModelEMA:
             for k, v in old.items():
                 setattr(self, k, v)
             raise
+        self.ema.load_state_dict(state["ema"])  # in-place copies: the views into the EMA buffer stay
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
         self.images = float(state.get("images", self.updates * self.nbs))
         self.pending_images = float(state.get("pending_images", 0.0))
+
+    def _check_weights(self, weights: dict) -> None:
+        """One-line ValueError unless ``weights`` has exactly the EMA's tensor names and shapes."""
+        own = self.ema.state_dict()
+        if not isinstance(weights, dict):
+            raise ValueError(f"ModelEMA state: 'ema' is a {type(weights).__name__}, not a state dict")
+        missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"ModelEMA state does not fit this model: {len(missing)} tensor(s) missing "
+                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+        for k, v in own.items():
+            shape = tuple(getattr(weights[k], "shape", ()))
+            if shape != tuple(v.shape):
+                raise ValueError(f"ModelEMA state does not fit this model: '{k}' is {shape} there but "
+                                 f"{tuple(v.shape)} here")
 
     def __repr__(self) -> str:
         return (f"ModelEMA(path={self.path!r}, updates={self.updates}, skipped={self.skipped}, "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import save_checkpoint
-from utils.ema import DEFAULT_NBS, SIGMA_REL_MAX, ModelEMA, power_gamma
+from utils.ema import _GAMMA_WIDEST, DEFAULT_NBS, SIGMA_REL_MAX, ModelEMA, power_gamma
 from utils.log import LOGGER
 
 SNAPSHOT_FORMAT = "yolo-ema-posthoc"
@@ -81,13 +82,27 @@ def settings_from_hyp(hyp: dict) -> tuple[list[float], int] | None:
     for s in rels:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 < s <= SIGMA_REL_MAX:
             raise ValueError(f"hyp posthoc_sigma_rels: {s!r} is not a relative width in (0, {SIGMA_REL_MAX:.4f}]")
-    if len(set(rels)) != len(rels):
-        raise ValueError(f"hyp posthoc_sigma_rels lists a width twice: {list(rels)}")
+    check_distinct_names(rels, "hyp posthoc_sigma_rels")
     return [float(s) for s in rels], snapshots
 
 
 def snapshot_name(sigma_rel: float, step: int) -> str:
     return f"sr{sigma_rel:g}_step{step:08d}.pt"
+
+
+_SNAPSHOT_NAME = re.compile(r"sr[^_]+_step(\d+)\.pt")
+
+
+def check_distinct_names(sigma_rels, what: str) -> None:
+    """Refuse widths whose snapshots would share file names: the names hold 6 significant digits, so 0.1 and
+    0.1000001 would overwrite each other's files although the floats differ. One-line ValueError."""
+    seen: dict[str, float] = {}
+    for s in sigma_rels:
+        label = f"{s:g}"
+        if label in seen:
+            raise ValueError(f"{what} lists a width twice: {seen[label]!r} and {s!r} would write the same snapshot "
+                             f"files (sr{label}_step...), whose names keep 6 significant digits")
+        seen[label] = s
 
 
 # ------------------------------------------------------------------------------------------------ training side
@@ -115,6 +130,7 @@ class PosthocEMA:
                  snapshots: int = DEFAULT_SNAPSHOTS, unit: str = "steps", nbs: float = DEFAULT_NBS, flat: bool = True):
         if not sigma_rels:
             raise ValueError("PosthocEMA needs at least one sigma_rel")
+        check_distinct_names(sigma_rels, "post-hoc EMA sigma_rels")
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.snapshots = int(snapshots)
         if self.snapshots < 1:
@@ -202,7 +218,8 @@ class PosthocEMA:
                 "written": list(self.written), "emas": [ema.state_dict() for ema in self.emas]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; ``total_steps`` stays this object's (the plan of the run going on)."""
+        """Restore :meth:`state_dict`; ``total_steps`` stays this object's (the plan of the run going on).
+        Snapshot files of steps after the restored one are deleted."""
         if [float(s) for s in state.get("sigma_rels", [])] != self.sigma_rels:
             raise ValueError(f"post-hoc EMA state holds sigma_rels {state.get('sigma_rels')}, but the hyp lists "
                              f"{self.sigma_rels}")
@@ -210,6 +227,19 @@ class PosthocEMA:
             ema.load_state_dict(ema_state)
         self.written = [int(s) for s in state.get("written", [])]
         self._next = self._next_due()
+        self._remove_later_snapshots()
+
+    def _remove_later_snapshots(self) -> None:
+        # A run killed mid-epoch may have written snapshots after the checkpoint it resumes from. Under the same
+        # plan they would be rewritten identically, but an --epochs extension re-spaces the plan, and files left
+        # at the old plan's steps, from a trajectory this run no longer follows, would enter the fit.
+        files = sorted(self.folder.glob("*.pt")) if self.folder.is_dir() else []
+        later = [f for f in files if (m := _SNAPSHOT_NAME.fullmatch(f.name)) and int(m.group(1)) > self.updates]
+        for f in later:
+            f.unlink()
+        if later:
+            LOGGER.info(f"Post-hoc EMA: removed {len(later)} snapshot files written after step {self.updates}, "
+                        f"where the run resumes, from {self.folder}")
 
     def continue_from_snapshots(self, updates: int) -> None:
         """Continue a finished run (its resume state stripped) from the last snapshot of every EMA, which
@@ -304,8 +334,14 @@ def find_snapshots(folder: str | Path) -> list[Snapshot]:
     units = {s.unit for s in found}
     if len(units) > 1:
         raise PosthocError(f"{folder} mixes snapshots counted in {sorted(units)}: not one run's")
-    if any(s.position <= 0 or s.gamma <= -1 for s in found):
-        raise PosthocError(f"{folder} holds a snapshot at position <= 0 or with gamma <= -1")
+    for s in found:
+        if not s.position > 0:
+            raise PosthocError(f"{s.path} has position {s.position}; a snapshot's position must be positive")
+        # The fit's Gram entries hold 1 / (g_i + g_j + 1), infinite at g = -0.5 and negative below; no power EMA
+        # has a gamma under the widest one's, so a file that says so was not written by a bank.
+        if not s.gamma >= _GAMMA_WIDEST:
+            raise PosthocError(f"{s.path} has gamma {s.gamma}, below {_GAMMA_WIDEST:.4f} (the widest power EMA's): "
+                               "not a post-hoc EMA snapshot")
     return sorted(found, key=lambda s: (s.sigma_rel, s.step))
 
 
