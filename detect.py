@@ -23,8 +23,6 @@ if str(ROOT) not in sys.path:
 
 from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
-TRAIN_RUNS = ROOT / "runs" / "train"  # where detect.py without --weights looks for the latest best.pt
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Detect objects with a YOLOv5-style detector", formatter_class=HelpFormatter)
@@ -66,19 +64,21 @@ if __name__ == "__main__":
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
-from models.yolo import check_img_size  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
     Detector,
-    ExportedModel,
     MissingPackageError,
     SourceError,
+    autocast_dtype,
+    inference_size,
     iter_frames,
     list_source_files,
     load_model,
+    save_image,
+    speed_line,
 )
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import increment_path, latest_best_weights  # noqa: E402
+from utils.paths import TRAIN_RUNS, increment_path, latest_best_weights  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 
@@ -147,10 +147,9 @@ def run(
     model = load_model(weights, device)
     detector = Detector(model)
     detector.conf, detector.iou, detector.max_det = conf_thres, iou_thres, max_det
-    detector.classes, detector.agnostic, detector.amp = classes, agnostic_nms, half
-    imgsz = _inference_size(imgsz, detector.stride, getattr(model, "fixed_shape", None))
-    if half and isinstance(model, ExportedModel):
-        LOGGER.info(f"--half has no effect on {Path(weights).name}: an exported model runs in its own precision")
+    detector.classes, detector.agnostic = classes, agnostic_nms
+    detector.amp = autocast_dtype(model, torch.float16 if half else None) is not None
+    imgsz = inference_size(imgsz, detector.stride, getattr(model, "fixed_shape", None))
 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
@@ -158,7 +157,7 @@ def run(
     seen, totals = 0, [0.0, 0.0, 0.0]
     try:
         for frame in iter_frames(files, vid_stride):
-            res = detector.detect([frame.image], [Path(frame.path).name], size=imgsz)
+            res = detector.detect([frame.image], [frame.name], size=imgsz)
             seen += 1
             totals = [t + r for t, r in zip(totals, res.times)]
             h, w = res.shape[2:]
@@ -172,32 +171,17 @@ def run(
             annotated = res.annotated(0, line_width=line_thickness, labels=not hide_labels, conf=not hide_conf)
             if frame.is_video:
                 videos.write(frame.path, annotated, frame.fps)
-            elif not cv2.imwrite(str(save_dir / Path(frame.path.split("?")[0]).name), annotated):
-                raise OSError(f"could not write {save_dir / Path(frame.path).name}")
+            else:
+                save_image(save_dir / frame.name, annotated)
     finally:
         videos.close()
 
     if not seen:
         raise SourceError(f"none of the {len(files)} file(s) of {source} could be read (see the warnings above)")
-    LOGGER.info("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
-                % (*(t / seen for t in totals), (1, 3, *imgsz)))
+    LOGGER.info(speed_line([t / seen for t in totals], (1, 3, *imgsz)))
     labels = f"\n{len(list((save_dir / 'labels').glob('*.txt')))} labels saved to {shown_path(save_dir / 'labels')}" if save_txt else ""
     LOGGER.info(f"Results saved to {shown_path(save_dir)}{labels}")
     return save_dir
-
-
-def _inference_size(imgsz, stride: int, fixed_shape) -> tuple[int, int]:
-    """(h, w) of --img (one size or h w), each a multiple of the stride; a fixed-size exported model's own
-    size wins."""
-    sizes = [int(imgsz)] if isinstance(imgsz, int) else [int(s) for s in imgsz]
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
-        raise ValueError(f"--img takes one positive size or two (h w), got {imgsz}")
-    sizes = sizes * 2 if len(sizes) == 1 else sizes
-    if fixed_shape is not None:
-        if tuple(sizes) != tuple(fixed_shape):
-            LOGGER.info(f"The model was exported for {fixed_shape[0]}x{fixed_shape[1]} images: detecting at that size")
-        return tuple(fixed_shape)
-    return tuple(check_img_size(s, stride) for s in sizes)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,6 @@ if str(ROOT) not in sys.path:
 from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
-TRAIN_RUNS = ROOT / "runs" / "train"  # where export.py without --weights looks for the latest best.pt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +52,7 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from models.yolo import Detect, check_img_size  # noqa: E402
+from models.yolo import Detect  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
     EXPORT_SUFFIXES,
@@ -61,11 +60,13 @@ from utils.inference import (  # noqa: E402
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
     export_metadata,
+    image_size,
+    inference_size,
     load_model,
     require,
 )
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import latest_best_weights  # noqa: E402
+from utils.paths import TRAIN_RUNS, latest_best_weights  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 
@@ -121,9 +122,12 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
     unknown = [f for f in include if f not in FORMATS]
     if unknown:
         raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
-    sizes = [int(imgsz)] if isinstance(imgsz, int) else [int(s) for s in imgsz]
-    if len(sizes) not in (1, 2) or min(sizes) < 1 or batch_size < 1:
-        raise ExportError(f"--img takes one positive size or two (h w) and --batch-size at least 1, got {imgsz}, {batch_size}")
+    try:
+        image_size(imgsz)  # a bad size fails before the model is loaded; the stride rounds it later
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if batch_size < 1:
+        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
     try:
         device = select_device(device)
     except ValueError as e:
@@ -146,8 +150,7 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
         raise ExportError(f"{weights}: the model does not end in a Detect layer")
     head.export = True
     stride = int(max(float(model.stride.max()), 32))
-    sizes = [check_img_size(s, stride) for s in (sizes * 2 if len(sizes) == 1 else sizes)]
-    im = torch.zeros(batch_size, 3, *sizes, device=device)
+    im = torch.zeros(batch_size, 3, *inference_size(imgsz, stride), device=device)
     for p in model.parameters():
         p.requires_grad_(False)
     if half:

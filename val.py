@@ -28,11 +28,11 @@ if str(ROOT) not in sys.path:
 from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
 DEFAULT_IMGSZ = 640  # when neither --img nor the checkpoint says
-TRAIN_RUNS = ROOT / "runs" / "train"  # where val.py without --weights looks for the latest best.pt
 
 
 class ValError(Exception):
-    """A validation that cannot start (a bad --device or --task); one line for the user."""
+    """A validation that cannot start (a bad --device or --task, --augment with an exported file); one line
+    for the user."""
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -78,7 +78,14 @@ from models.common import Conv  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.inference import EXPORT_SUFFIXES, load_model, write_yolo_labels  # noqa: E402
+from utils.inference import (  # noqa: E402
+    EXPORT_SUFFIXES,
+    MissingPackageError,
+    autocast_dtype,
+    load_model,
+    speed_line,
+    write_yolo_labels,
+)
 from utils.coco import (  # noqa: E402
     category_map,
     coco_evaluate,
@@ -90,7 +97,7 @@ from utils.coco import (  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
-from utils.paths import increment_path, latest_best_weights  # noqa: E402
+from utils.paths import TRAIN_RUNS, increment_path, latest_best_weights  # noqa: E402
 from utils.metrics import CONFIDENCE_GRID, IOU_THRESHOLDS, RECALL_POINTS, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.plots import plot_confusion_matrix, plot_images, plot_mc_curve, plot_pr_curve  # noqa: E402
@@ -231,6 +238,7 @@ def run(
         model_names = getattr(model, "names", None)
         stride = int(max(getattr(model, "stride", torch.tensor([32])).max(), 32))
         imgsz = imgsz or DEFAULT_IMGSZ
+        amp_dtype = autocast_dtype(model, amp_dtype)
         if copy_model:
             model = InferenceCopy(model, memory_format).model
     else:
@@ -246,7 +254,10 @@ def run(
             weights = latest_best_weights(TRAIN_RUNS)
             LOGGER.info(f"No --weights given: validating the latest run's {shown_path(weights)}")
         if Path(weights).suffix.lower() in EXPORT_SUFFIXES:  # .onnx / .torchscript, run as detect.py runs them
+            if augment:  # the flipped and scaled passes are the PyTorch model's own forward
+                raise ValError(f"--augment (test-time augmentation) needs PyTorch weights, not {Path(weights).name}")
             model = load_model(weights, device)
+            amp_dtype = autocast_dtype(model, amp_dtype)
             ckpt = {"nc": model.nc}
             imgsz = model.square_size(imgsz) or DEFAULT_IMGSZ  # a fixed-size file's own size
         else:
@@ -311,7 +322,7 @@ def run(
             im, targets, paths, shapes, _ = batch
             with phases("pre-process"):
                 im = im.to(device, non_blocking=True)
-                im = (im.float() / 255).contiguous(memory_format=memory_format)
+                im = im.contiguous(memory_format=memory_format).float().div_(255)  # permuted while uint8: fewer bytes
                 targets = targets.to(device)
                 height, width = im.shape[2:]
             with phases("inference"), autocast(device, amp_dtype):
@@ -380,8 +391,7 @@ def run(
 
     times = tuple(phases.total(k) / max(seen, 1) * 1e3 for k in ("pre-process", "inference", "NMS"))
     if not training:
-        shape = (batch_size, 3, imgsz, imgsz)
-        LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % times)
+        LOGGER.info(speed_line(times, (batch_size, 3, imgsz, imgsz)))
 
     if plots:
         with phases("plots"):
@@ -450,7 +460,7 @@ def main(argv=None) -> int:
     set_logging()
     try:
         run(**vars(opt))
-    except (ValError, CheckpointError, DatasetError, FileNotFoundError) as e:
+    except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError) as e:
         LOGGER.error(f"ERROR: {e}")
         return 1
     return 0

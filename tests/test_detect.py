@@ -1,11 +1,13 @@
 """detect.py on real coco128 images: labels and boxes against a hand-made letterbox and its inverse, video
 in and out, --classes, --save-crop, --save-txt --save-conf, unreadable files skipped, one-line errors."""
+import http.server
 import logging
 import math
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -246,6 +248,7 @@ def test_video_comes_back_annotated_with_same_frames_size_and_fps(weights, image
         assert (drawn.mean() > 1e-3) if len(lb) else (drawn.mean() < 1e-3)
     assert sum(len(lb) for lb in labels) > 0
     # --vid-stride 2: frames 1, 3 and 5, written at half the frame rate so the video lasts as long
+    caplog.clear()
     strided = detect.run(source=src / "clip.mp4", weights=weights, imgsz=IMG, vid_stride=2, save_txt=True,
                          project=tmp_path, name="v2")  # fmt: skip
     cap = cv2.VideoCapture(str(strided / "clip.mp4"))
@@ -254,6 +257,7 @@ def test_video_comes_back_annotated_with_same_frames_size_and_fps(weights, image
     assert sorted(p.name for p in (strided / "labels").iterdir()) == ["clip_1.txt", "clip_3.txt", "clip_5.txt"]
     for k in (1, 3, 5):
         np.testing.assert_array_equal(read_labels(strided / "labels" / f"clip_{k}.txt"), labels[k - 1])
+    assert re.findall(r"video 1/1 \((\d)/(\d)\) \S*clip\.mp4: ", caplog.text) == [("1", "3"), ("2", "3"), ("3", "3")]
 
 
 def test_half_is_autocast_and_leaves_weights_fp32(weights, images):
@@ -275,6 +279,8 @@ def test_user_errors_are_one_line(weights, images, tmp_path, caplog):
         (["--weights", str(tmp_path / "missing.pt"), "--source", str(images[0])], "missing.pt not found"),
         (["--weights", str(weights), "--source", str(tmp_path / "nowhere")], "nowhere does not exist"),
         (["--weights", str(weights), "--source", str(images[0]), "--conf-thres", "2"], "--conf-thres must be in"),
+        (["--weights", str(weights), "--source", str(images[0]), "--img", "64", "0"],
+         "image size must be one positive number or two (h w), got 64 0"),
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -289,3 +295,31 @@ def test_user_errors_are_one_line(weights, images, tmp_path, caplog):
                         str(images[0]), "--project", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"ERROR: checkpoint {tmp_path / 'gone.pt'} not found"
+
+
+def test_unwritable_extensions_are_saved_as_jpg(weights, images, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(images[0], src / "photo.mpo")  # an MPO is a JPEG stream: OpenCV reads it but cannot write one
+    save_dir = detect.run(source=src / "photo.mpo", weights=weights, imgsz=IMG, project=tmp_path, name="mpo")
+    assert [p.name for p in save_dir.iterdir()] == ["photo.jpg"]
+    assert cv2.imread(str(save_dir / "photo.jpg")).shape == cv2.imread(str(images[0])).shape
+
+
+def test_a_failed_write_names_the_file_it_tried(weights, images, tmp_path, caplog):
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(images[1].parent))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{images[1].name}?size=large"
+        blocked = tmp_path / "runs" / "url" / images[1].name
+        blocked.mkdir(parents=True)  # a folder where the annotated image should go: the write fails
+        caplog.set_level(logging.INFO, logger="yolo")
+        argv = ["--weights", str(weights), "--source", url, "--img", str(IMG), "--project", str(tmp_path / "runs"),
+                "--name", "url", "--exist-ok"]  # fmt: skip
+        assert detect.main(argv) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"ERROR: could not write {blocked}"]

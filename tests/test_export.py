@@ -1,6 +1,7 @@
 """export.py: ONNX (torch.onnx's exporter, onnx.checker) and TorchScript files whose outputs equal the PyTorch
 model's on real coco128 images, a --dynamic ONNX at other batch sizes and image sizes, val.py's mAP on the
 exported files equal to the checkpoint's, and one-line refusals."""
+import ast
 import logging
 import shutil
 import sys
@@ -117,7 +118,10 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
     dims = [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
     n = 3 * sum((FIXED[0] // s) * (FIXED[1] // s) for s in (8, 16, 32))
     assert dims == [FIXED_BATCH, n, 7]  # one output: boxes, objectness, 2 class scores
-    assert {p.key for p in proto.metadata_props} >= {"names", "stride", "shape", "dynamic"}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert set(meta) >= {"names", "stride", "shape", "dynamic"}
+    # what YOLOv5's loader does with them: int(stride), and names evaluated to {index: name}
+    assert int(meta["stride"]) == 32 and {int(k): v for k, v in ast.literal_eval(meta["names"]).items()} == {0: "c0", 1: "c1"}
 
     pt = load_model(weights)
     with torch.no_grad():
@@ -126,10 +130,10 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
     assert expected.shape == (4, n, 7) and obj.max() > 100 * obj.median()  # outputs that follow the picture
     onnx_model = load_model(onnx_file)
     assert isinstance(onnx_model, OnnxModel) and onnx_model.fixed_shape == FIXED and onnx_model.batch == FIXED_BATCH
-    assert onnx_model.names == ["c0", "c1"] and onnx_model.stride.tolist() == [8.0, 16.0, 32.0]
+    assert onnx_model.names == ["c0", "c1"] and onnx_model.stride.tolist() == [32.0]
     assert_parity(onnx_model(x)[0], expected, FIXED[0])  # 4 images: a batch of 3 and a padded one
     ts_model = load_model(ts_file)
-    assert isinstance(ts_model, TorchScriptModel) and ts_model.names == ["c0", "c1"]
+    assert isinstance(ts_model, TorchScriptModel) and ts_model.names == ["c0", "c1"] and ts_model.stride.tolist() == [32.0]
     assert_parity(ts_model(x)[0], expected, FIXED[0])
     images, _ = coco_batch
     other, _ = letterbox_batch(images[:2], (160, 224), 32, fixed_shape=(160, 224))  # a traced graph takes any size
@@ -201,6 +205,9 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
         (["--weights", str(weights), "--half"], "--half export needs a CUDA device"),
         (["--weights", str(tmp_path / "gone.pt")], "gone.pt not found"),
         (["--weights", str(weights.with_suffix(".onnx"))], "already exported"),
+        (["--weights", str(weights), "--img", "0"], "image size must be one positive number or two (h w), got 0"),
+        (["--weights", str(weights), "--img", "64", "64", "64"], "image size must be one positive number or two (h w), got 64 64 64"),
+        (["--weights", str(weights), "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ]
     for argv, text in cases:
         caplog.clear()
@@ -214,3 +221,30 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == ["ERROR: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
     assert not copy.with_suffix(".onnx").exists()
+
+
+def test_val_on_exported_files_ignores_half_and_refuses_augment(trained, fixed, tmp_path, monkeypatch, caplog):
+    data = trained[1]
+    used = []
+    real = val.autocast
+    monkeypatch.setattr(val, "autocast", lambda device, dtype: used.append(dtype) or real(device, dtype))
+    caplog.set_level(logging.INFO, logger="yolo")
+    for exported in fixed[1:]:
+        used.clear()
+        assert val.main(["--weights", str(exported), "--data", str(data), "--half", "--batch-size", "8", "--workers", "0",
+                         "--project", str(tmp_path), "--name", exported.suffix[1:]]) == 0  # fmt: skip
+        assert used and set(used) == {None}  # no fp16 autocast around a file that runs at its own precision
+        assert f"--half has no effect on {exported.name}: an exported model runs in its own precision" in caplog.text
+    caplog.clear()
+    argv = ["--weights", str(fixed[2]), "--data", str(data), "--augment", "--project", str(tmp_path / "aug")]
+    assert val.main(argv) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["ERROR: --augment (test-time augmentation) needs PyTorch weights, not best.torchscript"]
+    assert not (tmp_path / "aug").exists()
+
+
+def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path):
+    weights = copy_into(trained[0], tmp_path)
+    assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50", "70"]) == 0
+    model = load_model(weights.with_suffix(".torchscript"))
+    assert model.export_shape == (64, 96)

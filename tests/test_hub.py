@@ -1,6 +1,7 @@
 """torch.hub and the Python API: hubconf.py loaded with source='local', the Results object, the inputs the
 hub model takes, detect.py and the hub model agreeing, URL sources, and `python models/yolo.py` summaries."""
 import http.server
+import math
 import socket
 import subprocess
 import sys
@@ -175,7 +176,7 @@ def test_url_sources(model, images, weights, tmp_path):
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         fetched = torch.hub.load(str(ROOT), "custom", path=f"{base}/w.pt", source="local", _verbose=False)
-        assert (tmp_path / "hub" / "yolo-ema" / "w.pt").is_file()  # fetched into torch.hub's (private) cache
+        assert len(list((tmp_path / "hub" / "yolo-ema").glob("*/w.pt"))) == 1  # fetched into torch.hub's (private) cache
         by_url = fetched(f"{base}/{images[1].name}", size=IMG)
         assert by_url.files == [images[1].name]
         assert torch.equal(by_url.xyxy[0], model(str(images[1]), size=IMG).xyxy[0])
@@ -195,3 +196,30 @@ def test_model_summary_command():
     assert sum(r[1] for r in rows) == YOLOV5_PARAMS["n"]  # the table's parameter column adds up
     summary = lines[header + 26]
     assert summary.startswith("yolov5n summary: ") and "1,872,157 parameters" in summary and summary.endswith("4.5 GFLOPs")
+
+
+def letterboxed_shape(image_path, size) -> tuple:
+    """The batch shape YOLOv5's hub model runs for one image at `size`: the size rounded up to multiples of 32,
+    the image scaled to fit in it, then padded to the smallest multiples of 32 holding it."""
+    h, w = (size, size) if isinstance(size, int) else size
+    h, w = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
+    h0, w0 = cv2.imread(str(image_path)).shape[:2]
+    r = min(h / h0, w / w0)
+    return 1, 3, math.ceil(round(h0 * r) / 32) * 32, math.ceil(round(w0 * r) / 32) * 32
+
+
+@pytest.mark.parametrize("size", [100, 330, (200, 300)])
+def test_sizes_that_are_not_stride_multiples_are_rounded_up(model, images, size):
+    results = model(str(images[0]), size=size)
+    assert results.shape == letterboxed_shape(images[0], size)
+
+
+def test_half_model_runs_in_fp16(weights, images):
+    m = torch.hub.load(str(ROOT), "custom", path=str(weights), source="local", _verbose=False)
+    fp32 = m(str(images[0]), size=IMG).xyxy[0]
+    m.half()
+    assert all(p.dtype == torch.float16 for p in m.model.parameters())
+    fp16 = m(str(images[0]), size=IMG).xyxy[0]
+    assert len(fp32) > 3 and abs(len(fp16) - len(fp32)) <= 2
+    torch.testing.assert_close(fp16[0, :4], fp32[0, :4], atol=1.0, rtol=0)
+    assert abs(float(fp16[0, 4] - fp32[0, 4])) < 0.03 and not torch.equal(fp16, fp32)  # fp16 really ran

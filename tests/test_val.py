@@ -2,6 +2,7 @@
 the command writes its report and files, and bad weights fail with one clear line."""
 import json
 import logging
+import sys
 
 import cv2
 import numpy as np
@@ -307,3 +308,28 @@ def test_non_finite_weights_are_reported(caplog):
             m[1].running_var[2] = float("nan")
         val.warn_non_finite(m)
     assert "1 weight tensors hold NaN or Inf (first: 1.running_var)" in caplog.text
+
+
+def _exported_file(tmp_path, tiny_data):
+    exported = tmp_path / "best.onnx"
+    exported.write_bytes(b"never read: the refusals come first")
+    return exported, ["--weights", str(exported), "--data", str(tiny_data), "--img", str(IMG), "--project",
+                      str(tmp_path / "runs"), "--workers", "0"]  # fmt: skip
+
+
+def test_augment_with_exported_weights_is_refused_up_front(tiny_data, tmp_path, caplog):
+    _, argv = _exported_file(tmp_path, tiny_data)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(argv + ["--augment"]) == 1
+    assert _one_error_line(caplog) == "ERROR: --augment (test-time augmentation) needs PyTorch weights, not best.onnx"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_onnxruntime_is_one_line(tiny_data, tmp_path, caplog, monkeypatch):
+    _, common = _exported_file(tmp_path, tiny_data)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(common) == 1
+    assert _one_error_line(caplog) == ("ERROR: running an .onnx model needs the 'onnxruntime' package, which is not "
+                                       "installed: pip install onnxruntime")  # fmt: skip
+    assert not (tmp_path / "runs").exists()

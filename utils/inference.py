@@ -15,6 +15,7 @@ import ast
 import contextlib
 import copy
 import glob
+import hashlib
 import importlib
 import json
 import math
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.yolo import Model
+from models.yolo import Model, check_img_size
 from utils.augmentations import FILL_VALUE, letterbox
 from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -89,9 +90,10 @@ def load_model(weights, device: torch.device | str = "cpu", fuse: bool = True) -
 
 
 def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
-    """What an exported file records about its model (read back by the loaders below): class names, strides,
-    the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
-    return {"names": [str(n) for n in model.names], "stride": [float(s) for s in model.stride],
+    """What an exported file records about its model (read back by the loaders below): class names as
+    {index: name} and the largest stride as an int, the two keys YOLOv5's loader reads (int(stride), names as a
+    dict), then the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
+    return {"names": {i: str(n) for i, n in enumerate(model.names)}, "stride": int(max(float(s) for s in model.stride)),
             "shape": [int(s) for s in shape], "dynamic": bool(dynamic), "half": bool(half)}
 
 
@@ -120,7 +122,7 @@ class ExportedModel(nn.Module):
     def _configure(self, meta: dict, input_shape, output_width) -> None:
         """Names, strides and input geometry from the file's metadata (ours or YOLOv5's) and its input shape."""
         names = meta.get("names")
-        if isinstance(names, dict):  # YOLOv5's {index: name}
+        if isinstance(names, dict):  # {index: name} (JSON turns the indices into strings); files before it held a list
             names = [names[k] for k in sorted(names, key=int)]
         if not names:
             if not isinstance(output_width, int):
@@ -128,7 +130,7 @@ class ExportedModel(nn.Module):
                                       "export it with export.py")
             names = [str(i) for i in range(output_width - 5)]
         self.names, self.nc = [str(n) for n in names], len(names)
-        stride = meta.get("stride", 32)
+        stride = meta.get("stride", 32)  # an int, or per-level strides in files written before YOLOv5's form
         self.stride = torch.tensor(stride if isinstance(stride, (list, tuple)) else [stride], dtype=torch.float32)
         shape = meta.get("shape") or input_shape
         if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
@@ -291,9 +293,13 @@ def fetch_weights(weights) -> Path:
     """A weights path as given, or an http(s) URL downloaded once into torch.hub's cache folder."""
     if not is_url(weights):
         return Path(weights)
-    dest = Path(torch.hub.get_dir()) / "yolo-ema" / Path(urllib.parse.urlparse(str(weights)).path).name
+    url = str(weights)
+    # Runs all save best.pt: the folder is named by the whole URL so .../run2/best.pt is never run1's copy;
+    # the file keeps its own name because its suffix says how to load it.
+    folder = hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = Path(torch.hub.get_dir()) / "yolo-ema" / folder / Path(urllib.parse.urlparse(url).path).name
     if not dest.is_file():
-        data = read_url(str(weights))
+        data = read_url(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         part.write_bytes(data)
@@ -312,6 +318,7 @@ class Frame:
     count: int  # number of files in the source
     frame: int = 0  # 1-based frame number in the video; 0 for an image
     frames: int = 0  # frames the video will yield
+    kept: int = 0  # 1-based count of the frames yielded so far from this video (differs from frame with a stride)
     fps: float = 0.0
 
     @property
@@ -319,14 +326,19 @@ class Frame:
         return self.frame > 0
 
     @property
+    def name(self) -> str:
+        """File name, without a URL's query (bus.jpg for .../bus.jpg?size=large): what outputs are named after."""
+        return Path(self.path.split("?")[0]).name
+
+    @property
     def stem(self) -> str:
         """File stem, with the frame number for a video frame (labels/NAME_FRAME.txt)."""
-        stem = Path(self.path.split("?")[0]).stem
+        stem = Path(self.name).stem
         return f"{stem}_{self.frame}" if self.is_video else stem
 
     def describe(self) -> str:
         if self.is_video:
-            return f"video {self.index + 1}/{self.count} ({self.frame}/{self.frames}) {self.path}:"
+            return f"video {self.index + 1}/{self.count} ({self.kept}/{self.frames}) {self.path}:"
         return f"image {self.index + 1}/{self.count} {self.path}:"
 
 
@@ -359,6 +371,7 @@ def _video_frames(f: str, index: int, count: int, vid_stride: int):
             return
         fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
         frames = math.ceil(total / vid_stride)
+        kept = 0
         for k in range(total):
             if not cap.grab():
                 LOGGER.warning(f"WARNING: skipping {f}: not a readable video" if k == 0 else
@@ -370,7 +383,8 @@ def _video_frames(f: str, index: int, count: int, vid_stride: int):
             if not ok:
                 LOGGER.warning(f"WARNING: {f}: frame {k + 1} could not be decoded; stopping this video")
                 return
-            yield Frame(f, im, index, count, frame=k + 1, frames=frames, fps=fps)
+            kept += 1
+            yield Frame(f, im, index, count, frame=k + 1, frames=frames, fps=fps, kept=kept)
     finally:
         cap.release()
 
@@ -419,6 +433,47 @@ def _rgb_array_to_bgr(x: np.ndarray, i: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- inference
+SIZE_ERROR = "image size must be one positive number or two (h w)"
+
+
+def image_size(imgsz) -> tuple[int, int]:
+    """(h, w) of a size given as one number or h w (detect.py and export.py --img, the hub model's size=);
+    ValueError in one line otherwise."""
+    given = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz]
+    try:
+        sizes = [int(s) for s in given]
+    except (TypeError, ValueError):
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1 or sizes != given:
+        raise ValueError(f"{SIZE_ERROR}, got {' '.join(map(str, given)) or 'nothing'}")
+    return (sizes[0], sizes[-1])
+
+
+def inference_size(imgsz, stride: int, fixed_shape=None) -> tuple[int, int]:
+    """The (h, w) to letterbox to: imgsz (see image_size) rounded up to multiples of the model's stride, as
+    YOLOv5 does, since every detection level must tile the input; a fixed-size exported model's own size wins."""
+    size = image_size(imgsz)
+    if fixed_shape is not None:
+        if size != tuple(fixed_shape):
+            LOGGER.info(f"The model was exported for {fixed_shape[0]}x{fixed_shape[1]} images: detecting at that size")
+        return tuple(fixed_shape)
+    return tuple(check_img_size(s, stride) for s in size)
+
+
+def speed_line(times, shape) -> str:
+    """YOLOv5's closing line of detect.py, val.py and the hub's Results: milliseconds per image of each phase."""
+    return "Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s" % (*times, tuple(shape))
+
+
+def autocast_dtype(model: nn.Module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype to run `model` under: the one asked for (--half's float16), except for an exported
+    file, which runs at the precision it was exported in; asking for one there is said in one line."""
+    if dtype is None or not isinstance(model, ExportedModel):
+        return dtype
+    LOGGER.info(f"--half has no effect on {model.file.name}: an exported model runs in its own precision")
+    return None
+
+
 def letterbox_batch(images: list[np.ndarray], size, stride: int, fixed_shape=None):
     """Letterbox BGR images into one uint8 RGB batch (b, 3, h, w).
 
@@ -463,11 +518,19 @@ class Detector(nn.Module):
         self.model = model.eval()
         self.names = list(model.names)
         self.stride = int(max(float(model.stride.max()), 32))
+        self._sizes = {}  # each size= resolved once, so a rounding warning is not repeated on every call
 
     @property
     def device(self) -> torch.device:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else self.model.device
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """PyTorch weights take input in their own dtype (model.half() works, as with YOLOv5's AutoShape); an
+        exported file converts float32 input to its own precision itself."""
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None and not isinstance(self.model, ExportedModel) else torch.float32
 
     def _autocast(self):
         """fp16 autocast with amp on PyTorch weights; an exported file runs at the precision it was exported in."""
@@ -479,7 +542,7 @@ class Detector(nn.Module):
         the model's own output, (predictions, raw maps) before NMS."""
         if isinstance(ims, torch.Tensor):
             with self._autocast():
-                return self.model(ims.to(self.device), augment=augment)
+                return self.model(ims.to(self.device, self.input_dtype), augment=augment)
         images, files = read_images(ims)
         return self.detect(images, files, size=size, augment=augment)
 
@@ -488,8 +551,12 @@ class Detector(nn.Module):
         """Detect in BGR images: letterbox into one batch, run the model, NMS, boxes back to each image."""
         phases = PhaseTimer(self.device)
         with phases("pre-process"):
-            batch, ratio_pads = letterbox_batch(images, size, self.stride, getattr(self.model, "fixed_shape", None))
-            x = batch.to(self.device).float() / 255
+            fixed_shape = getattr(self.model, "fixed_shape", None)
+            key = (tuple(size) if isinstance(size, (list, tuple)) else size, fixed_shape)
+            if key not in self._sizes:
+                self._sizes[key] = inference_size(size, self.stride, fixed_shape)
+            batch, ratio_pads = letterbox_batch(images, self._sizes[key], self.stride, fixed_shape)
+            x = batch.to(self.device, self.input_dtype) / 255
         with phases("inference"), self._autocast():
             pred = self.model(x, augment=augment)[0]
         with phases("NMS"):
@@ -524,6 +591,22 @@ def crop_box(im: np.ndarray, xyxy, gain: float = 1.02, pad: int = 10, square: bo
     clip_boxes(box, im.shape[:2])
     x1, y1, x2, y2 = box[0].tolist()
     return im[y1:y2, x1:x2]
+
+
+def save_image(file: Path, im: np.ndarray) -> Path:
+    """Write a BGR image to `file` and return the file written. OpenCV has no encoder for some image formats it
+    reads (.mpo) nor for a name without an extension (an image URL's); those are written as .jpg instead, as
+    YOLOv5 names the images it saves."""
+    file = Path(file)
+    if not cv2.haveImageWriter(str(file)):
+        file = file.with_suffix(".jpg")
+    try:
+        written = cv2.imwrite(str(file), im)
+    except cv2.error as e:  # an encoder that refuses this image
+        raise OSError(f"could not write {file}: {str(e).strip().splitlines()[-1]}") from None
+    if not written:
+        raise OSError(f"could not write {file}")
+    return file
 
 
 def free_file(path: Path, start: int = 2) -> tuple[Path, int]:
@@ -597,8 +680,7 @@ class Results:
                 base = Path(save_dir) / "crops" / self._name(c) / f"{stem}.jpg"
                 file, next_number[base] = free_file(base, next_number.get(base, 2))
                 file.parent.mkdir(parents=True, exist_ok=True)
-                if not cv2.imwrite(str(file), im):
-                    raise OSError(f"could not write {file}")
+                save_image(file, im)
             crops.append({"box": xyxy, "conf": score, "cls": c, "label": f"{self._name(c)} {score:.2f}",
                           "im": im, "file": file})  # fmt: skip
         return crops
@@ -607,8 +689,7 @@ class Results:
     def __str__(self) -> str:
         h, w = self.shape[2:]
         lines = [f"image {i + 1}/{self.n}: {h}x{w} {self.summary(i)}" for i in range(self.n)]
-        lines.append("Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape %s"
-                     % (*self.times, self.shape))
+        lines.append(speed_line(self.times, self.shape))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -628,12 +709,11 @@ class Results:
         return save_dir
 
     def save(self, labels: bool = True, save_dir="runs/detect/exp", exist_ok: bool = False) -> Path:
-        """Write each annotated image under save_dir (a new numbered folder unless exist_ok), same name."""
+        """Write each annotated image under save_dir (a new numbered folder unless exist_ok), same name (see
+        save_image for the formats written as .jpg)."""
         save_dir = self._new_dir(save_dir, exist_ok)
         for i, name in enumerate(self.files):
-            file = save_dir / name
-            if not cv2.imwrite(str(file), self.annotated(i, labels=labels)):
-                raise OSError(f"could not write {file}")
+            save_image(save_dir / name, self.annotated(i, labels=labels))
         LOGGER.info(f"Saved {self.n} image{'s' * (self.n > 1)} to {save_dir}")
         return save_dir
 

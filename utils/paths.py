@@ -6,6 +6,9 @@ from pathlib import Path
 
 from utils.cli import shown_path
 
+# Where val.py, detect.py and export.py without --weights look for the newest best.pt (train.py's default project)
+TRAIN_RUNS = Path(__file__).resolve().parents[1] / "runs" / "train"
+
 
 def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
     """path itself when free (or with exist_ok), else path{N} with N one above the highest number in use,
