@@ -147,7 +147,7 @@ from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finish
                               half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
                               strip_resume_state, unpacked_state_dict, unpacked_tree)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
-from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
@@ -779,6 +779,8 @@ def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: i
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
             cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
             seed=opt.seed, nc=data["nc"], prefix="val: ", pin_memory=device.type == "cuda")
+        if ReplayLoader.suits(val_loader):  # the same batches every epoch: collated once
+            val_loader = ReplayLoader(val_loader)
     return train_loader, dataset, val_loader
 
 

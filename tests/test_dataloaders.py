@@ -12,8 +12,8 @@ import torch
 
 from utils import dataloaders
 from utils.augmentations import FILL_VALUE
-from utils.dataloaders import (Batch, LoadImagesAndLabels, SeededSampler, create_dataloader, img2label_paths,
-                               label_cache_paths, substitute_order)
+from utils.dataloaders import (Batch, LoadImagesAndLabels, ReplayLoader, SeededSampler, create_dataloader,
+                               img2label_paths, label_cache_paths, substitute_order)
 from utils.data_config import DatasetError
 
 AUG_HYP = dict(hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=5.0, translate=0.1, scale=0.5, shear=2.0,
@@ -848,3 +848,29 @@ def test_samples_and_batches_identical_to_the_previous_conversion_and_collate(tm
     assert all(torch.equal(a.img, b.img) for a, b in zip(new[0], new[1]))  # the cache changes nothing either
     batch = LoadImagesAndLabels.collate_fn(new[2][:2] if rect else new[0][:4])
     assert torch.equal(batch.imgs, torch.stack([s.img for s in (new[2][:2] if rect else new[0][:4])]))
+
+
+def test_replayed_validation_batches_equal_the_loaders_and_are_collated_once(tmp_path, monkeypatch):
+    """A validation split cached in RAM gives the same batches every pass: read once from the loader, then
+    replayed (no sample is built again); a pass stopped early is not kept. Augmented or uncached splits do not
+    qualify."""
+    sizes = [(64, 48), (48, 64), (64, 64), (40, 64), (64, 40), (64, 32), (32, 64)]
+    images = make_split(tmp_path / "ds", n=7, sizes=sizes)
+    direct, _ = create_dataloader(images, 64, 3, 32, rect=True, pad=0.5, cache="ram", workers=0)
+    expected = [(b.imgs.clone(), b.targets.clone(), b.paths) for b in direct]
+    loader, ds = create_dataloader(images, 64, 3, 32, rect=True, pad=0.5, cache="ram", workers=0)
+    assert ReplayLoader.suits(loader)
+    built = []
+    original = type(ds).__getitem__
+    monkeypatch.setattr(type(ds), "__getitem__", lambda self, i: built.append(i) or original(self, i))
+    replay = ReplayLoader(loader)
+    assert len(replay) == len(expected) == 3 and replay.dataset is ds
+    next(iter(replay))  # a pass stopped after one batch: not kept
+    first = [(b.imgs.clone(), b.targets.clone(), b.paths) for b in replay]
+    assert len(built) == 3 + 7
+    second = [(b.imgs.clone(), b.targets.clone(), b.paths) for b in replay]
+    assert len(built) == 3 + 7  # replayed: nothing built again
+    assert _same(first, expected) and _same(second, expected)
+    uncached, _ = create_dataloader(images, 64, 3, 32, rect=True, workers=0)
+    augmented, _ = create_dataloader(images, 64, 3, 32, hyp=AUG_HYP, augment=True, cache="ram", workers=0)
+    assert not ReplayLoader.suits(uncached) and not ReplayLoader.suits(augmented)

@@ -808,6 +808,43 @@ class SeededDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
 
 
+class ReplayLoader:
+    """A validation loader's batches, collated once and replayed on every later pass.
+
+    For a split whose samples never change (no augmentation) and whose images are all cached in RAM, such as the
+    validation train.py runs every epoch: letterboxing, collation and the workers' hand-offs are then paid once
+    per run instead of once per epoch, for as much memory again as the cache. The replayed batches are the same
+    objects on every pass, so their users must not change them in place (val.run does not). A pass that stops
+    early is not kept; after the first full one the loader and its workers are let go.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.dataset, self.batch_size = loader, loader.dataset, loader.batch_size
+        self.num_workers, self.pin_memory = loader.num_workers, loader.pin_memory
+        self._length = len(loader)
+        self._batches: list | None = None
+
+    @staticmethod
+    def suits(loader: DataLoader) -> bool:
+        """Whether every pass over the loader gives the same batches from memory: no augmentation, every image
+        cached in RAM."""
+        ds = loader.dataset
+        return not ds.augment and all(im is not None for im in ds.ims)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        return iter(self._batches) if self._batches is not None else self._first_pass()
+
+    def _first_pass(self):
+        batches = []
+        for batch in self.loader:
+            batches.append(batch)
+            yield batch
+        self._batches, self.loader = batches, None
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, which containers and taskset narrow), else the count."""
     try:
