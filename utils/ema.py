@@ -64,7 +64,7 @@ UNITS = ("steps", "images")
 
 # The power-function EMA's relative width sqrt(g + 1) / ((g + 2) * sqrt(g + 3)) peaks where u = g + 1 solves
 # u**2 + u - 1 = 0 (its log-derivative in u vanishes there): no power EMA is wider than this.
-_GAMMA_WIDEST = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # -0.382
+GAMMA_WIDEST = (math.sqrt(5.0) - 1.0) / 2.0 - 1.0  # -0.382
 
 # Every view starts on a 64-byte boundary so vectorised and cuDNN kernels on the model see aligned weights.
 _ALIGN_BYTES = 64
@@ -98,7 +98,7 @@ def power_sigma_rel(gamma: float) -> float:
     return math.sqrt(gamma + 1.0) / ((gamma + 2.0) * math.sqrt(gamma + 3.0))
 
 
-SIGMA_REL_MAX = power_sigma_rel(_GAMMA_WIDEST)  # 0.3003
+SIGMA_REL_MAX = power_sigma_rel(GAMMA_WIDEST)  # 0.3003
 
 
 def power_gamma(sigma_rel: float) -> float:
@@ -109,9 +109,9 @@ def power_gamma(sigma_rel: float) -> float:
     if not 0.0 < s <= SIGMA_REL_MAX:
         raise ValueError(f"sigma_rel {sigma_rel} is outside (0, {SIGMA_REL_MAX:.4f}]: no power-function EMA has "
                          "that relative width")
-    # power_sigma_rel falls monotonically from SIGMA_REL_MAX to 0 on [_GAMMA_WIDEST, inf); it is below s at
+    # power_sigma_rel falls monotonically from SIGMA_REL_MAX to 0 on [GAMMA_WIDEST, inf); it is below s at
     # gamma = 1 / s (about 1 / gamma there), so bisect between the two.
-    lo, hi = _GAMMA_WIDEST, max(1.0 / s, 1.0)
+    lo, hi = GAMMA_WIDEST, max(1.0 / s, 1.0)
     while hi - lo > 1e-13 * max(1.0, hi):
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import save_checkpoint
-from utils.ema import _GAMMA_WIDEST, DEFAULT_NBS, SIGMA_REL_MAX, ModelEMA, power_gamma
+from utils.ema import DEFAULT_NBS, GAMMA_WIDEST, SIGMA_REL_MAX, ModelEMA, power_gamma
 from utils.log import LOGGER
 
 SNAPSHOT_FORMAT = "yolo-ema-posthoc"
@@ -339,8 +339,8 @@ def find_snapshots(folder: str | Path) -> list[Snapshot]:
             raise PosthocError(f"{s.path} has position {s.position}; a snapshot's position must be positive")
         # The fit's Gram entries hold 1 / (g_i + g_j + 1), infinite at g = -0.5 and negative below; no power EMA
         # has a gamma under the widest one's, so a file that says so was not written by a bank.
-        if not s.gamma >= _GAMMA_WIDEST:
-            raise PosthocError(f"{s.path} has gamma {s.gamma}, below {_GAMMA_WIDEST:.4f} (the widest power EMA's): "
+        if not s.gamma >= GAMMA_WIDEST:
+            raise PosthocError(f"{s.path} has gamma {s.gamma}, below {GAMMA_WIDEST:.4f} (the widest power EMA's): "
                                "not a post-hoc EMA snapshot")
     return sorted(found, key=lambda s: (s.sigma_rel, s.step))
 
