@@ -141,24 +141,44 @@ def _remove_stale_temps(path: Path, keep_newer_than: float) -> None:
                 LOGGER.info(f"Removed {stale}, left by an interrupted checkpoint write")
 
 
-def _buffer_key(tensor: torch.Tensor) -> str:
-    """The packed buffer a tensor goes into: one per dtype and device. An optimizer's state can mix devices
-    (Adam keeps its `step` counters on the CPU beside CUDA momenta), and torch.cat needs one device."""
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    return dtype if tensor.device.type == "cpu" else f"{dtype}@{tensor.device}"
+class _Packer:
+    """Collects tensors into one contiguous buffer per dtype and device: each add() returns the buffer's key, and the
+    tensor's values go at the buffer's end. An optimizer's state can mix devices (Adam keeps its `step` counters on
+    the CPU beside CUDA momenta), and torch.cat needs one device."""
+
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, tensor: torch.Tensor) -> str:
+        key = str(tensor.dtype).removeprefix("torch.")
+        key = key if tensor.device.type == "cpu" else f"{key}@{tensor.device}"
+        self.parts.setdefault(key, []).append(tensor.detach().reshape(-1))
+        return key
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The buffers: copies, in the standard layout whatever memory format the tensors had."""
+        return {key: torch.cat(parts) for key, parts in self.parts.items()}
+
+
+class _Unpacker:
+    """Hands out views into packed buffers in the order _Packer took the tensors in."""
+
+    def __init__(self, packed: dict[str, torch.Tensor]):
+        self.packed, self.offsets = packed, dict.fromkeys(packed, 0)
+
+    def take(self, key: str, shape) -> torch.Tensor:
+        n, start = math.prod(shape), self.offsets[key]
+        self.offsets[key] = start + n
+        return self.packed[key][start:start + n].view(shape)
 
 
 def pack_state_dict(state_dict: dict) -> dict:
     """A state dict as one contiguous buffer per dtype (and device) plus its layout: a few large tensors to pickle
     and write instead of hundreds of small ones (what every epoch's last.pt holds twice for exact resume). The
     values are copied in the standard layout, whatever memory format they have. unpacked_state_dict() restores it."""
-    buffers: dict[str, list[torch.Tensor]] = {}
-    layout = []
-    for name, tensor in state_dict.items():
-        key = _buffer_key(tensor)
-        buffers.setdefault(key, []).append(tensor.detach().reshape(-1))
-        layout.append([name, key, list(tensor.shape)])
-    return {"packed": {key: torch.cat(parts) for key, parts in buffers.items()}, "layout": layout}
+    packer = _Packer()
+    layout = [[name, packer.add(tensor), list(tensor.shape)] for name, tensor in state_dict.items()]
+    return {"packed": packer.packed(), "layout": layout}
 
 
 def unpacked_state_dict(entry: dict) -> dict:
@@ -166,13 +186,8 @@ def unpacked_state_dict(entry: dict) -> dict:
     entry itself when it already is a plain state dict (a version-1 checkpoint)."""
     if set(entry) != {"packed", "layout"}:
         return entry
-    offsets = dict.fromkeys(entry["packed"], 0)
-    out = {}
-    for name, key, shape in entry["layout"]:
-        n = math.prod(shape)
-        out[name] = entry["packed"][key][offsets[key]:offsets[key] + n].view(shape)
-        offsets[key] += n
-    return out
+    unpacker = _Unpacker(entry["packed"])
+    return {name: unpacker.take(key, shape) for name, key, shape in entry["layout"]}
 
 
 def pack_tree(obj: Any) -> dict:
@@ -180,13 +195,11 @@ def pack_tree(obj: Any) -> dict:
     buffer per dtype (and device): {"packed": {key: tensor}, "tree": obj with each tensor replaced by
     {"tensor": [key, shape]}}. The copy is the caller's to keep while the original goes on changing.
     unpacked_tree() restores it."""
-    buffers: dict[str, list[torch.Tensor]] = {}
+    packer = _Packer()
 
     def walk(x):
         if isinstance(x, torch.Tensor):
-            key = _buffer_key(x)
-            buffers.setdefault(key, []).append(x.detach().reshape(-1))
-            return {"tensor": [key, list(x.shape)]}
+            return {"tensor": [packer.add(x), list(x.shape)]}
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
@@ -194,7 +207,7 @@ def pack_tree(obj: Any) -> dict:
         return x
 
     tree = walk(obj)
-    return {"packed": {key: torch.cat(parts) for key, parts in buffers.items()}, "tree": tree}
+    return {"packed": packer.packed(), "tree": tree}
 
 
 def unpacked_tree(entry: Any) -> Any:
@@ -202,15 +215,11 @@ def unpacked_tree(entry: Any) -> Any:
     not packed (a version-1 checkpoint)."""
     if not (isinstance(entry, dict) and set(entry) == {"packed", "tree"}):
         return entry
-    offsets = dict.fromkeys(entry["packed"], 0)
+    unpacker = _Unpacker(entry["packed"])
 
     def walk(x):
         if isinstance(x, dict) and set(x) == {"tensor"}:
-            key, shape = x["tensor"]
-            n = math.prod(shape)
-            t = entry["packed"][key][offsets[key]:offsets[key] + n].view(shape)
-            offsets[key] += n
-            return t
+            return unpacker.take(*x["tensor"])
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
