@@ -703,15 +703,17 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _stat_value(path: Path, key: str) -> int:
+def _stat_value(path: Path, key: str) -> int | None:
+    """The number after `key` in a file of "key value" lines (memory.stat; "Key: value kB" in /proc/meminfo), or
+    None when the file or the key is missing."""
     try:
         for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].removesuffix(":") == key:
+                return int(fields[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return None
 
 
 def _cgroup_memory_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -729,7 +731,7 @@ def _cgroup_memory_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
         limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
         if limit is None or usage is None:  # "max" (v2's no limit) or unreadable
             return None
-        used = max(usage - _stat_value(root / stat_file, inactive_key), 0)
+        used = max(usage - (_stat_value(root / stat_file, inactive_key) or 0), 0)
         return max(limit - used, 0)
     return None
 
@@ -738,15 +740,8 @@ def _available_memory(meminfo: Path = Path("/proc/meminfo"),
                       cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes of memory available to new allocations, or None when unknown: Linux MemAvailable, capped by the
     container's cgroup limit, which MemAvailable ignores (it reports the host's memory)."""
-    host = None
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    host = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+    host = _stat_value(meminfo, "MemAvailable")  # in kB
+    host = None if host is None else host * 1024
     container = _cgroup_memory_headroom(cgroup_root)
     known = [m for m in (host, container) if m is not None]
     return min(known) if known else None
