@@ -113,8 +113,8 @@ def main(argv=None) -> dict:
     for name, (step, timer) in steps.items():
         per_iter = statistics.median(ms[name][1:])
         n = timer.counts.get("forward", 1)
-        phases = [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1) for k in ("forward", "loss", "backward")]
-        phases += [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1) for k in ("optimizer", "ema")]
+        phases = [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1)
+                  for k in ("forward", "loss", "backward", "optimizer", "ema")]
         print(f"| {name} | {per_iter:.0f} | {opt.batch_size * 1000 / per_iter:.1f} | "
               + " | ".join(f"{v:.1f}" for v in phases) + " |")
         result[name] = {"ms_per_iter": per_iter, "iterations": n, "ema_path": step.ema.path, "first_round_s":
