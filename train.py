@@ -634,6 +634,7 @@ class Run:
     raw_results: tuple = (0.0,) * len(RAW_COLUMNS)
     unreadable: set = field(default_factory=set)  # image files that could not be read during training
     inference_copies: dict = field(default_factory=dict)  # id(validated model) -> its val.InferenceCopy
+    started_batches: tuple | None = None  # (epoch, the train loader's iterator) started by start_epoch_batches
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # rank 0's checkpoints, in the background
 
     @property
@@ -871,13 +872,15 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
     interrupt_hook = os.getenv(INTERRUPT_HOOK_ENV, "")
     kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(interrupt_hook) if interrupt_hook.isdigit() else -1
     run.model.train()
-    run.train_loader.set_epoch(epoch)  # the DataLoader's iterator below starts the epoch's batches
+    if run.started_batches is None or run.started_batches[0] != epoch:
+        start_epoch_batches(run, epoch)
+    batches, run.started_batches = run.started_batches[1], None
     run.step.drop_partial_window()
     mloss = torch.zeros(3, device=device)
     unreadable = set()  # image files this epoch could not read
     if procs.main:
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
-    bar = tqdm(enumerate(run.train_loader), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
+    bar = tqdm(enumerate(batches), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
     waited_from = time.perf_counter()
     for i, batch in bar:
         run.timer.add("data wait", time.perf_counter() - waited_from)  # the loader kept the step waiting
@@ -921,6 +924,14 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         LOGGER.warning(f"epoch {epoch}: {len(unreadable)} image file(s) could not be read and were replaced by other "
                        f"samples ({len(run.unreadable)} in this run so far)")
     return mloss
+
+
+def start_epoch_batches(run: Run, epoch: int) -> None:
+    """Set the train loader's workers loading `epoch`'s first batches. The epoch loop calls it for the next epoch
+    as soon as one epoch's training ends, so that they load while the main process validates and saves instead
+    of after (a sample is a pure function of (seed, epoch, index): when it is loaded does not change it)."""
+    run.train_loader.set_epoch(epoch)
+    run.started_batches = (epoch, iter(run.train_loader))
 
 
 def note_unreadable(run: Run, batch) -> None:
@@ -1091,6 +1102,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     try:
         for epoch in range(run.start_epoch, run.end_epoch):
             mloss = train_epoch(run, epoch)
+            if epoch + 1 < run.end_epoch:
+                start_epoch_batches(run, epoch + 1)  # loaded during this epoch's validation
             stop = end_epoch(run, epoch, mloss)
             if broadcast(stop, procs):
                 break

@@ -368,3 +368,44 @@ def test_tensorboard_images_are_the_jpeg_pictures_at_most_640_px(tmp_path):
     shown = cv2.imdecode(np.frombuffer(got_large.encoded_image_string, np.uint8), cv2.IMREAD_COLOR)
     expected = cv2.resize(cv2.imread(str(large)), (640, 480), interpolation=cv2.INTER_AREA)
     assert shown.shape == (480, 640, 3) and np.abs(shown.astype(int) - expected).mean() < 2  # the same picture
+
+
+def test_the_next_epochs_batches_load_while_the_epoch_ends(tiny, monkeypatch):
+    """When an epoch's validation and checkpoints begin, the loader's workers have already been started on the
+    next epoch (none after the last); its batches are those the epoch would have drawn had it started them itself."""
+    started_at_end = []
+    real_end_epoch = train.end_epoch
+
+    def end_epoch(run, epoch, mloss):
+        started_at_end.append(None if run.started_batches is None else run.started_batches[0])
+        if run.started_batches is not None:  # what the next epoch will train on, drawn by a fresh loader
+            loader, _ = train.create_dataloader(
+                run.data["train"], run.imgsz, run.batch_size, run.gs, hyp=run.hyp, augment=True,
+                workers=0, shuffle=True, seed=run.opt.seed, nc=2)
+            loader.set_epoch(epoch + 1)
+            expected.append([b.imgs.clone() for b in loader])
+        return real_end_epoch(run, epoch, mloss)
+
+    expected, trained = [], []
+    real_step_call = train.TrainStep.__call__
+
+    def step(self, imgs, targets, ni, accumulate):
+        trained.append(imgs.clone())
+        return real_step_call(self, imgs, targets, ni, accumulate)
+
+    monkeypatch.setattr(train, "end_epoch", end_epoch)
+    monkeypatch.setattr(train.TrainStep, "__call__", step)
+    args = tiny_run_args(tiny["data"], tiny["cfg"], tiny["root"] / "runs", "prefetch", 3, "--cache", "ram")
+    args[args.index("--workers") + 1] = 2
+    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(train.parse_opt([str(a) for a in args]))
+    finally:
+        torch.set_num_threads(threads)
+    assert started_at_end == [1, 2, None]
+    nb = len(trained) // 3
+    for epoch, batches in enumerate(expected, start=1):
+        got = trained[epoch * nb:(epoch + 1) * nb]
+        assert len(batches) == nb and all(torch.equal(g.mul(255).round().byte(), e) for g, e in zip(got, batches)), epoch
