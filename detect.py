@@ -64,6 +64,7 @@ if __name__ == "__main__":
 import cv2  # noqa: E402
 import torch  # noqa: E402
 
+from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
     Detector,
@@ -197,4 +198,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()
     exit_process(main(CLI_OPT))

@@ -142,6 +142,7 @@ from tqdm import tqdm  # noqa: E402
 
 import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
+from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
                               half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
@@ -895,7 +896,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         note_unreadable(run, batch)
         unreadable.update(batch.unreadable)
         run.writer.raise_error()  # a checkpoint write of the last epoch that failed (a full disk) ends the run
-        # channels_last (the model's layout) while still uint8: a quarter of the bytes to permute
+        # the model's layout while still uint8 (a quarter of the bytes): a no-op for the loader's channels_last
         imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT).float().div_(255)
         if ni <= run.nw:
             run.accumulate = warmup_accumulate(ni, run.nw, hyp["nbs"], opt.batch_size)
@@ -1178,4 +1179,5 @@ def cli(opt: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()
     exit_process(cli(CLI_OPT))

@@ -76,6 +76,7 @@ from tqdm import tqdm  # noqa: E402
 
 from models.common import Conv  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
+from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.inference import (  # noqa: E402
@@ -322,7 +323,8 @@ def run(
             im, targets, paths, shapes, _ = batch
             with phases("pre-process"):
                 im = im.to(device, non_blocking=True)
-                im = im.contiguous(memory_format=memory_format).float().div_(255)  # permuted while uint8: fewer bytes
+                # the model's layout while uint8 (fewer bytes); the loader's batches are channels_last already
+                im = im.contiguous(memory_format=memory_format).float().div_(255)
                 targets = targets.to(device)
                 height, width = im.shape[2:]
             with phases("inference"), autocast(device, amp_dtype):
@@ -467,4 +469,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()
     exit_process(main(CLI_OPT))

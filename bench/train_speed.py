@@ -9,13 +9,21 @@ measured separately (bench/data_speed.py and bench/profile_train.py cover it in 
 
     python bench/train_speed.py [--iters 8] [--rounds 3] [--formats channels_last contiguous] [--amp fp16] [--device 0]
     python bench/train_speed.py --formats channels_last compiled     # train.py --compile: compile time and gain
+    python bench/train_speed.py --malloc both                        # glibc's defaults against reuse_freed_memory
+
+--malloc reuse (the default) sets the C allocator as train.py does (utils/allocator.py); 'default' leaves glibc's
+settings; 'both' runs the step under each in its own process (the setting is process-wide), alternating rounds,
+and prints their times, page faults per iteration and ratio.
 
 'compiled' is channels_last with torch.compile (inductor); its first round, which compiles, is reported apart.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 from models.yolo import Model  # noqa: E402
 from train import TrainStep, load_hyp, loss_gains, make_ema, make_scaler  # noqa: E402
+from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -69,7 +78,14 @@ def main(argv=None) -> dict:
     p.add_argument("--amp", choices=("fp16", "bf16", "off"), default=None, help="default: fp16 on CUDA, off on CPU")
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--malloc", choices=("reuse", "default", "both"), default="reuse",
+                   help="the C allocator's settings: train.py's (reuse), glibc's own (default), or each in turn")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line (for --malloc both)")
     opt = p.parse_args(argv)
+    if opt.malloc == "both":
+        return compare_malloc(opt)
+    if opt.malloc == "reuse":
+        reuse_freed_memory()
 
     device = select_device(opt.device)
     opt.amp = opt.amp or ("fp16" if device.type == "cuda" else "off")
@@ -88,6 +104,7 @@ def main(argv=None) -> dict:
              for name in opt.formats}
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     ms = {name: [] for name in opt.formats}
+    faults = {name: 0 for name in opt.formats}
     ni = 0
     for r in range(opt.rounds + 1):  # the first round warms up (allocator, kernel selection) and is not counted
         for name, (step, timer) in steps.items():
@@ -95,30 +112,34 @@ def main(argv=None) -> dict:
                 timer.reset()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
+            start, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for imgs, targets in batches:
                 step(imgs, targets, ni, accumulate)
                 ni += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             ms[name].append(1000 * (time.perf_counter() - start) / len(batches))
+            if r > 0:
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{Path(opt.cfg).stem} training step, {Path(opt.data).stem}, --img {opt.imgsz}, batch {opt.batch_size}, "
           f"accumulate {accumulate}, --amp {opt.amp}, {where}: median of {opt.rounds} alternating rounds of "
-          f"{len(batches)} iterations; the loader took {data_ms:.0f} ms per batch with {opt.workers} workers\n")
-    print("| memory format | ms/iteration | images/s | forward | loss | backward | optimizer | EMA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"{len(batches)} iterations; the loader took {data_ms:.0f} ms per batch with {opt.workers} workers; "
+          f"--malloc {opt.malloc}\n")
+    print("| memory format | ms/iteration | images/s | forward | loss | backward | optimizer | EMA | page faults/iteration |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     result = {}
     for name, (step, timer) in steps.items():
         per_iter = statistics.median(ms[name][1:])
         n = timer.counts.get("forward", 1)
         phases = [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1)
                   for k in ("forward", "loss", "backward", "optimizer", "ema")]
+        faults_per_iter = faults[name] / (opt.rounds * len(batches))
         print(f"| {name} | {per_iter:.0f} | {opt.batch_size * 1000 / per_iter:.1f} | "
-              + " | ".join(f"{v:.1f}" for v in phases) + " |")
+              + " | ".join(f"{v:.1f}" for v in phases) + f" | {faults_per_iter:.0f} |")
         result[name] = {"ms_per_iter": per_iter, "iterations": n, "ema_path": step.ema.path, "first_round_s":
-                        ms[name][0] * len(batches) / 1000}
+                        ms[name][0] * len(batches) / 1000, "faults_per_iter": faults_per_iter}
     if {"channels_last", "contiguous"} <= set(result):
         ratio = result["contiguous"]["ms_per_iter"] / result["channels_last"]["ms_per_iter"]
         print(f"\ncontiguous / channels_last time per iteration: {ratio:.2f} "
@@ -132,7 +153,34 @@ def main(argv=None) -> dict:
               f"iteration against {result['channels_last']['ms_per_iter']:.0f}; pays off after about "
               f"{extra * 1000 / saving:.0f} iterations" if saving > 0 else
               f"\ntorch.compile: first round {r['first_round_s']:.0f} s (compiling), and no faster afterwards")
+    if opt.json:
+        print(json.dumps(result))
     return result
+
+
+def compare_malloc(opt: argparse.Namespace) -> dict:
+    """--malloc both: the step under glibc's defaults and under reuse_freed_memory, each in its own process
+    (channels_last, one timed round per process), alternating which goes first."""
+    base = ["--cfg", opt.cfg, "--data", opt.data, "--imgsz", opt.imgsz, "--batch-size", opt.batch_size, "--iters",
+            opt.iters, "--device", opt.device, "--workers", opt.workers, *(["--amp", opt.amp] if opt.amp else [])]
+    runs = {"default": [], "reuse": []}
+    for r in range(opt.rounds):
+        for mode in (("default", "reuse") if r % 2 == 0 else ("reuse", "default")):
+            cmd = [sys.executable, __file__, *map(str, base), "--malloc", mode, "--rounds", "1",
+                   "--formats", "channels_last", "--json"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1])["channels_last"])
+            print(f"round {r + 1} --malloc {mode}: {runs[mode][-1]['ms_per_iter']:.0f} ms/iteration, "
+                  f"{runs[mode][-1]['faults_per_iter']:.0f} page faults/iteration", flush=True)
+    median = {m: statistics.median(x["ms_per_iter"] for x in v) for m, v in runs.items()}
+    faults = {m: statistics.median(x["faults_per_iter"] for x in v) for m, v in runs.items()}
+    ratios = [d["ms_per_iter"] / u["ms_per_iter"] for d, u in zip(runs["default"], runs["reuse"])]
+    print(f"\n| --malloc | ms/iteration (median of {opt.rounds}) | page faults/iteration |\n|---|---:|---:|")
+    for m in runs:
+        print(f"| {m} | {median[m]:.0f} | {faults[m]:.0f} |")
+    print(f"\ndefault / reuse time per iteration, per round: {', '.join(f'{x:.2f}' for x in ratios)}; "
+          f"median {statistics.median(ratios):.2f}")
+    return {"ms_per_iter": median, "faults_per_iter": faults, "ratios": ratios}
 
 
 if __name__ == "__main__":
