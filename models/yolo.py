@@ -130,6 +130,10 @@ class Detect(nn.Module):
         Decoding runs in float32 even for half/bfloat16 maps: at 640 px a bfloat16 coordinate is only
         resolved to 4 px, which would cost localisation accuracy for nothing (the cost is negligible).
         """
+        # Exporters get one concatenation per level (a plain graph op). Otherwise the box columns are written
+        # into the sigmoid's output (a copy of it under autograd, which needs the sigmoid's output unchanged):
+        # torch's CPU cat along a last dimension of widths 2, 2 and nc+1 cost more than the rest of decode.
+        exporting = self.export or torch.jit.is_tracing() or torch.compiler.is_compiling()
         out = []
         for i, y in enumerate(raw):
             bs, _, ny, nx, _ = y.shape
@@ -139,7 +143,12 @@ class Detect(nn.Module):
             p = y.float().sigmoid()
             xy = (p[..., 0:2] * 2 + grid) * s
             wh = (p[..., 2:4] * 2) ** 2 * anchor_wh
-            out.append(torch.cat((xy, wh, p[..., 4:]), -1).view(bs, -1, self.no))
+            if exporting:
+                p = torch.cat((xy, wh, p[..., 4:]), -1)
+            else:
+                p = p.clone() if torch.is_grad_enabled() else p
+                p[..., 0:2], p[..., 2:4] = xy, wh
+            out.append(p.view(bs, -1, self.no))
         return torch.cat(out, 1)
 
     def _grid(self, i: int, ny: int, nx: int, device: torch.device) -> torch.Tensor:

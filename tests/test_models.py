@@ -95,6 +95,31 @@ def test_decode_with_zero_weights_gives_cell_centres_and_anchor_sizes():
     assert torch.allclose(pred[0], torch.tensor(rows), atol=1e-4)
 
 
+def test_decode_writes_the_same_values_as_the_exporters_concatenation(yolov5n):
+    """decode() writes the boxes into the sigmoid's output (no autograd) or into its copy (autograd); exporters get
+    the plain concatenation. All three give the same values bit for bit, and the two differentiable ones the same
+    gradients; the raw maps are left untouched."""
+    detect = yolov5n.model[-1]
+    torch.manual_seed(0)
+    raw = [torch.randn(2, detect.na, s, s, detect.no) for s in (8, 4, 2)]
+    kept = [r.clone() for r in raw]
+    with torch.no_grad():
+        in_place = detect.decode(raw)
+    leaves = {mode: [r.clone().requires_grad_() for r in raw] for mode in ("copy", "export")}
+    detect.export = True
+    try:
+        exported = detect.decode(leaves["export"])
+    finally:
+        detect.export = False
+    copied = detect.decode(leaves["copy"])
+    assert torch.equal(in_place, exported.detach()) and torch.equal(copied.detach(), exported.detach())
+    assert all(torch.equal(r, k) for r, k in zip(raw, kept))
+    weights = torch.rand_like(copied)
+    (copied * weights).sum().backward()
+    (exported * weights).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(leaves["copy"], leaves["export"]))
+
+
 def test_grid_cache_rebuilds_on_new_shape(yolov5n):
     x_small, x_big = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 96, 128)
     with torch.no_grad():
