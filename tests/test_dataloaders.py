@@ -848,6 +848,7 @@ def test_samples_and_batches_identical_to_the_previous_conversion_and_collate(tm
     assert all(torch.equal(a.img, b.img) for a, b in zip(new[0], new[1]))  # the cache changes nothing either
     batch = LoadImagesAndLabels.collate_fn(new[2][:2] if rect else new[0][:4])
     assert torch.equal(batch.imgs, torch.stack([s.img for s in (new[2][:2] if rect else new[0][:4])]))
+    assert batch.imgs.is_contiguous(memory_format=torch.channels_last)  # the models' layout, made in the worker
 
 
 def test_replayed_validation_batches_equal_the_loaders_and_are_collated_once(tmp_path, monkeypatch):
