@@ -781,8 +781,9 @@ def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: i
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
             cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
             seed=opt.seed, nc=data["nc"], prefix="val: ", pin_memory=device.type == "cuda")
-        if ReplayLoader.suits(val_loader):  # the same batches every epoch: collated once
+        if ReplayLoader.suits(val_loader):  # the same batches every epoch: collated once, now
             val_loader = ReplayLoader(val_loader)
+            val_loader.collate_now()
     return train_loader, dataset, val_loader
 
 

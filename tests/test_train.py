@@ -275,12 +275,30 @@ def test_loaders_pin_memory_only_for_a_cuda_run(tiny, monkeypatch):
     from utils.data_config import check_dataset
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    opt = train.parse_opt(["--workers", "0"])
+    opt = train.parse_opt(["--workers", "0", "--cache", "off"])  # not replayed: nothing is collated (pinned) here
     hyp = train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml")
     data = check_dataset(str(tiny["data"]))
     for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda:0"), True)):
         train_loader, _, val_loader = train.build_loaders(opt, hyp, data, 64, 4, 32, train.Processes(), device)
         assert train_loader.pin_memory is pinned and val_loader.pin_memory is pinned, device
+
+
+def test_cached_validation_batches_are_collated_at_set_up(tiny, monkeypatch):
+    """A validation split cached in RAM is collated while the loaders are built (where workers fork from a still
+    small process), so no validation builds a sample again."""
+    from utils.data_config import check_dataset
+    from utils.dataloaders import LoadImagesAndLabels
+
+    opt = train.parse_opt(["--workers", "0", "--cache", "ram"])  # samples built in this process, where they are counted
+    hyp = train.load_hyp(ROOT / "hyp" / "hyp.scratch-low.yaml")
+    _, _, val_loader = train.build_loaders(opt, hyp, check_dataset(str(tiny["data"])), 64, 4, 32, train.Processes(),
+                                           torch.device("cpu"))
+    built = []
+    original = LoadImagesAndLabels.__getitem__
+    monkeypatch.setattr(LoadImagesAndLabels, "__getitem__", lambda self, i: built.append(i) or original(self, i))
+    batches = list(val_loader)
+    assert isinstance(val_loader, train.ReplayLoader) and val_loader.loader is None  # its workers let go
+    assert len(batches) == len(val_loader) == 2 and sum(len(b.paths) for b in batches) == 12 and not built
 
 
 def test_an_image_damaged_during_the_run_is_named_once_and_trained_around(tmp_path, monkeypatch, caplog):

@@ -9,6 +9,11 @@ step (coco128, 320 px, batch 16) took about 55,000 page faults and 1.2x the time
 reused: the process keeps its peak heap instead of handing pages back and faulting them in again (the 16-image
 training job of bench/profile_train.py peaked at 1.34 GB resident instead of 1.23 GB).
 
+The price besides the memory: a process that forks (DataLoader workers) after its heap has grown shares the
+kept pages copy-on-write, and every later write to one of them faults and copies it. Workers are therefore
+started early: train.py's training workers at the first batch, its replayed validation batches collated at
+set-up (ReplayLoader.collate_now), val.py's before the model's first batch.
+
 The scripts (train.py, val.py, detect.py) call it when run as commands. Importing this project as a library
 (torch.hub, tests) leaves the host process's allocator alone.
 """
