@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
           f"accumulate {accumulate}, --amp {opt.amp}, {where}: median of {opt.rounds} alternating rounds of "
           f"{len(batches)} iterations; the loader took {data_ms:.0f} ms per batch with {opt.workers} workers; "
           f"--malloc {opt.malloc}\n")
-    print("| memory format | ms/iteration | images/s | forward | loss | backward | optimizer | EMA | page faults/iteration |")
+    print("| memory format | ms/iteration | images/s | forward | loss | backward | optimizer | EMA "
+          "| page faults/iteration |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     result = {}
     for name, (step, timer) in steps.items():

@@ -426,4 +426,5 @@ def test_the_next_epochs_batches_load_while_the_epoch_ends(tiny, monkeypatch):
     nb = len(trained) // 3
     for epoch, batches in enumerate(expected, start=1):
         got = trained[epoch * nb:(epoch + 1) * nb]
-        assert len(batches) == nb and all(torch.equal(g.mul(255).round().byte(), e) for g, e in zip(got, batches)), epoch
+        assert len(batches) == nb, epoch
+        assert all(torch.equal(g.mul(255).round().byte(), e) for g, e in zip(got, batches)), epoch
