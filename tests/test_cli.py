@@ -13,7 +13,6 @@ import train
 import val
 from tests.train_helpers import INTERRUPT_HOOK_ENV, ROOT, make_dataset, run_train, tiny_model_yaml, tiny_run_args
 from utils.checkpoint import FINISHED_KEYS, load_checkpoint
-from utils.log import LOGGER
 
 N_IMAGES, BATCH = 12, 4
 NB = N_IMAGES // BATCH

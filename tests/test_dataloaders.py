@@ -1,8 +1,6 @@
 """Data pipeline: bad-input handling, label cache, determinism, geometry, caching, real coco128 images."""
 import json
 import logging
-import os
-import stat
 from pathlib import Path
 
 import cv2

@@ -15,7 +15,6 @@ from PIL import Image
 
 import detect
 from tests.test_detect import IMG, images, one_thread, read_labels, weights  # noqa: F401  (fixtures)
-from utils.boxes import xyxy2xywh
 from utils.checkpoint import CheckpointError
 from utils.inference import Results, SourceError
 from utils.torch_utils import count_parameters
