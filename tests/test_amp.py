@@ -11,7 +11,7 @@ import torch.nn as nn
 import yaml
 
 import train
-from tests.train_helpers import make_dataset, tiny_model_yaml, tiny_run_args
+from tests.train_helpers import in_process_args, make_dataset, one_intra_op_thread, tiny_model_yaml, tiny_run_args
 from utils.checkpoint import load_checkpoint, unpacked_tree
 from utils.log import LOGGER
 from utils.optim import OPTIMIZERS
@@ -48,7 +48,6 @@ def amp_run(tmp_path_factory):
     (root / "hyp.yaml").write_text(yaml.safe_dump(hyp))
     args = tiny_run_args(data, cfg, root / "runs", "fp16", EPOCHS, "--amp", "fp16", "--optimizer", "Adam",
                          "--hyp", root / "hyp.yaml", "--batch-size", BATCH)
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
 
     calls = []
     real_call = train.TrainStep.__call__
@@ -69,14 +68,12 @@ def amp_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(train.TrainStep, "__call__", observed)
     mp.setenv(train.OVERFLOW_HOOK_ENV, ",".join(map(str, OVERFLOW_AT)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     LOGGER.addHandler(handler)
     try:
-        train.main(train.parse_opt([str(a) for a in args]))
+        with one_intra_op_thread():
+            train.main(train.parse_opt(in_process_args(args)))
     finally:
         LOGGER.removeHandler(handler)
-        torch.set_num_threads(threads)
         mp.undo()
     return {"calls": calls, "run": root / "runs" / "fp16", "log": log}
 

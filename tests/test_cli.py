@@ -11,7 +11,8 @@ import torch
 
 import train
 import val
-from tests.train_helpers import INTERRUPT_HOOK_ENV, ROOT, make_dataset, run_train, tiny_model_yaml, tiny_run_args
+from tests.train_helpers import (INTERRUPT_HOOK_ENV, ROOT, in_process_args, make_dataset, one_intra_op_thread,
+                                 run_train, tiny_model_yaml, tiny_run_args)
 from utils.checkpoint import FINISHED_KEYS, load_checkpoint
 
 N_IMAGES, BATCH = 12, 4
@@ -151,15 +152,9 @@ def test_a_full_disk_ends_the_run_in_one_line_with_the_resume_command(tiny, tmp_
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "full", 3)]
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with caplog.at_level(logging.INFO, logger="yolo"):
-            assert train.cli(train.parse_opt(args)) == 1
-    finally:
-        torch.set_num_threads(threads)
+    args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "full", 3))
+    with one_intra_op_thread(), caplog.at_level(logging.INFO, logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 1
     last = tmp_path / "full" / "weights" / "last.pt"
     [line] = errors_of(caplog)
     assert line.startswith(f"train: could not write checkpoint {last}: OSError: [Errno 28] No space left on device; ")

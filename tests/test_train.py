@@ -11,7 +11,8 @@ import torch.nn as nn
 import yaml
 
 import train
-from tests.train_helpers import make_dataset, run_train, tiny_model_yaml, tiny_run_args
+from tests.train_helpers import (in_process_args, make_dataset, one_intra_op_thread, run_train, tiny_model_yaml,
+                                 tiny_run_args)
 from utils.checkpoint import load_checkpoint, save_checkpoint, unpacked_tree
 from utils.ema import ModelEMA
 from utils.loss import ComputeLoss
@@ -242,13 +243,8 @@ def test_ema_updates_equal_optimizer_steps_taken_with_a_bad_step(tiny, monkeypat
     monkeypatch.setattr(train, "ComputeLoss", InfAtCall)
     args = tiny_run_args(tiny["data"], "", tiny["root"] / "runs", "bad", 1, "--optimizer", "Adam", "--weights",
                          weights, "--freeze", "2", "--single-cls", "--cache", "ram", "--noval")
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(train.parse_opt([str(a) for a in args]))
-    finally:
-        torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        train.main(train.parse_opt(in_process_args(args)))
     ckpt = load_checkpoint(tiny["root"] / "runs" / "bad" / "weights" / "last.pt")
     adam_steps = {int(s["step"]) for s in unpacked_tree(ckpt["optimizer"])["state"].values()}
     assert adam_steps == {2} and ckpt["updates"] == 2  # 3 accumulation boundaries, 1 skipped
@@ -316,16 +312,10 @@ def test_an_image_damaged_during_the_run_is_named_once_and_trained_around(tmp_pa
 
     monkeypatch.setattr(train, "create_dataloader", create_then_damage)
     # --cache off: a RAM-cached image would never be read again (nothing to warn about)
-    args = [str(a) for a in tiny_run_args(data, tiny_model_yaml(tmp_path), tmp_path / "runs", "damaged", 2,
-                                          "--cache", "off")]
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with caplog.at_level("INFO", logger="yolo"):
-            assert train.cli(train.parse_opt(args)) == 0
-    finally:
-        torch.set_num_threads(threads)
+    args = in_process_args(tiny_run_args(data, tiny_model_yaml(tmp_path), tmp_path / "runs", "damaged", 2,
+                                         "--cache", "off"))
+    with one_intra_op_thread(), caplog.at_level("INFO", logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 0
     messages = [r.getMessage() for r in caplog.records]
     named = [m for m in messages if str(victim) in m and "substitute sample" in m]
     assert len(named) == 1, named  # once, not once per epoch or per worker
@@ -350,14 +340,9 @@ def test_compile_trains_saves_plain_keys_and_keeps_the_flat_ema(tiny, monkeypatc
     emas = []
     real_make_ema = train.make_ema
     monkeypatch.setattr(train, "make_ema", lambda *a, **k: emas.append(real_make_ema(*a, **k)) or emas[-1])
-    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tiny["root"] / "runs", "compiled", 1, "--compile")]
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], tiny["root"] / "runs", "compiled", 1, "--compile"))
+    with one_intra_op_thread():
         assert train.cli(train.parse_opt(args)) == 0
-    finally:
-        torch.set_num_threads(threads)
     assert len(compiled) == 1 and emas[0].path == "flat" and emas[0].updates == 3
     ckpt = load_checkpoint(tiny["root"] / "runs" / "compiled" / "weights" / "last.pt")
     assert list(ckpt["model"]) == list(train.Model(str(tiny["cfg"]), nc=2, verbose=False).state_dict())
@@ -415,13 +400,8 @@ def test_the_next_epochs_batches_load_while_the_epoch_ends(tiny, monkeypatch):
     monkeypatch.setattr(train.TrainStep, "__call__", step)
     args = tiny_run_args(tiny["data"], tiny["cfg"], tiny["root"] / "runs", "prefetch", 3, "--cache", "ram")
     args[args.index("--workers") + 1] = 2
-    args.remove("--deterministic")  # in-process: leave torch's global deterministic switch alone
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train.main(train.parse_opt([str(a) for a in args]))
-    finally:
-        torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        train.main(train.parse_opt(in_process_args(args)))
     assert started_at_end == [1, 2, None]
     nb = len(trained) // 3
     for epoch, batches in enumerate(expected, start=1):

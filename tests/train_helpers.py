@@ -1,4 +1,5 @@
 """Tiny datasets and models for the training tests: made in a temporary folder, seconds to train."""
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -67,6 +68,23 @@ def run_train(args: list, timeout: float = 300, **env) -> subprocess.CompletedPr
 def tiny_run_args(data: Path, cfg: Path, project: Path, name: str, epochs: int = 3, *extra) -> list:
     return ["--data", data, "--cfg", cfg, "--img", 64, "--epochs", epochs, "--batch-size", 4, "--workers", 0,
             "--project", project, "--name", name, "--deterministic", "--noplots", *extra]
+
+
+def in_process_args(args: list) -> list[str]:
+    """tiny_run_args for a run in this process: strings, and without --deterministic, which would leave torch's
+    global deterministic switch set for the tests that follow."""
+    return [str(a) for a in args if a != "--deterministic"]
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """One intra-op thread for a run in this process, as train_env gives the subprocesses; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def walked_optimizer_steps(nb: int, epochs: int, nw: int, nbs: int, batch: int) -> int:
