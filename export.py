@@ -91,7 +91,11 @@ def export_torchscript(model: torch.nn.Module, im: torch.Tensor, file: Path, met
 def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict, opset: int | None,
                 dynamic: bool, stride: int) -> Path:
     """torch.onnx.export (torch.export-based: it needs onnxscript), one input 'images' and one output
-    'output0', the metadata as metadata_props, checked with onnx.checker before it is written."""
+    'output0', the metadata as metadata_props, checked with onnx.checker before it is written.
+
+    Each value is written as Python's str() of it, as YOLOv5's export does: its loader reads `names` with
+    ast.literal_eval and indexes the result with ints, so names must read back as {0: 'person', ...}; JSON
+    would turn those keys into strings. Our own loader reads both forms."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     LOGGER.info(f"\nONNX: starting export with onnx {onnx.__version__}...")
@@ -109,7 +113,7 @@ def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict
     proto = program.model_proto
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+        entry.key, entry.value = key, str(value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(file))
     return file

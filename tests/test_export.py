@@ -120,8 +120,6 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
     assert dims == [FIXED_BATCH, n, 7]  # one output: boxes, objectness, 2 class scores
     meta = {p.key: p.value for p in proto.metadata_props}
     assert set(meta) >= {"names", "stride", "shape", "dynamic"}
-    # what YOLOv5's loader does with them: int(stride), and names evaluated to {index: name}
-    assert int(meta["stride"]) == 32 and {int(k): v for k, v in ast.literal_eval(meta["names"]).items()} == {0: "c0", 1: "c1"}
 
     pt = load_model(weights)
     with torch.no_grad():
@@ -142,6 +140,31 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
         assert_parity(ts_model(other)[0], pt(other)[0], 224)
     with pytest.raises(ValueError, match="exported for 64x64 images, got 160x224"):
         onnx_model(other)
+
+
+def test_yolov5_loader_reads_the_onnx_metadata(fixed):
+    """YOLOv5's DetectMultiBackend (ONNX Runtime branch) reads custom_metadata_map, takes int(meta['stride']) and
+    ast.literal_eval(meta['names']), and its val.py and detect.py then look class i up as names[i] with an int."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(fixed[1]), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert "stride" in meta  # the loader's test before it reads either key
+    stride, names = int(meta["stride"]), ast.literal_eval(meta["names"])
+    assert stride == 32 and names[0] == "c0" and names[1] == "c1" and len(names) == 2
+
+
+def test_onnx_loader_reads_files_written_with_json_metadata(fixed, tmp_path):
+    """Files exported before the metadata took YOLOv5's form hold JSON: names with string keys, per-level strides."""
+    proto = onnx.load(str(fixed[1]))
+    del proto.metadata_props[:]
+    for key, value in {"names": '{"0": "c0", "1": "c1"}', "stride": "[8.0, 16.0, 32.0]", "dynamic": "false"}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    model = load_model(old)
+    assert model.names == ["c0", "c1"] and model.stride.tolist() == [8.0, 16.0, 32.0] and model.fixed_shape == FIXED
 
 
 def test_dynamic_onnx_at_two_batch_sizes_and_image_sizes(dynamic, coco_batch):
