@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=str, default=None,
                    help="checkpoint to export (default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--include", nargs="+", default=["torchscript"], choices=FORMATS, help="formats to write")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
-                   help="input size: one number, or h w")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=None,
+                   help="input size: one number, or h w (default: the size the weights were trained at, else 640)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
     p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size and image size (multiples of the stride)")
     p.add_argument("--half", action="store_true", help="FP16 weights and input (needs a CUDA --device)")
@@ -59,6 +59,7 @@ from utils.inference import (  # noqa: E402
     JIT_DEPRECATION,
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
+    default_imgsz,
     export_metadata,
     image_size,
     inference_size,
@@ -119,7 +120,7 @@ def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict
     return file
 
 
-def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: int = 1, dynamic: bool = False,
+def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1, dynamic: bool = False,
         half: bool = False, opset: int | None = None, device="cpu") -> list[Path]:
     """Write each format in `include` beside `weights`; returns the files written."""
     include = [f.lower() for f in include]
@@ -127,7 +128,8 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
     if unknown:
         raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
     try:
-        image_size(imgsz)  # a bad size fails before the model is loaded; the stride rounds it later
+        if imgsz:  # a bad size fails before the model is loaded; the stride rounds it later
+            image_size(imgsz)
     except ValueError as e:
         raise ExportError(str(e)) from None
     if batch_size < 1:
@@ -153,6 +155,7 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
     if not isinstance(head, Detect):
         raise ExportError(f"{weights}: the model does not end in a Detect layer")
     head.export = True
+    imgsz = default_imgsz(model, imgsz, "Exporting")
     stride = int(max(float(model.stride.max()), 32))
     im = torch.zeros(batch_size, 3, *inference_size(imgsz, stride), device=device)
     for p in model.parameters():
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
     try:
         run(**vars(opt))
     except (ExportError, CheckpointError, MissingPackageError, OSError) as e:
-        LOGGER.error(f"ERROR: {e}")
+        LOGGER.error(f"export: {e}")
         return 1
     return 0
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, exit_process, read_text_file, shown_path  # noqa: E402
 
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
@@ -241,9 +241,16 @@ def load_hyp(hyp: str | Path | dict) -> dict:
         path = Path(hyp)
         if not path.is_file() and (ROOT / "hyp" / path.name).is_file():
             path = ROOT / "hyp" / path.name
-        if not path.is_file():
+        if not path.exists():
             raise TrainError(f"hyperparameter file {hyp} not found")
-        d, where = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path)
+        try:
+            text = read_text_file(path, "--hyp")
+        except ValueError as e:  # a folder, or a binary file given by mistake
+            raise TrainError(str(e)) from None
+        try:
+            d, where = yaml.safe_load(text) or {}, str(path)
+        except yaml.YAMLError as e:
+            raise TrainError(f"--hyp {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise TrainError(f"{where} does not hold a mapping of hyperparameters")
     missing = [k for k in HYP_KEYS if k not in d]
@@ -478,7 +485,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     """Unscale, clip and apply the accumulated gradients; False (and no step) when they are not finite.
 
     The total gradient norm that clipping computes anyway tells whether every gradient is finite, so
-    skipping costs nothing. The GradScaler still sees the overflow and lowers its scale.
+    skipping costs nothing. A skipped step backs the GradScaler's scale off and restarts its growth count,
+    whatever made it skip: the scaler itself only notices non-finite gradients, not a norm that overflowed
+    while every gradient was finite, and would grow its scale as after a clean step.
     """
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
@@ -487,6 +496,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     if stepped:
         scaler.step(optimizer)
     scaler.update()
+    if not stepped and scaler.is_enabled():
+        scaler.load_state_dict({**scaler.state_dict(), "scale": scale * scaler.get_backoff_factor(), "_growth_tracker": 0})
     optimizer.zero_grad()
     if not stepped:
         scaled = f"; GradScaler scale {scale:g} -> {scaler.get_scale():g}" if scale is not None else ""
@@ -681,7 +692,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         with timer("start-up: model build"):
             model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
     except (FileNotFoundError, ValueError) as e:  # a missing or malformed --cfg
-        raise TrainError(f"model: {e}") from None
+        raise TrainError(f"{'--cfg ' + opt.cfg if opt.cfg else 'model'}: {e}") from None
     if pretrained is not None and int(pretrained["nc"]) != nc:
         LOGGER.info(f"--weights trained on {pretrained['nc']} classes; the detection head is re-initialised for {nc}")
     freeze_layers(model, opt.freeze)

@@ -221,5 +221,5 @@ def test_val_without_weights_or_img_takes_the_latest_best_at_its_trained_size(fi
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(["--data", str(tiny["data"]), "--project", str(tiny["root"] / "v")]) == 1
-    assert errors_of(caplog) == [f"ERROR: no --weights given and no trained weights found under "
+    assert errors_of(caplog) == [f"val: no --weights given and no trained weights found under "
                                  f"{tiny['root'] / 'nothing'}; pass --weights path/to/best.pt"]

@@ -242,7 +242,7 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
     caplog.clear()
     assert export.main(["--weights", str(copy), "--include", "onnx"]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["ERROR: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
+    assert errors == ["export: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
     assert not copy.with_suffix(".onnx").exists()
 
 
@@ -262,7 +262,7 @@ def test_val_on_exported_files_ignores_half_and_refuses_augment(trained, fixed, 
     argv = ["--weights", str(fixed[2]), "--data", str(data), "--augment", "--project", str(tmp_path / "aug")]
     assert val.main(argv) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["ERROR: --augment (test-time augmentation) needs PyTorch weights, not best.torchscript"]
+    assert errors == ["val: --augment (test-time augmentation) needs PyTorch weights, not best.torchscript"]
     assert not (tmp_path / "aug").exists()
 
 
@@ -271,3 +271,12 @@ def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path):
     assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50", "70"]) == 0
     model = load_model(weights.with_suffix(".torchscript"))
     assert model.export_shape == (64, 96)
+
+
+def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(trained, tmp_path, caplog):
+    weights = copy_into(trained[0], tmp_path)  # its run trained at TRAIN_SIZE (64): a 640 export would be 100x the work
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert export.main(["--weights", str(weights), "--include", "onnx"]) == 0
+    dims = [d.dim_value for d in onnx.load(str(weights.with_suffix(".onnx"))).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, TRAIN_SIZE, TRAIN_SIZE]
+    assert f"Exporting at --img {TRAIN_SIZE}, the size the weights were trained at" in caplog.text
