@@ -26,6 +26,11 @@ def shown_path(path: str | Path) -> str:
         return str(path)
 
 
+def args_line(command: str, opt: argparse.Namespace) -> str:
+    """Every option of a command in one line, as YOLOv5 prints them: 'train: weights=, cfg=yolov5n.yaml, ...'."""
+    return f"{command}: " + ", ".join(f"{k}={v}" for k, v in vars(opt).items())
+
+
 def read_text_file(path: str | Path, what: str) -> str:
     """The UTF-8 text of a yaml file that `what` names ('--data', '--hyp', 'model config'). A folder, or a
     binary file given by mistake (a .pt, a .jpg), raises ValueError with one line naming both."""
