@@ -130,36 +130,32 @@ def test_ctrl_c_while_finishing_says_the_weights_are_trained(tiny, tmp_path):
     assert load_checkpoint(weights / "last.pt")["epoch"] == 0
 
 
-def test_ctrl_c_before_the_first_batch_names_the_epoch_and_removes_the_run_folder(tiny, tmp_path, caplog, monkeypatch):
-    def interrupted(run, epoch):
-        raise KeyboardInterrupt  # as Ctrl-C while the loader's workers start
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt  # what Ctrl-C raises wherever the run is
 
-    monkeypatch.setattr(train, "train_epoch", interrupted)
+
+@pytest.mark.parametrize("stage, where", [
+    ("check_anchors", "interrupted before training began"),  # set-up, once hyp.yaml, opt.yaml and labels.jpg exist
+    ("train_epoch", "interrupted in epoch 0 before its first batch"),  # as while the loader's workers start
+])
+def test_ctrl_c_before_the_first_batch_removes_the_run_folder_it_made(tiny, tmp_path, caplog, monkeypatch, stage, where):
+    monkeypatch.setattr(train, stage, ctrl_c)
     args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "exp", 1)]
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert train.cli(train.parse_opt(args)) == 130
-    assert errors_of(caplog) == [f"train: interrupted in epoch 0 before its first batch; nothing was saved; removed "
-                                 f"{tmp_path / 'exp'}, which held only the run's settings and label plots"]
+    assert errors_of(caplog) == [f"train: {where}; nothing was saved; removed {tmp_path / 'exp'}, which held only the "
+                                 "run's settings and label plots"]
     assert list(tmp_path.iterdir()) == []  # the next run is exp again, not exp2
 
 
-def test_ctrl_c_during_set_up_removes_the_folder_it_made_and_keeps_one_that_existed(tiny, tmp_path, caplog, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C during autoanchor, once hyp.yaml and opt.yaml are written
-
-    monkeypatch.setattr(train, "check_anchors", interrupted)
-    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "exp", 1)]
-    with caplog.at_level(logging.INFO, logger="yolo"):
-        assert train.cli(train.parse_opt(args)) == 130
-    assert errors_of(caplog) == [f"train: interrupted before training began; nothing was saved; removed "
-                                 f"{tmp_path / 'exp'}, which held only the run's settings and label plots"]
-    assert list(tmp_path.iterdir()) == []
+def test_ctrl_c_before_the_first_batch_keeps_a_folder_that_existed(tiny, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(train, "check_anchors", ctrl_c)
     kept = tmp_path / "exp"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    caplog.clear()
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "exp", 1, "--exist-ok")]
     with caplog.at_level(logging.INFO, logger="yolo"):
-        assert train.cli(train.parse_opt(args + ["--exist-ok"])) == 130
+        assert train.cli(train.parse_opt(args)) == 130
     assert errors_of(caplog) == [f"train: interrupted before training began; nothing was saved; {kept} existed "
                                  "before this run (--exist-ok) and is left in place"]
     assert (kept / "notes.txt").read_text() == "mine"
@@ -171,7 +167,7 @@ def test_a_batch_larger_than_the_dataset_is_clamped_and_accumulation_follows(tin
     decays = []
     real_build = train.build_optimizer
     monkeypatch.setattr(train, "build_optimizer", lambda *a: decays.append(a[4]) or real_build(*a))
-    monkeypatch.setattr(train, "train_epoch", lambda run, epoch: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train, "train_epoch", ctrl_c)  # set-up is all this test needs
     args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "big", 1, "--batch-size", 24))
     with caplog.at_level(logging.INFO, logger="yolo"), one_intra_op_thread():
         assert train.cli(train.parse_opt(args)) == 130
