@@ -50,18 +50,24 @@ def _loader(list_file, batch_size=8):
     return create_dataloader(str(list_file), IMG, batch_size, 32, rect=True, pad=0.5, workers=0, nc=80)[0]
 
 
+@torch.no_grad()
+def _propose_persons(m):
+    """Bias an untrained model's head to propose 'person' boxes everywhere (objectness 0.5, class 0 at 0.5,
+    others ~0)."""
+    for conv in m.model[-1].m:
+        b = conv.bias.view(m.model[-1].na, -1)
+        b[:, 4] = 0.0
+        b[:, 5:] = -12.0
+        b[:, 5] = 0.0
+
+
 def _checkpoint(path, nc=80, names=None, emit_boxes=True):
     """A yolov5n checkpoint of ours. With emit_boxes the untrained head is biased to propose 'person' boxes
     everywhere (objectness 0.5, class 0 at 0.5, others ~0), so NMS, plots and COCOeval have work to do."""
     torch.manual_seed(0)
     m = Model("yolov5n.yaml", nc=nc, verbose=False)
     if emit_boxes:
-        with torch.no_grad():
-            for conv in m.model[-1].m:
-                b = conv.bias.view(m.model[-1].na, -1)
-                b[:, 4] = 0.0
-                b[:, 5:] = -12.0
-                b[:, 5] = 0.0
+        _propose_persons(m)
     ckpt = dict(format="yolo-ema", version=1, epoch=3, best_fitness=0.0, model=half_state_dict(m.state_dict()),
                 ema=half_state_dict(m.state_dict()), updates=10, optimizer=None, opt={}, hyp={}, yaml=m.yaml, nc=nc,
                 names=list(names or [str(i) for i in range(nc)]), date="2026-01-01T00:00:00")  # fmt: skip
@@ -75,6 +81,7 @@ def test_run_never_modifies_the_given_model(tiny_data, tmp_path):
     hyp = yaml.safe_load(open(val.ROOT / "hyp" / "hyp.scratch-low.yaml"))
     model = Model("yolov5n.yaml", nc=80, verbose=False).to(device)
     model.hyp = hyp
+    _propose_persons(model)  # detections in every image, so that --save-txt writes a file for each
     with torch.no_grad():  # non-trivial BN statistics: a BN update in train mode would show
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
