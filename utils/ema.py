@@ -86,6 +86,9 @@ HYP_KEYS = {
     "ema_sigma_rel": "sigma_rel",
     "ema_unit": "unit",
 }
+# ema_* keys that the training loop reads for its own hooks, not ModelEMA: Switch EMA (utils/switch_ema.py) and the
+# BatchNorm recompute (utils/bn_recompute.py).
+TRAINING_HYP_KEYS = ("ema_switch", "ema_bn_recompute")
 DEFAULT_NBS = 64  # YOLOv5's nominal batch, when the hyp dict has no 'nbs'
 
 
@@ -363,9 +366,10 @@ class ModelEMA:
         """Build from a hyp dict: ``ema_decay, ema_tau, ema_schedule, ema_beta, ema_gamma, ema_sigma_rel,
         ema_update_every, ema_update_after_step, ema_flat, ema_unit`` and ``nbs`` (all optional; keyword
         arguments win). With ``ema_unit: images``, ``total_steps`` counts nominal batches."""
-        unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in HYP_KEYS)
+        known = [*HYP_KEYS, *TRAINING_HYP_KEYS]
+        unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in known)
         if unknown:
-            raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(HYP_KEYS)}")
+            raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(known)}")
         settings = {arg: hyp[key] for key, arg in HYP_KEYS.items() if key in hyp}
         settings["nbs"] = hyp.get("nbs", DEFAULT_NBS)
         settings.update(kwargs)
@@ -652,6 +656,15 @@ class ModelEMA:
         copy_attr(self.ema, de_parallel(model), include, exclude)
 
     # ---------------------------------------------------------------- evaluation and checkpoints
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA's floating-point values into ``model`` in place (cast to the model's dtypes), so that
+        training continues from them (Switch EMA); the model's integer buffers are left as they are."""
+        model_entries, ema_entries = self._paired_entries(de_parallel(model))
+        with torch.no_grad():
+            for m, e in zip(model_entries, ema_entries):
+                if m.tensor.is_floating_point():
+                    m.tensor.detach().copy_(e.tensor)
+
     @contextlib.contextmanager
     def apply_to(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily put the EMA weights into ``model`` (in place, so wrappers, optimizers and views stay
