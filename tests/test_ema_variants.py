@@ -57,7 +57,7 @@ def test_switch_ema_copies_buffers_casts_to_the_model_dtype_and_keeps_the_flat_v
     for k, v in model.state_dict().items():
         assert torch.equal(v, ema.ema.state_dict()[k]), k
     assert model[1].num_batches_tracked.item() == before
-    assert ema.path == "flat" and not ema._model_changed(model)  # copied in place: still the flat views
+    assert ema.path == "flat" and not ema.storage._model_changed(model)  # copied in place: still the flat views
 
     half = nn.Linear(3, 2).half()
     ema16 = ModelEMA(half, decay=0.5, schedule="constant")
@@ -134,7 +134,7 @@ def test_recompute_on_an_ema_keeps_its_flat_views_and_refuses_no_batches():
     storage = ema.ema.bn1.running_mean.untyped_storage().data_ptr()
     recompute_bn_stats(ema.ema, [torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)])
     assert ema.ema.bn1.running_mean.untyped_storage().data_ptr() == storage
-    assert not ema._ema_replaced() and ema.path == "flat"
+    assert not ema.storage._shadow_replaced() and ema.path == "flat"
     before = ema.ema.bn1.running_mean.clone()
     with pytest.raises(ValueError, match="no batches"):
         recompute_bn_stats(ema.ema, [])
