@@ -325,7 +325,7 @@ def run(opt: argparse.Namespace) -> Path:
         state = synthesize(snapshots, f.coeffs)
         model = averaged_model(ckpt, state, opt, device)
         m50, m, fi = evaluate(model, opt, device)
-        LOGGER.info(f"posthoc sigma_rel {f.sigma_rel:.4g} (gamma {f.gamma:.3f}, relative profile error {f.error:.2%}): "
+        LOGGER.info(f"post-hoc sigma_rel {f.sigma_rel:.4g} (gamma {f.gamma:.3f}, relative profile error {f.error:.2%}): "
                     f"mAP50 {m50:.4g}, mAP50-95 {m:.4g}, fitness {fi:.4g}")
         rows.append({"candidate": "posthoc", "sigma_rel": f.sigma_rel, "decay_at_end": f.end_decay,
                      "fit_error": f.error, "mAP50": m50, "mAP50-95": m, "fitness": fi})

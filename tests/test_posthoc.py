@@ -593,7 +593,7 @@ def test_unreachable_widths_are_skipped_with_one_warning_naming_the_reachable_ra
     sigmas = [float(r.split(",")[1]) for r in rows if r.startswith("posthoc")]
     np.testing.assert_allclose(sigmas, widths[3:], rtol=1e-9)
     # one labelled line per candidate (the two widths in reach, the main EMA, the raw model); the data scanned once
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("posthoc sigma_rel", "EMA ", "raw "))]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("post-hoc sigma_rel", "EMA ", "raw "))]
     assert len(lines) == 4 and all("mAP50-95 0.25" in line for line in lines)
     assert caplog.text.count("Scanning") == 1 and "summary:" not in caplog.text
 
