@@ -36,6 +36,8 @@ import torch.nn as nn
 from utils.ema import EMAStorage, ModelEMA, register_schedule, shadow_copy
 from utils.log import LOGGER
 
+# The main EMA's schedule settings, which BEMA's own schedule replaces: not used, and not refused, with ema_bema.
+REPLACED_HYP_KEYS = ("ema_schedule", "ema_decay", "ema_tau", "ema_gamma", "ema_sigma_rel", "ema_beta")
 DEFAULTS = {"ema_bema_power": 0.5, "ema_bema_bias_power": 0.2, "ema_bema_lag": 10.0, "ema_bema_multiplier": 1.0}
 
 
@@ -88,16 +90,13 @@ class BEMA(ModelEMA):
         ``ema_flat``, ``nbs``) and ``ema_bema_power``, ``ema_bema_bias_power``, ``ema_bema_lag``,
         ``ema_bema_multiplier`` (defaults: DEFAULTS)."""
         settings = {key.removeprefix("ema_bema_"): hyp.get(key, default) for key, default in DEFAULTS.items()}
-        ignored = {k: hyp[k] for k in ("ema_schedule", "ema_decay", "ema_tau", "ema_gamma", "ema_sigma_rel", "ema_beta")
-                   if k in hyp}
-        rest = {k: v for k, v in hyp.items() if k not in ignored}
+        rest = {k: v for k, v in hyp.items() if k not in REPLACED_HYP_KEYS}
         return super().from_hyp(model, rest, updates=updates, total_steps=total_steps, **settings, **kwargs)
 
     def _check_bema(self) -> None:
         numbers = {"power": self.bema_power, "bias_power": self.bema_bias_power, "lag": self.bema_lag,
                    "multiplier": self.bema_multiplier}
-        bad = [k for k, v in numbers.items() if not math.isfinite(v)]
-        if bad or self.bema_power <= 0 or self.bema_bias_power < 0 or self.bema_lag < 0 or self.bema_multiplier <= 0:
+        if not all(map(math.isfinite, numbers.values())) or self.bema_power <= 0 or self.bema_bias_power < 0 or self.bema_lag < 0 or self.bema_multiplier <= 0:
             raise ValueError(f"BEMA needs power > 0, bias_power >= 0, lag >= 0 and multiplier > 0 (hyp ema_bema_*), "
                              f"got {numbers}")
         if self.bema_lag + self.bema_multiplier < 1:
