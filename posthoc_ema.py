@@ -337,7 +337,8 @@ def run(opt: argparse.Namespace) -> Path:
     for name, source, use_ema in references:
         model = averaged_model(source, None, opt, device) if use_ema else \
             model_from_checkpoint(source, use_ema=False).to(device)
-        decay = main_ema_decay(source, model, snapshots, ema_run_length(ckpt, best_ckpt)) if use_ema else float("nan")
+        with quiet_log():  # building the EMA that tells the decay says which path it takes
+            decay = main_ema_decay(source, model, snapshots, ema_run_length(ckpt, best_ckpt)) if use_ema else math.nan
         m50, m, fi = evaluate(model, opt, device)
         LOGGER.info(f"{name}: mAP50 {m50:.4g}, mAP50-95 {m:.4g}, fitness {fi:.4g}")
         rows.append({"candidate": name, "sigma_rel": float("nan"), "decay_at_end": decay, "fit_error": "",
