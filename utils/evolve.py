@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -86,6 +87,7 @@ STUDY_ATTR_FLAGS, STUDY_ATTR_HYP = "evolve_flags", "evolve_hyp"
 CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the study's flags
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_ATTR = "evolve_heartbeat"  # journal storage: the time of a running trial's last heartbeat
+SCHEMA_ATTEMPTS = 5
 MAX_RETRIES = 3  # a trial whose worker keeps dying (out of memory, say) is queued again this many times at most
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -163,8 +165,17 @@ def masked(url: str) -> str:
 def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     """The Optuna storage of --evolve-storage: an RDB URL (sqlite:///, postgresql://, mysql://, with or without
     +driver) or else the path of a journal file. EvolveError (one line) when it cannot be opened."""
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat and its retry callback
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+        return _open_storage(url, heartbeat_s, retry)
+
+
+def _open_storage(url: str, heartbeat_s: int, retry: RetryHeartbeatStaleTrialCallback) -> BaseStorage:
     shown = masked(url)
+    if "://" not in url and re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", url):  # sqlite:/x.db; not a path, nor C:\x
+        raise EvolveError(f"--evolve-storage {shown}: malformed URL; an RDB URL reads scheme://..., e.g. "
+                          f"sqlite:///path/evolve.db or postgresql://user:password@host:5432/database")
     if "://" not in url:
         path = Path(url).expanduser()
         if not path.parent.is_dir():
@@ -185,9 +196,21 @@ def open_storage(url: str, heartbeat_s: int) -> BaseStorage:
     # fails in seconds rather than after the operating system's TCP timeout.
     connect_args = {"timeout": 60} if scheme == "sqlite" else {"connect_timeout": 10}
     try:
-        return RDBStorage(url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat_s,
-                          grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError, RuntimeError) as e:
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return RDBStorage(url, engine_kwargs={"connect_args": connect_args}, heartbeat_interval=heartbeat_s,
+                                  grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # Workers started together on a new database race to create its tables (and the schema version
+                # row); the losers find them made on a second look. An unreachable server is not retried.
+                racing = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
+                if not racing or attempt + 1 == SCHEMA_ATTEMPTS:
+                    raise
+                time.sleep(0.5 + random.random())
+    except ImportError as e:
+        raise EvolveError(f"--evolve-storage {shown}: no database driver for {scheme} ({one_line(e)}); install "
+                          f"one, e.g. pip install psycopg2-binary (PostgreSQL) or PyMySQL (mysql+pymysql://)") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, RuntimeError) as e:
         raise EvolveError(f"--evolve-storage {shown}: cannot open it ({one_line(e)})") from None
 
 
@@ -387,7 +410,7 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
     where = masked(url)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module logs each trial; Optuna's lines would repeat them
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat and its retry callback
+        warnings.simplefilter("ignore", ExperimentalWarning)  # fail_stale_trials
         storage = open_storage(url, heartbeat)
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
