@@ -166,6 +166,7 @@ def test_a_killed_worker_leaves_a_study_the_next_command_continues(tiny, tmp_pat
     assert len(load(folder).get_trials()) == len(study.get_trials())
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_journal_storage_heartbeat_fails_a_silent_trial_and_queues_it_again(tmp_path, monkeypatch):
     storage = evolve.open_storage(str(tmp_path / "evolve.journal"), heartbeat_s=5)
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")

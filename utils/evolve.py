@@ -88,6 +88,8 @@ CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to stor
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_ATTR = "evolve_heartbeat"  # journal storage: the time of a running trial's last heartbeat
 SCHEMA_ATTEMPTS = 5
+WAIT_POLL_S = 2.0  # a worker waiting for the last trials elsewhere looks this often whether they have ended
+PLOT_EVERY_S = 300  # evolve.png is redrawn after a trial this long after the last drawing, and when a worker ends
 MAX_RETRIES = 3  # a trial whose worker keeps dying (out of memory, say) is queued again this many times at most
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -270,6 +272,7 @@ class Evolution:
         self.study, self.trials, self.space, self.hyp, self.folder = study, trials, space, hyp, folder
         self.train_trial, self.metric_names, self.where, self.poll_s = train_trial, list(metric_names), where, poll_s
         self.ran: list[int] = []  # the trials this worker trained
+        self.plotted_at = time.monotonic()
 
     def run(self) -> None:
         waiting = False
@@ -291,7 +294,7 @@ class Evolution:
                 self.study.optimize(self.objective, n_trials=1, callbacks=[self.trial_done])
             except SurplusTrial as e:
                 LOGGER.info(f"evolve: {e}")
-        self.write_outputs()
+        self.write_outputs(plot=True)
         best = self.study.best_trial
         LOGGER.info(f"\nevolve: study {self.study.study_name!r} has its {self.trials} trials (this worker ran "
                     f"{len(self.ran)}); best trial {best.number}, fitness {best.value:.5f}\n"
@@ -324,7 +327,8 @@ class Evolution:
         self.write_outputs()
         best = study.best_trial
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        LOGGER.info(f"evolve: trial {trial.number} fitness {trial.value:.5f}; best so far: trial {best.number} "
+        took = trial.duration.total_seconds() if trial.duration is not None else math.nan
+        LOGGER.info(f"evolve: trial {trial.number} fitness {trial.value:.5f} in {took:.1f} s; best so far: trial {best.number} "
                     f"(fitness {best.value:.5f}); {done} of {self.trials} trials done")
 
     # -------------------------------------------------------------------------------------------- outputs
@@ -332,7 +336,8 @@ class Evolution:
         return sorted((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                        if "hyp" in t.user_attrs and "metrics" in t.user_attrs), key=lambda t: t.number)
 
-    def write_outputs(self) -> None:
+    def write_outputs(self, plot: bool = False) -> None:
+        """evolve.csv and hyp_evolve.yaml; evolve.png too when asked or PLOT_EVERY_S after the last (1-3 s here)."""
         trials = self.completed()
         if not trials:
             return
@@ -345,7 +350,9 @@ class Evolution:
                   + ", ".join(f"{k} {v:.5g}" for k, v in best.user_attrs["metrics"].items()) + "\n")
         text = header + yaml.safe_dump(best.user_attrs["hyp"], sort_keys=False)
         write_atomically(self.folder / "hyp_evolve.yaml", lambda f: Path(f).write_text(text, encoding="utf-8"))
-        write_atomically(self.folder / "evolve.png", lambda f: plot_evolve(table, list(self.space), best.number, f))
+        if plot or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+            write_atomically(self.folder / "evolve.png", lambda f: plot_evolve(table, list(self.space), best.number, f))
+            self.plotted_at = time.monotonic()
 
 
 def evolve_table(trials: list[FrozenTrial], metric_names: Sequence[str]) -> pd.DataFrame:
@@ -369,8 +376,10 @@ def plot_evolve(table: pd.DataFrame, keys: list[str], best_trial: int, file: str
             ax.set_xticks(range(len(choices)), choices)
         elif key in LOG_SCALE:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_locator(plt.NullLocator())  # labelled minor ticks: most of the drawing time
         else:
             ax.xaxis.set_major_locator(plt.MaxNLocator(4))
+        ax.yaxis.set_major_locator(plt.MaxNLocator(4))
         ax.scatter(x, table["fitness"], c=table["trial"], cmap="viridis", s=12, alpha=0.8, edgecolors="none")
         ax.plot(best_x, best["fitness"], "r*", markersize=12)
         ax.set_title(f"{key} = {best[key]:.3g}" if not isinstance(best[key], str) else f"{key} = {best[key]}",
@@ -379,7 +388,7 @@ def plot_evolve(table: pd.DataFrame, keys: list[str], best_trial: int, file: str
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     fig.supylabel("fitness")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.05, top=0.95, wspace=0.35, hspace=0.6)  # tight_layout: 5 s
     fig.savefig(file, dpi=100)
     plt.close(fig)
 
@@ -424,5 +433,5 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
         LOGGER.info(f"evolve: {opt.evolve} trials in all, study {opt.evolve_study!r} in {where}, worker {WORKER}, "
                     f"searching {', '.join(space)}")
         Evolution(study, opt.evolve, space, hyp, folder, train_trial, metric_names, where,
-                  poll_s=max(1.0, heartbeat / 2)).run()
+                  poll_s=min(WAIT_POLL_S, heartbeat / 2)).run()
     return study
