@@ -15,7 +15,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import train
-from tests.train_helpers import (KILL_HOOK_ENV, ROOT, in_process_args, make_dataset, one_intra_op_thread,
+from tests.train_helpers import (INTERRUPT_HOOK_ENV, KILL_HOOK_ENV, ROOT, in_process_args, make_dataset, one_intra_op_thread,
                                  tiny_model_yaml, train_env)
 from utils import evolve
 
@@ -248,3 +248,18 @@ def test_a_study_created_with_other_settings_is_refused(tiny, tmp_path, monkeypa
     with pytest.raises(train.TrainError, match=r"study 'other' in .* was not created by train.py --evolve"):
         train.main(train.parse_opt([*args, "--evolve-study", "other"]))
     assert math.isfinite(study.best_value)
+
+
+def test_ctrl_c_fails_the_trial_under_way_and_the_command_says_how_to_continue(tiny, tmp_path, monkeypatch, caplog):
+    args = evolve_args(tiny, tmp_path, 2)
+    monkeypatch.setenv(INTERRUPT_HOOK_ENV, "1")  # Ctrl-C at the first trial's second batch
+    with one_intra_op_thread(), caplog.at_level("INFO", logger="yolo"):
+        assert train.cli(train.parse_opt(in_process_args(args))) == 130
+    assert caplog.records[-1].getMessage() == ("train: --evolve: interrupted; the trial under way is marked failed "
+                                               "and not counted; the same command continues the study")
+    assert [t.state for t in load(tmp_path / "exp").get_trials()] == [TrialState.FAIL]
+
+
+def test_evolve_refuses_torchrun():
+    with pytest.raises(train.TrainError, match="start a worker per machine or GPU, not torchrun"):
+        train.evolve_hyperparameters(train.parse_opt(["--evolve", "2"]), {}, None, train.Processes(0, 0, 2))

@@ -82,7 +82,7 @@ COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trial
 # Flags that say how or where a worker runs, not what a trial trains: workers of one study may differ in them.
 SESSION_FLAGS = ("evolve", "evolve_storage", "evolve_study", "evolve_heartbeat", "device", "workers", "project",
                  "name", "exist_ok", "profile", "noplots", "no_tensorboard", "local_rank", "resume", "cache",
-                 "nosave", "noval", "save_dir", "hyp", "bf16")
+                 "nosave", "noval", "save_dir", "hyp", "bf16", "save_period", "val_raw", "sync_bn", "compile")
 STUDY_ATTR_FLAGS, STUDY_ATTR_HYP = "evolve_flags", "evolve_hyp"
 CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the study's flags
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
