@@ -1,5 +1,4 @@
 """train.py --evolve: an Optuna study shared by worker processes, its outputs and its one-line errors."""
-import math
 import re
 import subprocess
 import sys
@@ -15,8 +14,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import train
-from tests.train_helpers import (INTERRUPT_HOOK_ENV, KILL_HOOK_ENV, ROOT, in_process_args, make_dataset, one_intra_op_thread,
-                                 tiny_model_yaml, train_env)
+from tests.train_helpers import (INTERRUPT_HOOK_ENV, KILL_HOOK_ENV, ROOT, in_process_args, make_dataset,
+                                 one_intra_op_thread, tiny_model_yaml, train_env)
 from utils import evolve
 
 HYP = ROOT / "hyp" / "hyp.scratch-low.yaml"
@@ -107,7 +106,8 @@ def test_search_space_is_yolov5s_mutated_keys_within_its_bounds_plus_the_ema():
     assert space["ema_unit"].choices == ("steps", "images")
     # A power EMA has no ramp time constant; its width is searched where the hyp file gives one.
     power = evolve.search_space({**hyp, "ema_schedule": "power", "ema_sigma_rel": 0.1})
-    assert "ema_tau" not in power and (power["ema_sigma_rel"].low, power["ema_sigma_rel"].high) == pytest.approx((0.01, 0.3003), abs=1e-4)
+    assert "ema_tau" not in power
+    assert (power["ema_sigma_rel"].low, power["ema_sigma_rel"].high) == pytest.approx((0.01, 0.3003), abs=1e-4)
     assert "ema_sigma_rel" not in evolve.search_space({**hyp, "ema_schedule": "power", "ema_gamma": 6.94})
 
 
@@ -139,8 +139,8 @@ def test_two_workers_on_one_sqlite_study_share_its_trials(tiny, tmp_path, caplog
     assert first.params == evolve.hyp_params(train.load_hyp(HYP), evolve.search_space(train.load_hyp(HYP)))
     check_outputs_match_storage(folder, study)
     best = study.best_trial
-    assert any(re.search(rf"best so far: trial {best.number} \(fitness {best.value:.5f}\); {trials} of {trials}", log)
-               for log in logs)
+    last = rf"best so far: trial {best.number} \(fitness {best.value:.5f}\); {trials} of {trials} trials done"
+    assert any(re.search(last, log) for log in logs)
 
 
 def test_a_killed_worker_leaves_a_study_the_next_command_continues(tiny, tmp_path, caplog):
@@ -247,7 +247,6 @@ def test_a_study_created_with_other_settings_is_refused(tiny, tmp_path, monkeypa
     monkeypatch.setattr(evolve, "CREATOR_WAIT_S", 0.2)
     with pytest.raises(train.TrainError, match=r"study 'other' in .* was not created by train.py --evolve"):
         train.main(train.parse_opt([*args, "--evolve-study", "other"]))
-    assert math.isfinite(study.best_value)
 
 
 def test_ctrl_c_fails_the_trial_under_way_and_the_command_says_how_to_continue(tiny, tmp_path, monkeypatch, caplog):

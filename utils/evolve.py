@@ -297,8 +297,8 @@ class Evolution:
         self.write_outputs(plot=True)
         best = self.study.best_trial
         LOGGER.info(f"\nevolve: study {self.study.study_name!r} has its {self.trials} trials (this worker ran "
-                    f"{len(self.ran)}); best trial {best.number}, fitness {best.value:.5f}\n"
-                    f"Results saved to {self.folder}; train with them: python train.py --hyp {self.folder / 'hyp_evolve.yaml'}")
+                    f"{len(self.ran)}); best trial {best.number}, fitness {best.value:.5f}\nResults saved to "
+                    f"{self.folder}; train with them: python train.py --hyp {self.folder / 'hyp_evolve.yaml'}")
 
     def objective(self, trial: Trial) -> float:
         ahead = sum(t.number < trial.number for t in self.study.get_trials(deepcopy=False, states=COUNTED))
@@ -328,8 +328,8 @@ class Evolution:
         best = study.best_trial
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         took = trial.duration.total_seconds() if trial.duration is not None else math.nan
-        LOGGER.info(f"evolve: trial {trial.number} fitness {trial.value:.5f} in {took:.1f} s; best so far: trial {best.number} "
-                    f"(fitness {best.value:.5f}); {done} of {self.trials} trials done")
+        LOGGER.info(f"evolve: trial {trial.number} fitness {trial.value:.5f} in {took:.1f} s; best so far: trial "
+                    f"{best.number} (fitness {best.value:.5f}); {done} of {self.trials} trials done")
 
     # -------------------------------------------------------------------------------------------- outputs
     def completed(self) -> list[FrozenTrial]:
