@@ -262,3 +262,16 @@ def test_ctrl_c_fails_the_trial_under_way_and_the_command_says_how_to_continue(t
 def test_evolve_refuses_torchrun():
     with pytest.raises(train.TrainError, match="start a worker per machine or GPU, not torchrun"):
         train.evolve_hyperparameters(train.parse_opt(["--evolve", "2"]), {}, None, train.Processes(0, 0, 2))
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr0")  # Optuna says it too; train.py filters it
+def test_the_first_trial_is_the_hyp_file_even_outside_the_searched_range(caplog):
+    hyp = {**train.load_hyp(HYP), "lr0": 0.5, "ema_unit": "images"}
+    space = evolve.search_space(hyp)
+    with caplog.at_level("INFO", logger="yolo"):
+        study = evolve.join_study(optuna.storages.InMemoryStorage(), "s", {"epochs": 1}, hyp, space, "memory")
+    first = study.ask()  # the queued trial: what the sampler gives it is the hyp file's values
+    assert {k: evolve.suggest(first, k, d) for k, d in space.items()} == {
+        **{k: float(hyp[k]) for k in space if k != "ema_unit"}, "ema_unit": "images"}
+    assert "the hyp file's lr0=0.5 lies outside the searched range [1e-05, 0.1]" in caplog.text
+    assert study.user_attrs == {evolve.STUDY_ATTR_FLAGS: {"epochs": 1}, evolve.STUDY_ATTR_HYP: hyp}

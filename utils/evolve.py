@@ -237,7 +237,12 @@ def join_study(storage: BaseStorage, name: str, flags: dict, hyp: dict, space: d
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         check_same_search(study, flags, hyp, where)
         return study
-    study.enqueue_trial(hyp_params(hyp, space))
+    first = hyp_params(hyp, space)
+    study.enqueue_trial(first)
+    for k, v in first.items():
+        if isinstance(space[k], FloatDistribution) and not space[k].low <= v <= space[k].high:
+            LOGGER.warning(f"evolve: the hyp file's {k}={v:g} lies outside the searched range "
+                           f"[{space[k].low:g}, {space[k].high:g}]; the first trial uses it, the others stay within")
     study.set_user_attr(STUDY_ATTR_HYP, hyp)
     study.set_user_attr(STUDY_ATTR_FLAGS, flags)  # last: a joining worker waits for it
     LOGGER.info(f"evolve: created study {name!r} in {where}; its first trial is the hyp file as given")
@@ -420,6 +425,7 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module logs each trial; Optuna's lines would repeat them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # fail_stale_trials
+        warnings.filterwarnings("ignore", "Fixed parameter", UserWarning)  # the above, said once at creation
         storage = open_storage(url, heartbeat)
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
