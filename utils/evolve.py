@@ -17,8 +17,8 @@ is a worker of the same search:
 - The study's user attrs hold the flags and the hyp file it was created with; a command with others is refused.
 
 After each trial the worker rewrites, from the storage (so with every worker's trials), evolve.csv (a row per
-completed trial: its metrics, fitness and every hyp value), hyp_evolve.yaml (the best trial's hyps) and evolve.png
-(each searched hyp against fitness) in its evolve folder.
+completed trial: its metrics, fitness and every hyp value) and hyp_evolve.yaml (the best trial's hyps) in its
+evolve folder; evolve.png (each searched hyp against fitness) at most every PLOT_EVERY_S and when it ends.
 """
 from __future__ import annotations
 
@@ -76,8 +76,6 @@ EMA_TAU_BOUNDS = (1.0, 10000.0)
 EMA_SIGMA_REL_BOUNDS = (0.01, SIGMA_REL_MAX)
 LOG_SCALE = ("lr0", "ema_tau")  # bounds decades apart: sampled on a log scale
 
-DEFAULT_STUDY = "evolve"
-DEFAULT_HEARTBEAT_S = 60
 COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trials that are, or will be, counted
 # Flags that say how or where a worker runs, not what a trial trains: workers of one study may differ in them.
 SESSION_FLAGS = ("evolve", "evolve_storage", "evolve_study", "evolve_heartbeat", "device", "workers", "project",
@@ -87,7 +85,7 @@ STUDY_ATTR_FLAGS, STUDY_ATTR_HYP = "evolve_flags", "evolve_hyp"
 CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the study's flags
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_ATTR = "evolve_heartbeat"  # journal storage: the time of a running trial's last heartbeat
-SCHEMA_ATTEMPTS = 5
+SCHEMA_ATTEMPTS = 5  # opening a new RDB storage: workers racing to create its tables try this often
 WAIT_POLL_S = 2.0  # a worker waiting for the last trials elsewhere looks this often whether they have ended
 PLOT_EVERY_S = 300  # evolve.png is redrawn after a trial this long after the last drawing, and when a worker ends
 MAX_RETRIES = 3  # a trial whose worker keeps dying (out of memory, say) is queued again this many times at most
