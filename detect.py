@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--source", type=str, required=True,
                    help="an image or video, a folder, a glob, a .txt list of paths, or an image URL")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
-                   help="inference size: one number, or h w")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=None,
+                   help="inference size: one number, or h w (default: the size the weights were trained at, else 640)")
     p.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
     p.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
@@ -71,6 +71,7 @@ from utils.inference import (  # noqa: E402
     MissingPackageError,
     SourceError,
     autocast_dtype,
+    default_imgsz,
     inference_size,
     iter_frames,
     list_source_files,
@@ -114,7 +115,7 @@ class VideoWriters:
 def run(
     source,
     weights=None,
-    imgsz=(640, 640),
+    imgsz=None,
     conf_thres: float = 0.25,
     iou_thres: float = 0.45,
     max_det: int = 1000,
@@ -150,7 +151,7 @@ def run(
     detector.conf, detector.iou, detector.max_det = conf_thres, iou_thres, max_det
     detector.classes, detector.agnostic = classes, agnostic_nms
     detector.amp = autocast_dtype(model, torch.float16 if half else None) is not None
-    imgsz = inference_size(imgsz, detector.stride, getattr(model, "fixed_shape", None))
+    imgsz = inference_size(default_imgsz(model, imgsz, "Detecting"), detector.stride, getattr(model, "fixed_shape", None))
 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     try:
         run(**vars(opt))
     except (CheckpointError, SourceError, MissingPackageError, ValueError, OSError) as e:
-        LOGGER.error(f"ERROR: {e}")
+        LOGGER.error(f"detect: {e}")
         return 1
     return 0
 

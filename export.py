@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=str, default=None,
                    help="checkpoint to export (default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--include", nargs="+", default=["torchscript"], choices=FORMATS, help="formats to write")
-    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
-                   help="input size: one number, or h w")
+    p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=None,
+                   help="input size: one number, or h w (default: the size the weights were trained at, else 640)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
     p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size and image size (multiples of the stride)")
     p.add_argument("--half", action="store_true", help="FP16 weights and input (needs a CUDA --device)")
@@ -59,6 +59,7 @@ from utils.inference import (  # noqa: E402
     JIT_DEPRECATION,
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
+    default_imgsz,
     export_metadata,
     image_size,
     inference_size,
@@ -91,7 +92,11 @@ def export_torchscript(model: torch.nn.Module, im: torch.Tensor, file: Path, met
 def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict, opset: int | None,
                 dynamic: bool, stride: int) -> Path:
     """torch.onnx.export (torch.export-based: it needs onnxscript), one input 'images' and one output
-    'output0', the metadata as metadata_props, checked with onnx.checker before it is written."""
+    'output0', the metadata as metadata_props, checked with onnx.checker before it is written.
+
+    Each value is written as Python's str() of it, as YOLOv5's export does: its loader reads `names` with
+    ast.literal_eval and indexes the result with ints, so names must read back as {0: 'person', ...}; JSON
+    would turn those keys into strings. Our own loader reads both forms."""
     onnx = require("onnx", "ONNX export")
     require("onnxscript", "ONNX export")
     LOGGER.info(f"\nONNX: starting export with onnx {onnx.__version__}...")
@@ -109,13 +114,13 @@ def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict
     proto = program.model_proto
     for key, value in meta.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+        entry.key, entry.value = key, str(value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(file))
     return file
 
 
-def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: int = 1, dynamic: bool = False,
+def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1, dynamic: bool = False,
         half: bool = False, opset: int | None = None, device="cpu") -> list[Path]:
     """Write each format in `include` beside `weights`; returns the files written."""
     include = [f.lower() for f in include]
@@ -123,7 +128,8 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
     if unknown:
         raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
     try:
-        image_size(imgsz)  # a bad size fails before the model is loaded; the stride rounds it later
+        if imgsz:  # a bad size fails before the model is loaded; the stride rounds it later
+            image_size(imgsz)
     except ValueError as e:
         raise ExportError(str(e)) from None
     if batch_size < 1:
@@ -149,6 +155,7 @@ def run(weights=None, include=("torchscript",), imgsz=(640, 640), batch_size: in
     if not isinstance(head, Detect):
         raise ExportError(f"{weights}: the model does not end in a Detect layer")
     head.export = True
+    imgsz = default_imgsz(model, imgsz, "Exporting")
     stride = int(max(float(model.stride.max()), 32))
     im = torch.zeros(batch_size, 3, *inference_size(imgsz, stride), device=device)
     for p in model.parameters():
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
     try:
         run(**vars(opt))
     except (ExportError, CheckpointError, MissingPackageError, OSError) as e:
-        LOGGER.error(f"ERROR: {e}")
+        LOGGER.error(f"export: {e}")
         return 1
     return 0
 

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, args_line, exit_process, read_text_file, shown_path  # noqa: E402
 
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
@@ -56,6 +56,10 @@ class TrainError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C: the message says where the run stopped and how to continue it."""
+
+
+class NothingTrained(Exception):
+    """Ctrl-C before a new run trained its first batch: the message says where it stopped."""
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -137,6 +141,7 @@ if __name__ == "__main__":
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from datetime import datetime, timedelta, timezone  # noqa: E402
@@ -159,6 +164,7 @@ from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
+from utils.environment import version_line  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -253,9 +259,16 @@ def load_hyp(hyp: str | Path | dict) -> dict:
         path = Path(hyp)
         if not path.is_file() and (ROOT / "hyp" / path.name).is_file():
             path = ROOT / "hyp" / path.name
-        if not path.is_file():
+        if not path.exists():
             raise TrainError(f"hyperparameter file {hyp} not found")
-        d, where = yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path)
+        try:
+            text = read_text_file(path, "--hyp")
+        except ValueError as e:  # a folder, or a binary file given by mistake
+            raise TrainError(str(e)) from None
+        try:
+            d, where = yaml.safe_load(text) or {}, str(path)
+        except yaml.YAMLError as e:
+            raise TrainError(f"--hyp {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(d, dict):
             raise TrainError(f"{where} does not hold a mapping of hyperparameters")
     missing = [k for k in HYP_KEYS if k not in d]
@@ -490,7 +503,9 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     """Unscale, clip and apply the accumulated gradients; False (and no step) when they are not finite.
 
     The total gradient norm that clipping computes anyway tells whether every gradient is finite, so
-    skipping costs nothing. The GradScaler still sees the overflow and lowers its scale.
+    skipping costs nothing. A skipped step backs the GradScaler's scale off and restarts its growth count,
+    whatever made it skip: the scaler itself only notices non-finite gradients, not a norm that overflowed
+    while every gradient was finite, and would grow its scale as after a clean step.
     """
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=MAX_GRAD_NORM)
@@ -499,6 +514,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     if stepped:
         scaler.step(optimizer)
     scaler.update()
+    if not stepped and scaler.is_enabled():
+        scaler.load_state_dict({**scaler.state_dict(), "scale": scale * scaler.get_backoff_factor(), "_growth_tracker": 0})
     optimizer.zero_grad()
     if not stepped:
         scaled = f"; GradScaler scale {scale:g} -> {scaler.get_scale():g}" if scale is not None else ""
@@ -693,20 +710,21 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         with timer("start-up: model build"):
             model, pretrained = build_model(opt, hyp, nc, resume_ckpt, device)
     except (FileNotFoundError, ValueError) as e:  # a missing or malformed --cfg
-        raise TrainError(f"model: {e}") from None
+        raise TrainError(f"{'--cfg ' + opt.cfg if opt.cfg else 'model'}: {e}") from None
     if pretrained is not None and int(pretrained["nc"]) != nc:
         LOGGER.info(f"--weights trained on {pretrained['nc']} classes; the detection head is re-initialised for {nc}")
     freeze_layers(model, opt.freeze)
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs)
     batch_size = opt.batch_size // procs.world_size  # per process
-    if procs.main:  # the run folder, once the data and the model are known to be usable
-        make_run_folder(opt, hyp)
     with timer("start-up: datasets (label scan, cache, loaders)"):
         train_loader, dataset, val_loader = build_loaders(opt, hyp, data, imgsz, batch_size, gs, procs, device)
     max_label = max((int(lb[:, 0].max()) for lb in dataset.labels if len(lb)), default=-1)
     if max_label >= nc:
         raise TrainError(f"label class {max_label} exceeds nc={nc} in {opt.data}; classes must be 0..{nc - 1}")
+    batch_size = clamp_batch_size(opt, len(dataset), procs.world_size)
+    if procs.main:  # the run folder, once the data and the model are known to be usable
+        make_run_folder(opt, hyp)
     if procs.main and resume_ckpt is None:
         if not opt.noplots:
             with timer("start-up: label plots"):
@@ -769,6 +787,18 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above disturbs the restored generators
     return run
+
+
+def clamp_batch_size(opt: argparse.Namespace, images: int, world_size: int) -> int:
+    """The per-process batch size. A --batch-size larger than the training set gives batches of the whole set (the
+    loader cannot fill more): opt.batch_size becomes that, said in one line, so that accumulation, weight decay
+    and the log follow the batches really trained."""
+    real = min(opt.batch_size, math.ceil(images / world_size) * world_size)
+    if real < opt.batch_size:
+        LOGGER.warning(f"--batch-size {opt.batch_size} is more than the {images} training images: "
+                       f"training with batches of {real}")
+        opt.batch_size = real
+    return opt.batch_size // world_size
 
 
 def make_run_folder(opt: argparse.Namespace, hyp: dict) -> None:
@@ -1128,6 +1158,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
             raise Interrupted(f"interrupted after the last epoch, while validating best.pt and plotting; the trained "
                               f"weights are in {shown_path(run.best)} and {shown_path(run.last)}") from None
         at_epoch, batch = run.position
+        if batch < 0 and at_epoch == run.start_epoch and run.saved_epoch is None:
+            raise NothingTrained(f"interrupted in epoch {at_epoch} before its first batch") from None
         where = f"at batch {batch + 1} of {run.nb}" if batch >= 0 else "before its first batch"
         raise Interrupted(f"interrupted in epoch {at_epoch} {where}; {run.resume_hint()}") from None
     except CheckpointError as e:  # a checkpoint or post-hoc snapshot that could not be written (a full disk)
@@ -1160,18 +1192,38 @@ def main(opt: argparse.Namespace):
         opt.epochs = DEFAULT_EPOCHS if opt.epochs is None else opt.epochs
         opt.workers = DEFAULT_WORKERS if opt.workers is None else opt.workers
         opt.device = "" if opt.device is None else opt.device
+    LOGGER.info(args_line("train", opt))  # what a bug report needs first: the options and the versions
     hyp = load_hyp(resume_ckpt["hyp"] if resume_ckpt is not None else opt.hyp)
     device = setup_processes(opt, procs)
+    LOGGER.info(version_line(device))
+    new_folder = None  # the run folder, when this run is the one that creates it
     try:
         if opt.evolve is not None:
             return evolve_hyperparameters(opt, hyp, device, procs)
         if not opt.resume:
             save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if procs.main else None
             opt.save_dir = str(broadcast(save_dir, procs))
+            new_folder = Path(opt.save_dir) if procs.main and not Path(opt.save_dir).exists() else None
         return train(hyp, opt, device, procs, resume_ckpt)
+    except (KeyboardInterrupt, NothingTrained) as e:
+        what = str(e) if isinstance(e, NothingTrained) else "interrupted before training began"
+        kept = None if opt.resume else getattr(opt, "save_dir", None)
+        raise Interrupted(f"{what}; nothing was saved{discard_run_folder(new_folder, kept)}") from None
     finally:
         if procs.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def discard_run_folder(new_folder: Path | None, kept_folder: str | None) -> str:
+    """What the message of a run stopped before it trained anything adds about its folder. A folder this run
+    created holds only the run's settings and label plots: it is removed, so that the next run takes its name
+    again. One that existed before (--exist-ok: kept_folder) is left in place, and said so."""
+    if new_folder is not None and new_folder.exists():
+        shutil.rmtree(new_folder, ignore_errors=True)
+        return f"; removed {shown_path(new_folder)}, which held only the run's settings and label plots"
+    if new_folder is None and kept_folder and Path(kept_folder).is_dir():
+        return f"; {shown_path(kept_folder)} existed before this run (--exist-ok) and is left in place"
+    return ""
 
 
 def evolve_hyperparameters(opt: argparse.Namespace, hyp: dict, device: torch.device, procs: Processes):
@@ -1187,7 +1239,7 @@ def evolve_hyperparameters(opt: argparse.Namespace, hyp: dict, device: torch.dev
                                                                           procs, None))
     except EvolveError as e:
         raise TrainError(str(e)) from None
-    except Interrupted:
+    except (Interrupted, NothingTrained, KeyboardInterrupt):  # in a trial, or between trials
         raise Interrupted("--evolve: interrupted; the trial under way is marked failed and not counted; the same "
                           "command continues the study") from None
 

@@ -78,7 +78,8 @@ from models.common import Conv  # noqa: E402
 from models.yolo import check_img_size  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
-from utils.checkpoint import CheckpointError, check_checkpoint_classes, load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.checkpoint import (CheckpointError, check_checkpoint_classes, load_checkpoint,  # noqa: E402
+                              model_from_checkpoint, trained_imgsz)
 from utils.inference import (  # noqa: E402
     EXPORT_SUFFIXES,
     MissingPackageError,
@@ -138,15 +139,6 @@ class InferenceCopy:
             for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 getattr(twin, name).copy_(t)
         return self.model
-
-
-def trained_imgsz(ckpt: dict) -> int | None:
-    """The image size a checkpoint's run trained at, when its options say."""
-    opt = ckpt.get("opt")
-    size = opt.get("imgsz", opt.get("img_size")) if isinstance(opt, dict) else None
-    if isinstance(size, (list, tuple)) and size:  # YOLOv5 once stored [train, test] sizes
-        size = size[-1]
-    return int(size) if isinstance(size, (int, float)) and size > 0 else None
 
 
 @contextlib.contextmanager
@@ -376,8 +368,7 @@ def run(
         result = ap_per_class(correct, confs, pcls, tcls)
     mp, mr, map50, map50_95 = result.mean_results()
     n_instances = np.bincount(tcls, minlength=nc)
-    LOGGER.info(header)
-    row = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    row = "%22s" + "%11i" * 2 + "%11.3g" * 4  # under the header that the progress bar showed as its label
     LOGGER.info(row % ("all", seen, n_instances.sum(), mp, mr, map50, map50_95))
     if excluded:
         LOGGER.warning(f"WARNING: these {task} metrics exclude {len(excluded)} image{'s' * (len(excluded) > 1)} that "
@@ -463,7 +454,7 @@ def main(argv=None) -> int:
     try:
         run(**vars(opt))
     except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError) as e:
-        LOGGER.error(f"ERROR: {e}")
+        LOGGER.error(f"val: {e}")
         return 1
     return 0
 

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script (python models/yolo.py): the re
 
 from models.common import C3, SPPF, Bottleneck, Concat, Conv
 from utils.autoanchor import check_anchor_order
+from utils.cli import read_text_file
 from utils.log import LOGGER
 from utils.torch_utils import count_parameters
 
@@ -269,7 +270,7 @@ class Model(nn.Module):
             path = resolve_cfg(cfg)
             self.yaml_file = path.name
             try:
-                self.yaml = yaml.safe_load(path.read_text(encoding="utf-8"))
+                self.yaml = yaml.safe_load(read_text_file(path, "model config"))
             except yaml.YAMLError as e:
                 raise ValueError(f"model config {path} is not valid yaml: {e}") from e
             if not isinstance(self.yaml, dict):
@@ -376,13 +377,14 @@ class Model(nn.Module):
                 b[:, 5:5 + m.nc] = torch.log(cf / cf.sum()).to(b)
 
     def fuse(self, verbose: bool = True) -> "Model":
-        """Fold every BatchNorm into its conv, in place, for inference. Callers fuse a deepcopy to keep
-        a trainable model."""
+        """Fold every BatchNorm into its conv, in place, for inference: no parameter needs a gradient any more.
+        Callers fuse a deepcopy to keep a trainable model."""
         if verbose:
             LOGGER.info("Fusing layers... ")
         for m in self.model.modules():
             if isinstance(m, Conv):
                 m.fuse()
+        self.requires_grad_(False)
         if verbose:
             self.info()
         return self
@@ -392,7 +394,9 @@ class Model(nn.Module):
         name = Path(self.yaml_file).stem if self.yaml_file else "Model"
         n_params = count_parameters(self)
         n_grads = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        line = (f"{name} summary: {len(list(self.modules()))} layers, {n_params:,} parameters, {n_grads:,} gradients, "
+        # A fused Conv keeps an Identity where its BatchNorm was: that is not a layer of the fused model.
+        n_layers = sum(1 for m in self.modules()) - sum(1 for m in self.modules() if isinstance(m, Conv) and m.fused)
+        line = (f"{name} summary: {n_layers} layers, {n_params:,} parameters, {n_grads:,} gradients, "
                 f"{self.gflops(imgsz):.1f} GFLOPs")
         LOGGER.info(line)
         return line

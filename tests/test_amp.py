@@ -126,6 +126,24 @@ def test_skip_warning_names_iteration_and_scale(caplog):
     assert "GradScaler scale 64 -> 32; the EMA is not updated" in caplog.text
 
 
+def test_a_step_skipped_for_an_overflowing_norm_backs_the_scale_off():
+    """Every gradient finite but their norm inf (squares past float32's range): the step is skipped, so the scale
+    is halved and its growth count restarted, as after non-finite gradients; a clean step would have doubled it
+    (growth_interval 1)."""
+    net = nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=1)
+    # d(sum)/dw = x times the scale 64: 2.6e38, finite in float32; unscaled 4e36, whose square overflows
+    scaler.scale(net(torch.full((1, 2), 4e36)).sum()).backward()
+    assert torch.isfinite(net.weight.grad).all()
+    before = net.weight.detach().clone()
+    assert train.optimizer_step(net, opt, scaler) is False
+    assert torch.equal(net.weight.detach(), before)
+    assert scaler.get_scale() == 32.0 and scaler.state_dict()["_growth_tracker"] == 0
+    scaler.scale(net(torch.ones(1, 2)).sum()).backward()  # a clean step now grows the scale again
+    assert train.optimizer_step(net, opt, scaler) is True and scaler.get_scale() == 64.0
+
+
 def test_one_step_code_for_every_precision():
     """fp16, bf16 and FP32 go through the same TrainStep; only fp16 enables the scaler."""
     hyp = train.load_hyp(train.ROOT / "hyp" / "hyp.scratch-low.yaml")

@@ -23,13 +23,13 @@ def test_letterbox_full_square_hand_computed():
 def test_letterbox_odd_padding_and_auto_and_no_scaleup():
     im = solid(45, 100, (0, 0, 255))
     out, ratio, pad = letterbox(im, 64, auto=False)
-    # 45 * 0.64 = 28.8 -> 29 rows; 35 rows of padding: 17 above, 18 below
-    assert out.shape == (64, 64, 3) and pad == (0.0, 17.0)
+    # 45 * 0.64 = 28.8 -> 29 rows; 35 rows of padding: 17 above, 18 below; YOLOv5 reports the pad as 35 / 2
+    assert out.shape == (64, 64, 3) and pad == (0.0, 17.5)
     assert ratio == (0.64, 29 / 45)
     assert (out[17:46] == (0, 0, 255)).all() and (out[:17] == FILL_VALUE).all() and (out[46:] == FILL_VALUE).all()
 
     out, _, pad = letterbox(im, 64, auto=True, stride=32)  # minimum rectangle: 29 rows -> 32
-    assert out.shape == (32, 64, 3) and pad == (0.0, 1.0)
+    assert out.shape == (32, 64, 3) and pad == (0.0, 1.5) and (out[1:30] == (0, 0, 255)).all()
 
     small = solid(10, 20, (1, 2, 3))
     out, ratio, pad = letterbox(small, 64, auto=False, scaleup=False)  # never enlarged

@@ -3,6 +3,7 @@ finished checkpoints, and val.py's defaults (the latest best.pt, at the size it 
 import errno
 import logging
 import os
+import platform
 import subprocess
 import sys
 
@@ -129,16 +130,83 @@ def test_ctrl_c_while_finishing_says_the_weights_are_trained(tiny, tmp_path):
     assert load_checkpoint(weights / "last.pt")["epoch"] == 0
 
 
-def test_ctrl_c_before_the_first_batch_names_the_epoch_it_was_to_train(tiny, tmp_path, caplog, monkeypatch):
-    def interrupted(run, epoch):
-        raise KeyboardInterrupt  # as Ctrl-C while the loader's workers start
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt  # what Ctrl-C raises wherever the run is
 
-    monkeypatch.setattr(train, "train_epoch", interrupted)
-    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "starting", 1)]
+
+@pytest.mark.parametrize("stage, where", [
+    ("check_anchors", "interrupted before training began"),  # set-up, once hyp.yaml, opt.yaml and labels.jpg exist
+    ("train_epoch", "interrupted in epoch 0 before its first batch"),  # as while the loader's workers start
+])
+def test_ctrl_c_before_the_first_batch_removes_the_run_folder_it_made(tiny, tmp_path, caplog, monkeypatch, stage, where):
+    monkeypatch.setattr(train, stage, ctrl_c)
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "exp", 1)]
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert train.cli(train.parse_opt(args)) == 130
-    assert errors_of(caplog) == ["train: interrupted in epoch 0 before its first batch; no epoch has been saved yet, "
-                                 "so there is nothing to resume: start the run again"]
+    assert errors_of(caplog) == [f"train: {where}; nothing was saved; removed {tmp_path / 'exp'}, which held only the "
+                                 "run's settings and label plots"]
+    assert list(tmp_path.iterdir()) == []  # the next run is exp again, not exp2
+
+
+def test_ctrl_c_before_the_first_batch_keeps_a_folder_that_existed(tiny, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(train, "check_anchors", ctrl_c)
+    kept = tmp_path / "exp"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    args = [str(a) for a in tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "exp", 1, "--exist-ok")]
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 130
+    assert errors_of(caplog) == [f"train: interrupted before training began; nothing was saved; {kept} existed "
+                                 "before this run (--exist-ok) and is left in place"]
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+def test_a_batch_larger_than_the_dataset_is_clamped_and_accumulation_follows(tiny, tmp_path, caplog, monkeypatch):
+    """--batch-size 24 on 12 images trains batches of 12: accumulation round(64 / 12) = 5, so 60 images per step,
+    and the weight decay is hyp's 0.0005 scaled by 60 / 64, not by 24 * 3 / 64 (what a batch of 24 would get)."""
+    decays = []
+    real_build = train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda *a: decays.append(a[4]) or real_build(*a))
+    monkeypatch.setattr(train, "train_epoch", ctrl_c)  # set-up is all this test needs
+    args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], tmp_path, "big", 1, "--batch-size", 24))
+    with caplog.at_level(logging.INFO, logger="yolo"), one_intra_op_thread():
+        assert train.cli(train.parse_opt(args)) == 130
+    assert f"--batch-size 24 is more than the {N_IMAGES} training images: training with batches of 12" in caplog.text
+    assert "Accumulating 5 x 12 = 60 images per optimizer step (nominal batch 64)" in caplog.text
+    assert decays == [pytest.approx(0.0005 * 60 / 64)]
+
+
+@pytest.mark.parametrize("flag", ["--data", "--hyp", "--cfg"])
+def test_a_binary_file_or_folder_given_as_a_yaml_fails_in_one_line(tiny, tmp_path, caplog, flag):
+    binary = tmp_path / "best.pt"
+    binary.write_bytes(bytes(range(128, 256)) * 4)  # not UTF-8
+    project = tmp_path / "runs"
+    base = {"--data": str(tiny["data"]), "--cfg": str(tiny["cfg"])}
+    for given, expected in [
+        (binary, {"--data": f"--data {binary} is not a yaml file: it holds binary data, not text",
+                  "--hyp": f"--hyp {binary} is not a yaml file: it holds binary data, not text",
+                  "--cfg": f"--cfg {binary}: model config {binary} is not a yaml file: it holds binary data, not text"}),
+        (tmp_path, {"--data": f"--data {tmp_path} is a folder; give the dataset's yaml file (e.g. data/coco128.yaml)",
+                    "--hyp": f"--hyp {tmp_path} is a folder, not a yaml file", "--cfg": None}),
+    ]:
+        if expected[flag] is None:  # a folder as --cfg is not a model config file: "not found", as before
+            continue
+        args = [*sum(([k, v] for k, v in {**base, flag: str(given)}.items()), []), "--device", "cpu", "--img", "64",
+                "--project", str(project), "--workers", "0"]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="yolo"):
+            assert train.cli(train.parse_opt(args)) == 1
+        assert errors_of(caplog) == [f"train: {expected[flag]}"]
+    assert not project.exists()
+
+
+def test_a_yolov5_weights_name_says_it_cannot_be_downloaded(tiny, tmp_path, caplog):
+    args = ["--data", str(tiny["data"]), "--weights", "yolov5n.pt", "--device", "cpu", "--project", str(tmp_path)]
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert train.cli(train.parse_opt(args)) == 1
+    assert errors_of(caplog) == ["train: --weights: checkpoint yolov5n.pt not found: pretrained weights cannot be "
+                                 "downloaded here; train from scratch with python train.py --cfg yolov5n.yaml "
+                                 "--weights '', or give the path of a local .pt file"]
 
 
 def test_a_full_disk_ends_the_run_in_one_line_with_the_resume_command(tiny, tmp_path, caplog, monkeypatch):
@@ -195,6 +263,20 @@ def test_finished_checkpoints_keep_what_evaluation_and_fine_tuning_need(finished
     assert "Transferred 349/349 items" in out.stdout
 
 
+def test_a_run_starts_with_its_arguments_and_versions(finished, tiny):
+    """The two lines users paste into bug reports: every option as YOLOv5 prints them, then project commit,
+    Python, torch and device."""
+    lines = finished["out"].splitlines()
+    args = next(line for line in lines if line.startswith("train: "))
+    assert args.startswith(f"train: weights=, cfg={tiny['cfg']}, data={tiny['data']}, hyp=")
+    assert ", epochs=2, batch_size=4, imgsz=64, " in args and args.endswith(", local_rank=-1")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    version = lines[lines.index(args) + 1:][:3]
+    expected = (f"yolo-ema commit {commit.stdout.strip()}, Python-{platform.python_version()} "
+                f"torch-{torch.__version__} CPU")
+    assert expected in version
+
+
 def test_the_log_gives_the_workers_really_used(finished):
     used = min(os.cpu_count() or 1, BATCH, 8)  # create_dataloader's rule: cores, batch and --workers 8
     assert f"; {used} dataloader workers;" in finished["out"]
@@ -221,5 +303,5 @@ def test_val_without_weights_or_img_takes_the_latest_best_at_its_trained_size(fi
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(["--data", str(tiny["data"]), "--project", str(tiny["root"] / "v")]) == 1
-    assert errors_of(caplog) == [f"ERROR: no --weights given and no trained weights found under "
+    assert errors_of(caplog) == [f"val: no --weights given and no trained weights found under "
                                  f"{tiny['root'] / 'nothing'}; pass --weights path/to/best.pt"]

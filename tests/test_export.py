@@ -120,8 +120,6 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
     assert dims == [FIXED_BATCH, n, 7]  # one output: boxes, objectness, 2 class scores
     meta = {p.key: p.value for p in proto.metadata_props}
     assert set(meta) >= {"names", "stride", "shape", "dynamic"}
-    # what YOLOv5's loader does with them: int(stride), and names evaluated to {index: name}
-    assert int(meta["stride"]) == 32 and {int(k): v for k, v in ast.literal_eval(meta["names"]).items()} == {0: "c0", 1: "c1"}
 
     pt = load_model(weights)
     with torch.no_grad():
@@ -142,6 +140,31 @@ def test_fixed_exports_match_pytorch_on_coco128(fixed, coco_batch):
         assert_parity(ts_model(other)[0], pt(other)[0], 224)
     with pytest.raises(ValueError, match="exported for 64x64 images, got 160x224"):
         onnx_model(other)
+
+
+def test_yolov5_loader_reads_the_onnx_metadata(fixed):
+    """YOLOv5's DetectMultiBackend (ONNX Runtime branch) reads custom_metadata_map, takes int(meta['stride']) and
+    ast.literal_eval(meta['names']), and its val.py and detect.py then look class i up as names[i] with an int."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(fixed[1]), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert "stride" in meta  # the loader's test before it reads either key
+    stride, names = int(meta["stride"]), ast.literal_eval(meta["names"])
+    assert stride == 32 and names[0] == "c0" and names[1] == "c1" and len(names) == 2
+
+
+def test_onnx_loader_reads_files_written_with_json_metadata(fixed, tmp_path):
+    """Files exported before the metadata took YOLOv5's form hold JSON: names with string keys, per-level strides."""
+    proto = onnx.load(str(fixed[1]))
+    del proto.metadata_props[:]
+    for key, value in {"names": '{"0": "c0", "1": "c1"}', "stride": "[8.0, 16.0, 32.0]", "dynamic": "false"}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    model = load_model(old)
+    assert model.names == ["c0", "c1"] and model.stride.tolist() == [8.0, 16.0, 32.0] and model.fixed_shape == FIXED
 
 
 def test_dynamic_onnx_at_two_batch_sizes_and_image_sizes(dynamic, coco_batch):
@@ -219,7 +242,7 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
     caplog.clear()
     assert export.main(["--weights", str(copy), "--include", "onnx"]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["ERROR: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
+    assert errors == ["export: ONNX export needs the 'onnxscript' package, which is not installed: pip install onnxscript"]
     assert not copy.with_suffix(".onnx").exists()
 
 
@@ -239,7 +262,7 @@ def test_val_on_exported_files_ignores_half_and_refuses_augment(trained, fixed, 
     argv = ["--weights", str(fixed[2]), "--data", str(data), "--augment", "--project", str(tmp_path / "aug")]
     assert val.main(argv) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert errors == ["ERROR: --augment (test-time augmentation) needs PyTorch weights, not best.torchscript"]
+    assert errors == ["val: --augment (test-time augmentation) needs PyTorch weights, not best.torchscript"]
     assert not (tmp_path / "aug").exists()
 
 
@@ -248,3 +271,12 @@ def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path):
     assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50", "70"]) == 0
     model = load_model(weights.with_suffix(".torchscript"))
     assert model.export_shape == (64, 96)
+
+
+def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(trained, tmp_path, caplog):
+    weights = copy_into(trained[0], tmp_path)  # its run trained at TRAIN_SIZE (64): a 640 export would be 100x the work
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert export.main(["--weights", str(weights), "--include", "onnx"]) == 0
+    dims = [d.dim_value for d in onnx.load(str(weights.with_suffix(".onnx"))).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, TRAIN_SIZE, TRAIN_SIZE]
+    assert f"Exporting at --img {TRAIN_SIZE}, the size the weights were trained at" in caplog.text

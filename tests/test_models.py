@@ -163,6 +163,20 @@ def test_fuse_keeps_eval_output_and_removes_batchnorm():
     assert torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
 
 
+def test_fused_summary_counts_the_fused_layers_and_no_gradients(caplog):
+    """After fusing, the summary describes the fused model, as YOLOv5's does: each BatchNorm folded away is one
+    layer fewer, and an inference model has no parameter that needs a gradient (yolov5n: 1,867,405 parameters,
+    YOLOv5's own fused figure)."""
+    model = Model("yolov5n.yaml", nc=80, verbose=False).eval()
+    layers = len(list(model.modules()))
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert batchnorms == 57
+    with caplog.at_level("INFO", logger="yolo"):
+        model.fuse()
+    summary = next(r.getMessage() for r in caplog.records if "summary:" in r.getMessage())
+    assert summary.startswith(f"yolov5n summary: {layers - batchnorms} layers, 1,867,405 parameters, 0 gradients, ")
+
+
 def test_conv_fuse_closed_form():
     conv = Conv(2, 1, 1, 1).eval()
     with torch.no_grad():

@@ -50,18 +50,24 @@ def _loader(list_file, batch_size=8):
     return create_dataloader(str(list_file), IMG, batch_size, 32, rect=True, pad=0.5, workers=0, nc=80)[0]
 
 
+@torch.no_grad()
+def _propose_persons(m):
+    """Bias an untrained model's head to propose 'person' boxes everywhere (objectness 0.5, class 0 at 0.5,
+    others ~0)."""
+    for conv in m.model[-1].m:
+        b = conv.bias.view(m.model[-1].na, -1)
+        b[:, 4] = 0.0
+        b[:, 5:] = -12.0
+        b[:, 5] = 0.0
+
+
 def _checkpoint(path, nc=80, names=None, emit_boxes=True):
     """A yolov5n checkpoint of ours. With emit_boxes the untrained head is biased to propose 'person' boxes
     everywhere (objectness 0.5, class 0 at 0.5, others ~0), so NMS, plots and COCOeval have work to do."""
     torch.manual_seed(0)
     m = Model("yolov5n.yaml", nc=nc, verbose=False)
     if emit_boxes:
-        with torch.no_grad():
-            for conv in m.model[-1].m:
-                b = conv.bias.view(m.model[-1].na, -1)
-                b[:, 4] = 0.0
-                b[:, 5:] = -12.0
-                b[:, 5] = 0.0
+        _propose_persons(m)
     ckpt = dict(format="yolo-ema", version=1, epoch=3, best_fitness=0.0, model=half_state_dict(m.state_dict()),
                 ema=half_state_dict(m.state_dict()), updates=10, optimizer=None, opt={}, hyp={}, yaml=m.yaml, nc=nc,
                 names=list(names or [str(i) for i in range(nc)]), date="2026-01-01T00:00:00")  # fmt: skip
@@ -75,6 +81,7 @@ def test_run_never_modifies_the_given_model(tiny_data, tmp_path):
     hyp = yaml.safe_load(open(val.ROOT / "hyp" / "hyp.scratch-low.yaml"))
     model = Model("yolov5n.yaml", nc=80, verbose=False).to(device)
     model.hyp = hyp
+    _propose_persons(model)  # detections in every image, so that --save-txt writes a file for each
     with torch.no_grad():  # non-trivial BN statistics: a BN update in train mode would show
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -166,7 +173,7 @@ def test_map_agrees_with_cocoeval_on_coco128(coco128, tmp_path, names, single_cl
     assert 0 < mp <= 1 and 0 < mr <= 1
 
 
-def test_cli_report_files_and_cocoeval(tiny_data, coco128, tmp_path, caplog):
+def test_cli_report_files_and_cocoeval(tiny_data, coco128, tmp_path, caplog, capsys):
     weights = _checkpoint(tmp_path / "w.pt", names=None)
     project = tmp_path / "runs"
     args = ["--weights", str(weights), "--data", str(tiny_data), "--img", str(IMG), "--batch-size", "4",
@@ -174,7 +181,8 @@ def test_cli_report_files_and_cocoeval(tiny_data, coco128, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(args) == 0
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "Class     Images  Instances          P          R      mAP50   mAP50-95" in text
+    header = "Class     Images  Instances          P          R      mAP50   mAP50-95"
+    assert header in capsys.readouterr().err and header not in text  # the progress bar's label, not a second line
     all_row = next(line for line in text.splitlines() if line.strip().startswith("all "))
     assert all_row.split()[1:3] == ["8", str(sum(len(lb) for lb in _loader(tiny_data.parent / "val8.txt").dataset.labels))]
     assert "  person  " in text  # --verbose rows use the data yaml's names (checkpoint names are placeholders)
@@ -234,10 +242,32 @@ def test_cli_bad_weights_fail_with_one_line(tiny_data, tmp_path, caplog):
     assert not (tmp_path / "runs").exists()  # refused weights leave no empty run folder behind
 
     caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", "yolov5n.pt"] + common) == 1
+    assert _one_error_line(caplog) == ("val: checkpoint yolov5n.pt not found: pretrained weights cannot be downloaded "
+                                       "here; train from scratch with python train.py --cfg yolov5n.yaml --weights '', "
+                                       "or give the path of a local .pt file")
+
+    caplog.clear()
     ok = _checkpoint(tmp_path / "ok.pt", emit_boxes=False)
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(["--weights", str(ok), "--task", "test"] + common) == 1
     assert "test" in _one_error_line(caplog)
+
+
+def test_binary_or_folder_data_fails_with_one_line_naming_flag_and_file(coco128, tmp_path, caplog):
+    ok = _checkpoint(tmp_path / "ok.pt", emit_boxes=False)
+    image = sorted((coco128 / "images" / "train2017").glob("*.jpg"))[0]
+    common = ["--weights", str(ok), "--img", str(IMG), "--project", str(tmp_path / "runs"), "--workers", "0"]
+    for given, expected in [(ok, f"val: --data {ok} is not a yaml file: it holds binary data, not text"),
+                            (image, f"val: --data {image} is not a yaml file: it holds binary data, not text"),
+                            (tmp_path, f"val: --data {tmp_path} is a folder; give the dataset's yaml file "
+                                       "(e.g. data/coco128.yaml)")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="yolo"):
+            assert val.main(["--data", str(given)] + common) == 1
+        assert _one_error_line(caplog) == expected
+    assert not (tmp_path / "runs").exists()
 
 
 def test_inference_copy_refreshed_in_place_equals_a_fresh_copy():
@@ -321,7 +351,7 @@ def test_augment_with_exported_weights_is_refused_up_front(tiny_data, tmp_path, 
     _, argv = _exported_file(tmp_path, tiny_data)
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(argv + ["--augment"]) == 1
-    assert _one_error_line(caplog) == "ERROR: --augment (test-time augmentation) needs PyTorch weights, not best.onnx"
+    assert _one_error_line(caplog) == "val: --augment (test-time augmentation) needs PyTorch weights, not best.onnx"
     assert not (tmp_path / "runs").exists()
 
 
@@ -330,6 +360,6 @@ def test_missing_onnxruntime_is_one_line(tiny_data, tmp_path, caplog, monkeypatc
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert val.main(common) == 1
-    assert _one_error_line(caplog) == ("ERROR: running an .onnx model needs the 'onnxruntime' package, which is not "
+    assert _one_error_line(caplog) == ("val: running an .onnx model needs the 'onnxruntime' package, which is not "
                                        "installed: pip install onnxruntime")  # fmt: skip
     assert not (tmp_path / "runs").exists()

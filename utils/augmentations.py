@@ -27,8 +27,12 @@ def letterbox(im: np.ndarray, new_shape=640, color=(FILL_VALUE,) * 3, auto: bool
 
     auto: pad only up to the next multiple of stride (minimum rectangle) instead of the full shape.
     scale_fill: stretch to new_shape without padding. scaleup=False never enlarges (validation).
-    Returns (image, (ratio_w, ratio_h), (pad_left, pad_top)): a pixel x of the input lands at
-    x * ratio_w + pad_left in the output, and likewise for y.
+    Returns (image, (ratio_w, ratio_h), (pad_w, pad_h)), YOLOv5's letterbox geometry: the image is placed
+    at (floor(pad_w), floor(pad_h)), and (pad_w, pad_h) is half the padding added on each axis, a half pixel
+    more than where the image sits when that padding is odd. Labels are mapped into the output and boxes back
+    out of it with these pads, as YOLOv5 does in training and validation: models trained by YOLOv5 (ours
+    too) learned boxes in that frame, so mapping them with the whole-pixel offset would shift every box by
+    half a pixel and cost mAP50-95 against YOLOv5's val.py on the same weights.
     """
     h0, w0 = im.shape[:2]
     if isinstance(new_shape, int):
@@ -52,7 +56,7 @@ def letterbox(im: np.ndarray, new_shape=640, color=(FILL_VALUE,) * 3, auto: bool
     left, top = pad_w // 2, pad_h // 2
     if pad_w or pad_h:
         im = cv2.copyMakeBorder(im, top, pad_h - top, left, pad_w - left, cv2.BORDER_CONSTANT, value=color)
-    return im, (new_w / w0, new_h / h0), (float(left), float(top))
+    return im, (new_w / w0, new_h / h0), (pad_w / 2, pad_h / 2)
 
 
 def augment_hsv(im: np.ndarray, rng: np.random.Generator, hgain: float = 0.5, sgain: float = 0.5,

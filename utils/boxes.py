@@ -94,6 +94,9 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torchvision.ops.box_iou(boxes1, boxes2)
 
 
+MAX_WH = 7680  # pixels: larger than any image side, so boxes of different classes never overlap once shifted
+
+
 def non_max_suppression(
     prediction: torch.Tensor,
     conf_thres: float = 0.25,
@@ -138,7 +141,9 @@ def non_max_suppression(
         if not det.shape[0]:
             continue
         det = det[det[:, 4].argsort(descending=True)[:max_nms]]
-        groups = torch.zeros_like(det[:, 5]) if agnostic else det[:, 5]
-        keep = torchvision.ops.batched_nms(det[:, :4], det[:, 4], groups, iou_thres)[:max_det]
+        # Per-class NMS by moving each class's boxes MAX_WH pixels apart, as YOLOv5 does: the float32 rounding
+        # of the shifted coordinates is then the same as YOLOv5's, so borderline suppressions agree with it.
+        offsets = torch.zeros_like(det[:, 5:6]) if agnostic else det[:, 5:6] * MAX_WH
+        keep = torchvision.ops.nms(det[:, :4] + offsets, det[:, 4], iou_thres)[:max_det]
         output[i] = det[keep]
     return output

@@ -15,6 +15,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import tempfile
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.yolo import Model
+from models.yolo import MODELS_DIR, Model
 from utils.log import LOGGER
 from utils.yolov5_import import (YOLOv5ImportError, first_refused_global, one_line_error,
                                  read_yolov5_checkpoint)
@@ -308,12 +309,27 @@ def strip_resume_state(path: str | Path) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- loading
+# The names YOLOv5 downloads its pretrained weights by (yolov5n.pt, yolov5s6.pt, yolov3-tiny.pt...).
+PRETRAINED_NAME = re.compile(r"yolov\d+[a-z]*\d*(-[a-z]+)?\.pt", re.IGNORECASE)
+
+
+def _pretrained_hint(path: Path) -> str:
+    """For a bare YOLOv5 weights name that is not on disk: YOLOv5 would download it; here there is no such
+    download, so say what to do instead. Empty for any other path."""
+    if len(path.parts) != 1 or not PRETRAINED_NAME.fullmatch(path.name):
+        return ""
+    cfg = MODELS_DIR / f"{path.stem}.yaml"
+    scratch = f"--cfg {cfg.name} --weights ''" if cfg.is_file() else "--cfg yolov5n.yaml --weights ''"
+    return (f": pretrained weights cannot be downloaded here; train from scratch with "
+            f"python train.py {scratch}, or give the path of a local .pt file")
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Read a checkpoint of ours (``weights_only=True``), or import an original YOLOv5 one without running
     its pickle. Anything else raises CheckpointError with one line naming the file."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} not found" + _pretrained_hint(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file")
     is_zip = zipfile.is_zipfile(path)
@@ -386,9 +402,18 @@ def check_checkpoint_classes(ckpt: dict, nc: int, weights: str | Path = "weights
         raise CheckpointError(f"weights {weights} were trained on {trained} classes but data {data} has {nc}")
 
 
+def trained_imgsz(ckpt: dict) -> int | None:
+    """The image size a checkpoint's run trained at, when its options say."""
+    opt = ckpt.get("opt")
+    size = opt.get("imgsz", opt.get("img_size")) if isinstance(opt, dict) else None
+    if isinstance(size, (list, tuple)) and size:  # YOLOv5 once stored [train, test] sizes
+        size = size[-1]
+    return int(size) if isinstance(size, (int, float)) and size > 0 else None
+
+
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     """Build the model described by the checkpoint's yaml and load its EMA (or raw) weights in FP32.
-    Returns the model in eval mode with names, nc and stride set."""
+    Returns the model in eval mode with names, nc, stride and trained_imgsz (None when unknown) set."""
     weights = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt.get("model")
     if weights is None:
         raise CheckpointError("checkpoint holds no weights: 'model' and 'ema' are both empty")
@@ -418,6 +443,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     model.float()
     model.nc = int(ckpt["nc"])
     model.names = [str(n) for n in ckpt["names"]]
+    model.trained_imgsz = trained_imgsz(ckpt)  # what detect.py and export.py default --img to
     if ckpt.get("hyp"):
         model.hyp = dict(ckpt["hyp"])
     return model.eval()

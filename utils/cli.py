@@ -26,6 +26,23 @@ def shown_path(path: str | Path) -> str:
         return str(path)
 
 
+def args_line(command: str, opt: argparse.Namespace) -> str:
+    """Every option of a command in one line, as YOLOv5 prints them: 'train: weights=, cfg=yolov5n.yaml, ...'."""
+    return f"{command}: " + ", ".join(f"{k}={v}" for k, v in vars(opt).items())
+
+
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a yaml file that `what` names ('--data', '--hyp', 'model config'). A folder, or a
+    binary file given by mistake (a .pt, a .jpg), raises ValueError with one line naming both."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not a yaml file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a yaml file: it holds binary data, not text") from None
+
+
 def exit_process(status: int) -> NoReturn:
     """sys.exit(status) without the interpreter's final garbage collection, which walks the million or so
     objects torch and its imports create and took 1-2 s of every command here. Atexit handlers still run and

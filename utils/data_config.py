@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from utils.cli import read_text_file
 from utils.log import LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,8 @@ def find_data_yaml(data: str | Path) -> Path:
         candidates += [DATA_DIR / p.name]
         if p.suffix not in (".yaml", ".yml"):
             candidates += [DATA_DIR / f"{p.name}.yaml"]
+    if p.is_dir():
+        raise DatasetError(f"--data {data} is a folder; give the dataset's yaml file (e.g. data/coco128.yaml)")
     for c in candidates:
         if c.is_file():
             return c.resolve()
@@ -59,8 +62,11 @@ def find_data_yaml(data: str | Path) -> Path:
 
 def _load_yaml(file: Path) -> dict:
     try:
-        with open(file, encoding="utf-8") as f:
-            d = yaml.safe_load(f)
+        text = read_text_file(file, "--data")
+    except ValueError as e:  # a binary file (a .pt, an image) given as the dataset yaml
+        raise DatasetError(str(e)) from None
+    try:
+        d = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DatasetError(f"dataset yaml {file} is not valid YAML: {e}") from None
     if not isinstance(d, dict):

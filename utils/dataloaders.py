@@ -469,11 +469,13 @@ class LoadImagesAndLabels(Dataset):
 
     # ------------------------------------------------------------------------------------------- images
     def resized_size(self, w0: int, h0: int) -> tuple[int, int]:
-        """(w, h) of a w0 x h0 image after load_image: long side img_size, aspect ratio kept."""
+        """(w, h) of a w0 x h0 image after load_image: long side img_size, aspect ratio kept, the short side
+        rounded up as YOLOv5's load_image does (640x426 at 256 -> 256x171, not 256x170). A sharp model's scores
+        move a lot with one pixel of input size, so rounding the other way loses mAP parity with YOLOv5."""
         r = self.img_size / max(h0, w0)
         if r == 1:
             return w0, h0
-        return min(self.img_size, max(1, round(w0 * r))), min(self.img_size, max(1, round(h0 * r)))
+        return min(self.img_size, max(1, math.ceil(w0 * r))), min(self.img_size, max(1, math.ceil(h0 * r)))
 
     def load_image(self, i: int):
         """Image i resized so its long side is img_size: (image BGR, (h0, w0), (h, w)).
@@ -496,8 +498,8 @@ class LoadImagesAndLabels(Dataset):
         return im, (h0, w0), im.shape[:2]
 
     def _resized_bytes(self) -> int:
-        r = self.img_size / self.shapes.max(1)
-        return int((np.round(self.shapes[:, 0] * r) * np.round(self.shapes[:, 1] * r) * 3).sum())
+        sizes = [self.resized_size(int(w), int(h)) for w, h in self.shapes]
+        return int(sum(w * h * 3 for w, h in sizes))
 
     def cache_in_ram(self, auto: bool = False) -> None:
         """Decode and resize every image once and keep it in memory (skipped when memory is short). With `auto`,

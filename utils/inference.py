@@ -47,6 +47,7 @@ VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "
 EXPORT_SUFFIXES = (".onnx", ".torchscript")
 TORCHSCRIPT_CONFIG = "config.txt"  # the extra file of a .torchscript archive that holds its metadata (as YOLOv5's)
 DOWNLOAD_TIMEOUT_S = 10
+DEFAULT_IMGSZ = 640  # when neither --img nor the weights say
 # torch 2.14 marks torch.jit deprecated; TorchScript stays one of the export formats YOLOv5 users expect.
 JIT_DEPRECATION = r"`torch\.jit\..*` is deprecated"
 
@@ -87,6 +88,23 @@ def load_model(weights, device: torch.device | str = "cpu", fuse: bool = True) -
     if fuse:
         model.fuse()
     return model.to(device).eval()
+
+
+def default_imgsz(model: nn.Module, imgsz, command: str):
+    """--img as given (a number, or [n] or [h, w]), or when not given (None) the size the weights were trained at
+    (an exported file: the size it was exported at), said in one line; 640 when neither is known."""
+    if imgsz:
+        return imgsz
+    known = getattr(model, "trained_imgsz", None)
+    exported = getattr(model, "export_shape", None)
+    if known:
+        LOGGER.info(f"{command} at --img {known}, the size the weights were trained at")
+        return [known]
+    if exported:
+        LOGGER.info(f"{command} at --img {exported[0]} {exported[1]}, the size the file was exported at")
+        return list(exported)
+    LOGGER.info(f"{command} at --img {DEFAULT_IMGSZ}, the default (the weights do not say what size they were trained at)")
+    return [DEFAULT_IMGSZ]
 
 
 def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
@@ -571,7 +589,11 @@ class Detector(nn.Module):
 # ------------------------------------------------------------------------------------------- results
 def write_yolo_labels(det: torch.Tensor, shape, file: Path, save_conf: bool = False) -> None:
     """YOLO-format label file of detections (x1, y1, x2, y2, conf, cls) in an image of shape (h, w): one line
-    `cls cx cy w h` normalised to the image (`cls cx cy w h conf` with save_conf)."""
+    `cls cx cy w h` normalised to the image (`cls cx cy w h conf` with save_conf). No detections, no file (as
+    YOLOv5 writes them): one left by an earlier run into the same folder (--exist-ok) is removed."""
+    if not len(det):
+        file.unlink(missing_ok=True)
+        return
     h, w = shape[:2]
     det = det.detach().cpu().double()
     xywhn = xyxy2xywh(det[:, :4]) / torch.tensor([w, h, w, h], dtype=torch.float64)
