@@ -391,7 +391,8 @@ def plot_evolve(table: pd.DataFrame, keys: list[str], best_trial: int, file: str
     for ax in axes.flat[len(keys):]:
         ax.axis("off")
     fig.supylabel("fitness")
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.05, top=0.95, wspace=0.35, hspace=0.6)  # tight_layout: 5 s
+    # Fixed margins: tight_layout measured every tick label of the 25 panels, 5 s of a 6 s drawing here.
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.05, top=0.95, wspace=0.35, hspace=0.6)
     fig.savefig(file, dpi=100)
     plt.close(fig)
 
@@ -423,7 +424,8 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # this module logs each trial; Optuna's lines would repeat them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # fail_stale_trials
-        warnings.filterwarnings("ignore", "Fixed parameter", UserWarning)  # the above, said once at creation
+        # A hyp file value outside its searched range: join_study says so once, Optuna would at every look.
+        warnings.filterwarnings("ignore", "Fixed parameter", UserWarning)
         storage = open_storage(url, heartbeat)
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
