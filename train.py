@@ -5,6 +5,7 @@ Usage:
     python train.py --resume                      # continue the latest run, bit-exact where it stopped
     python train.py --resume runs/train/exp/weights/last.pt --epochs 300   # extend a run
     torchrun --nproc_per_node 2 train.py --data coco128.yaml --cfg yolov5n.yaml --device cpu
+    python train.py --data coco128.yaml --cfg yolov5n.yaml --epochs 10 --evolve 300   # hyp search: docs/evolve.md
 
 A run, top to bottom: options -> set-up (seeds, device, processes, data, model, EMA, optimizer, schedule,
 resume state) -> epochs (warm-up, autocast forward/backward, gradient accumulation, optimizer step, EMA update
@@ -126,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "bench/train_speed.py --formats channels_last compiled)")
     p.add_argument("--profile", action="store_true",
                    help="time every phase of the run; print the table at the end and write profile.json")
+    p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
+                   help="search the hyps over N short runs in all (300 without N), continuing the study if it exists")
+    p.add_argument("--evolve-storage", default=None, help="Optuna storage URL (sqlite:///, postgresql://, mysql://) or "
+                   "journal file path shared by the workers; default project/name/evolve.db")
+    p.add_argument("--evolve-study", default="evolve", help="--evolve: the study's name in the storage")
+    p.add_argument("--evolve-heartbeat", type=int, default=60,
+                   help="--evolve: seconds between a trial's heartbeats; silent for two, it is failed and run again")
     p.add_argument("--local-rank", "--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
@@ -238,6 +246,10 @@ def check_opt(opt: argparse.Namespace) -> None:
          f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
         (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
         (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
+        (opt.evolve is None or opt.evolve >= 1, f"--evolve takes a number of trials of at least 1, got {opt.evolve}"),
+        (opt.evolve is None or not opt.resume,
+         "--evolve cannot be combined with --resume: run the same --evolve command again to continue its study"),
+        (opt.evolve_heartbeat >= 1, f"--evolve-heartbeat must be at least 1 second, got {opt.evolve_heartbeat}"),
     ]
     for ok, message in rules:
         if not ok:
@@ -1208,6 +1220,8 @@ def main(opt: argparse.Namespace):
     LOGGER.info(version_line(device))
     new_folder = None  # the run folder, when this run is the one that creates it
     try:
+        if opt.evolve is not None:
+            return evolve_hyperparameters(opt, hyp, device, procs)
         if not opt.resume:
             save_dir = increment_path(Path(opt.project) / opt.name, opt.exist_ok) if procs.main else None
             opt.save_dir = str(broadcast(save_dir, procs))
@@ -1232,6 +1246,24 @@ def discard_run_folder(new_folder: Path | None, kept_folder: str | None) -> str:
     if new_folder is None and kept_folder and Path(kept_folder).is_dir():
         return f"; {shown_path(kept_folder)} existed before this run (--exist-ok) and is left in place"
     return ""
+
+
+def evolve_hyperparameters(opt: argparse.Namespace, hyp: dict, device: torch.device, procs: Processes):
+    """--evolve N: an Optuna study of N runs of train() in all, shared by every worker on its storage."""
+    from utils.evolve import EvolveError, run_evolution  # optuna and sqlalchemy are imported for --evolve only
+
+    if procs.distributed:
+        raise TrainError("--evolve trains each trial in one process: start a worker per machine or GPU, not torchrun")
+    project = ROOT / "runs" / "evolve" if opt.project == build_parser().get_default("project") else Path(opt.project)
+    try:
+        return run_evolution(opt, hyp, project / opt.name, metric_names=METRIC_COLUMNS,
+                             train_run=lambda trial_hyp, trial_opt: train(load_hyp(trial_hyp), trial_opt, device,
+                                                                          procs, None))
+    except EvolveError as e:
+        raise TrainError(str(e)) from None
+    except (Interrupted, NothingTrained, KeyboardInterrupt):  # in a trial, or between trials
+        raise Interrupted("--evolve: interrupted; the trial under way is marked failed and not counted; the same "
+                          "command continues the study") from None
 
 
 def cli(opt: argparse.Namespace) -> int:

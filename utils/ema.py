@@ -161,6 +161,12 @@ def available_schedules() -> list[str]:
     return sorted(_SCHEDULES)
 
 
+def schedule_params(name: str) -> tuple[str, ...]:
+    """The ModelEMA settings (of SCHEDULE_PARAMS) the registered schedule `name` uses; () for an unknown name."""
+    entry = _SCHEDULES.get(name)
+    return entry.params if entry is not None else ()
+
+
 def _ramp(decay: float, step: int, total_steps: int | None, tau: float) -> float:
     # YOLOv5's warm-up: the average forgets its random start quickly, then settles at `decay`.
     return decay * (1.0 - math.exp(-step / tau))
