@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -85,13 +86,13 @@ torch.save(dict(model=model.half(), ema=None, epoch=-1, best_fitness=None, optim
 
 # Inside YOLOv5's interpreter: the stages of one image through its dataset, model and NMS, saved to an npz.
 YOLOV5_STAGES = """
-import sys, numpy as np, torch
+import os, sys, numpy as np, torch
 sys.path.insert(0, '.')
 from models.common import DetectMultiBackend
 from utils.dataloaders import LoadImagesAndLabels
 from utils.general import non_max_suppression
 ds = LoadImagesAndLabels({image_dir!r}, {img}, 1, augment=False, rect=True, stride=32, pad=0.5)
-i = [str(f) for f in ds.im_files].index({image!r})
+i = [os.path.abspath(f) for f in ds.im_files].index({image!r})
 im, _, _, shapes = ds[i]
 model = DetectMultiBackend({weights!r}, device=torch.device('cpu'), fuse=True)
 x = im[None].float() / 255
@@ -204,14 +205,14 @@ def export_onnx(opt, weights: str, folder: Path) -> str:
 
 def compare_stages(opt, weights: str, folder: Path) -> None:
     data = check_dataset(opt.data)
-    image = str(Path(opt.stages).resolve())
+    image = os.path.abspath(opt.stages)
     out = folder / "yolov5_stages.npz"
     run_yolov5(opt, YOLOV5_STAGES.format(image_dir=str(Path(image).parent), img=opt.img, image=image,
                                          weights=weights, conf=opt.conf_thres,
                                          iou=opt.iou_thres, out=str(out)))
     theirs = np.load(out)
     ds = LoadImagesAndLabels(str(Path(image).parent), opt.img, 1, rect=True, stride=32, pad=0.5, nc=data["nc"])
-    sample = ds[[str(Path(f).resolve()) for f in ds.im_files].index(image)]
+    sample = ds[[os.path.abspath(f) for f in ds.im_files].index(image)]
     x = sample.img[None].float() / 255
     model = model_from_checkpoint(load_checkpoint(weights), use_ema=True).eval()
     model.fuse()
