@@ -4,6 +4,8 @@ distilled run killed mid-epoch resuming bit-exact (a YOLOv5 .pt teacher and the 
 import copy
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,8 +13,8 @@ import torch.nn as nn
 import yaml
 
 from models.yolo import Model
-from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, results_columns, run_train,
-                                 tensorboard_scalars, tiny_model_yaml, tiny_run_args, tree_digest)
+from tests.train_helpers import (KILL_HOOK_ENV, ROOT, checkpoint_differences, make_dataset, results_columns, run_train,
+                                 tensorboard_scalars, tiny_model_yaml, tiny_run_args, train_env, tree_digest)
 from train import TrainError, load_hyp, parse_opt
 from utils.checkpoint import load_checkpoint, save_checkpoint, unpacked_state_dict
 from utils.distill import Distiller, Teacher, TeacherError, check_teacher_fits, load_teacher, weights_sha256
@@ -242,3 +244,16 @@ def test_resume_refuses_a_teacher_file_changed_since(setup, tmp_path):
     yolov5_teacher_file(teacher, tiny_cfg(tmp_path, width=0.25), ["c0", "c1"], seed=1)  # other weights, same path
     line = _refused(["--resume", run / "weights" / "last.pt", "--epochs", EPOCHS + 1], tmp_path)
     assert "teacher" in line and "teacher.pt" in line and "changed since the run started" in line
+
+
+def test_torchrun_each_process_distils_from_its_own_ema(setup, tmp_path):
+    """--teacher ema under DDP: the EMA is the teacher, so every process keeps one (not rank 0 alone)."""
+    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path / "runs", "ddp", 1, "--device", "cpu", "--teacher", "ema")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *map(str, args)]
+    out = subprocess.run(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=300, cwd=str(ROOT))
+    assert out.returncode == 0, out.stdout[-4000:]
+    ckpt = load_checkpoint(tmp_path / "runs" / "ddp" / "weights" / "last.pt")
+    assert ckpt["train_state"]["teacher"] == {"path": "ema", "sha256": None} and ckpt["updates"] == 3
+    assert results_columns(tmp_path / "runs" / "ddp" / "results.csv")["train/kd_loss"][0] > 0
