@@ -147,6 +147,20 @@ def test_kd_hyp_keys_checked_and_zero_weight_turns_distillation_off(tmp_path):
     assert on.sha256 == weights_sha256(on.model.state_dict()) and on.source == str(teacher.resolve())
 
 
+def test_teacher_runs_frozen_without_gradients_under_the_runs_autocast(tmp_path):
+    base = load_hyp(parse_opt([]).hyp)
+    student = named_model(tiny_cfg(tmp_path))
+    student.hyp = {"box": 0.05, "obj": 1.0, "cls": 0.5}
+    path = yolov5_teacher_file(tmp_path / "t.pt", tiny_cfg(tmp_path, width=0.25), ["c0", "c1"])
+    distiller = Distiller(load_teacher(str(path), base, student, ["c0", "c1"], torch.device("cpu")), student, None, base)
+    imgs = torch.rand(2, 3, 64, 64, requires_grad=True)
+    for amp_dtype, dtype in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        raw = distiller.teacher_outputs(imgs, amp_dtype)
+        assert [r.shape for r in raw] == [(2, 3, 8, 8, 7), (2, 3, 4, 4, 7), (2, 3, 2, 2, 7)]
+        assert all(r.dtype == dtype and not r.requires_grad for r in raw), amp_dtype
+    assert not distiller.teacher_model.training
+
+
 # ------------------------------------------------------------------------------------------ training runs
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
