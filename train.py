@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
     p.add_argument("--teacher", type=str, default="",
-                   help="distil from a frozen teacher (our checkpoint or a YOLOv5 .pt with the student's classes and "
-                        "strides), or 'ema' for the student's own EMA; hyp kd_weight, kd_temperature (docs/distillation.md)")
+                   help="distil from a frozen teacher (our checkpoint or a YOLOv5 .pt with the student's classes "
+                        "and strides), or 'ema' for the student's own EMA; hyp kd_weight, kd_temperature")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
                         "bench/train_speed.py --formats channels_last compiled)")

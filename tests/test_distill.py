@@ -16,7 +16,7 @@ from models.yolo import Model
 from tests.train_helpers import (KILL_HOOK_ENV, ROOT, checkpoint_differences, make_dataset, results_columns, run_train,
                                  tensorboard_scalars, tiny_model_yaml, tiny_run_args, train_env, tree_digest)
 from train import TrainError, load_hyp, parse_opt
-from utils.checkpoint import load_checkpoint, save_checkpoint, unpacked_state_dict
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unpacked_state_dict
 from utils.distill import Distiller, Teacher, TeacherError, check_teacher_fits, load_teacher, weights_sha256
 
 EPOCHS, NB = 3, 3  # 12 images, batch 4
@@ -152,7 +152,8 @@ def test_teacher_runs_frozen_without_gradients_under_the_runs_autocast(tmp_path)
     student = named_model(tiny_cfg(tmp_path))
     student.hyp = {"box": 0.05, "obj": 1.0, "cls": 0.5}
     path = yolov5_teacher_file(tmp_path / "t.pt", tiny_cfg(tmp_path, width=0.25), ["c0", "c1"])
-    distiller = Distiller(load_teacher(str(path), base, student, ["c0", "c1"], torch.device("cpu")), student, None, base)
+    teacher = load_teacher(str(path), base, student, ["c0", "c1"], torch.device("cpu"))
+    distiller = Distiller(teacher, student, None, base)
     imgs = torch.rand(2, 3, 64, 64, requires_grad=True)
     for amp_dtype, dtype in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
         raw = distiller.teacher_outputs(imgs, amp_dtype)
@@ -186,10 +187,9 @@ def test_checkpoints_and_ema_hold_the_student_only(setup):
             for key in ("model", "ema"):
                 assert {k: tuple(v.shape) for k, v in ckpt[key].items()} == shapes, (name, f, key)
     ckpt = load_checkpoint(setup["ref_file"] / "weights" / "last.pt")
+    teacher_weights = model_from_checkpoint(load_checkpoint(setup["teacher"])).state_dict()
     assert ckpt["train_state"]["teacher"] == {"path": str(setup["teacher"].resolve()),
-                                              "sha256": load_teacher(str(setup["teacher"]), ckpt["hyp"],
-                                                                     Model(str(setup["cfg"]), ch=3, nc=2, verbose=False),
-                                                                     ["c0", "c1"], torch.device("cpu")).sha256}
+                                              "sha256": weights_sha256(teacher_weights)}
     ema_ckpt = load_checkpoint(setup["ref_ema"] / "weights" / "last.pt")
     assert ema_ckpt["train_state"]["teacher"] == {"path": "ema", "sha256": None}
     for name in ("ref_file", "ref_ema"):
@@ -262,7 +262,8 @@ def test_resume_refuses_a_teacher_file_changed_since(setup, tmp_path):
 
 def test_torchrun_each_process_distils_from_its_own_ema(setup, tmp_path):
     """--teacher ema under DDP: the EMA is the teacher, so every process keeps one (not rank 0 alone)."""
-    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path / "runs", "ddp", 1, "--device", "cpu", "--teacher", "ema")
+    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path / "runs", "ddp", 1, "--device", "cpu",
+                         "--teacher", "ema")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "train.py"), *map(str, args)]
     out = subprocess.run(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
