@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
+    p.add_argument("--posthoc", action="store_true",
+                   help="keep post-hoc EMA snapshots for posthoc_ema.py without editing the hyp file (widths: hyp "
+                        "posthoc_sigma_rels, else 0.05 and 0.1; count: posthoc_snapshots)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
                         "bench/train_speed.py --formats channels_last compiled)")
@@ -144,6 +147,7 @@ import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
+from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
                               half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
                               strip_resume_state, unpacked_state_dict, unpacked_tree)
@@ -158,9 +162,10 @@ from utils.optim import (apply_warmup, build_optimizer, build_scheduler, nominal
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.posthoc import PosthocEMA, PosthocError, settings_from_hyp  # noqa: E402
+from utils.posthoc import PosthocEMA, PosthocError, settings_from_hyp, with_posthoc_on  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from utils.switch_ema import switch_ema_enabled, switch_to_average  # noqa: E402
 from utils.tensorboard_log import TensorBoardLog  # noqa: E402
 from utils.torch_utils import (autocast, check_amp, de_parallel, init_seeds, model_info,  # noqa: E402
                                non_finite_tensors, select_device)
@@ -250,7 +255,9 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     if missing:
         raise TrainError(f"{where}: missing hyperparameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     try:
-        settings_from_hyp(d)  # post-hoc EMA settings: refused here, before anything is created on disk
+        settings_from_hyp(d)  # post-hoc EMA, Switch EMA and BatchNorm recompute settings: refused here, before
+        switch_ema_enabled(d)  # anything is created on disk
+        bn_recompute_batches(d)
     except ValueError as e:
         raise TrainError(f"{where}: {e}") from None
     defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
@@ -611,6 +618,7 @@ class Run:
     model: nn.Module  # DDP-wrapped under torchrun
     ema: ModelEMA | None  # rank 0 only
     posthoc: PosthocEMA | None  # rank 0 only, when hyp posthoc_sigma_rels is set
+    bn_batches: FixedBatches | None  # rank 0 only, when hyp ema_bn_recompute is set: the EMA's BatchNorm statistics
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lf: object  # epoch -> lr factor
@@ -715,10 +723,13 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
-    ema = posthoc = None
+    ema = posthoc = bn_batches = None
     if procs.main:
         ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
+        if bn_recompute_batches(hyp):
+            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, bn_recompute_batches(hyp),
+                                                seed=opt.seed, single_cls=opt.single_cls)
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
@@ -739,7 +750,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
                      last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
-              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, optimizer=optimizer,
+              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, bn_batches=bn_batches, optimizer=optimizer,
               scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
               val_loader=val_loader, compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw,
               accumulate=accumulate, start_epoch=start_epoch, end_epoch=opt.epochs, best_fitness=best_fitness,
@@ -951,6 +962,13 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     Returns whether early stopping ends the run."""
     lrs = [g["lr"] for g in run.optimizer.param_groups]
     run.scheduler.step()
+    if run.bn_batches is not None:  # averaging weights does not average what their BatchNorm statistics should be
+        with run.timer("ema: BatchNorm recompute"):
+            recompute_bn_stats(run.ema.ema, run.bn_batches, run.device, check_amp(run.opt.amp, run.device),
+                               MEMORY_FORMAT)
+    if switch_ema_enabled(run.hyp):  # every process: training goes on from the EMA's weights
+        with run.timer("ema: switch into the model"):
+            switch_to_average(run.model, run.ema, run.procs.distributed)
     if not run.procs.main:
         return False
     opt, ema = run.opt, run.ema
@@ -1149,6 +1167,8 @@ def main(opt: argparse.Namespace):
         opt.workers = DEFAULT_WORKERS if opt.workers is None else opt.workers
         opt.device = "" if opt.device is None else opt.device
     hyp = load_hyp(resume_ckpt["hyp"] if resume_ckpt is not None else opt.hyp)
+    if opt.posthoc:
+        hyp = with_posthoc_on(hyp)
     device = setup_processes(opt, procs)
     try:
         if not opt.resume:
