@@ -154,6 +154,7 @@ from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finish
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
+from utils.bema import ema_from_hyp  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -446,10 +447,10 @@ def class_weights_from_labels(labels: list[np.ndarray], nc: int) -> torch.Tensor
 
 
 def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> ModelEMA:
-    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file; total_steps (the
-    run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
+    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file (a BEMA with hyp
+    ema_bema); total_steps (the run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
     try:
-        return ModelEMA.from_hyp(model, hyp, total_steps=total_steps)
+        return ema_from_hyp(model, hyp, total_steps=total_steps)
     except ValueError as e:  # an unknown schedule or key, a decay outside [0, 1]...
         raise TrainError(f"hyp: {e}") from None
 
@@ -851,9 +852,9 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
             ema.load_state_dict({**resume["ema"], "ema": unpacked_state_dict(resume["ema"]["ema"])})
             ema.total_steps = planned_steps
         else:
-            ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()})
-            ema.updates = int(ckpt["updates"])
-            ema.images = float(state.get("ema_images", ema.updates * ema.nbs))
+            weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+            ema.load_state_dict({"ema": weights, "updates": int(ckpt["updates"]),
+                                 "images": float(state.get("ema_images", int(ckpt["updates"]) * ema.nbs))})
     if posthoc is not None:
         try:
             if resume is not None:

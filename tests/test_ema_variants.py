@@ -1,11 +1,14 @@
 """The averaging variants around the main EMA, against closed forms on scalar sequences and independently
-computed statistics: Switch EMA (Li et al. 2024), BatchNorm statistics recomputed for averaged weights, and
-train.py's hooks for them."""
+computed statistics: Switch EMA (Li et al. 2024), BEMA (Block and Zhang 2025), BatchNorm statistics recomputed
+for averaged weights, and train.py --posthoc."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.bema import BEMA, ema_from_hyp
 from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats
 from utils.ema import ModelEMA
 from utils.posthoc import DEFAULT_SIGMA_RELS, settings_from_hyp, with_posthoc_on
@@ -73,6 +76,136 @@ def test_switch_ema_hyp_key_is_checked():
     assert switch_ema_enabled({}) is False and switch_ema_enabled({"ema_switch": True}) is True
     with pytest.raises(ValueError, match="ema_switch must be true or false, got 'yes'"):
         switch_ema_enabled({"ema_switch": "yes"})
+
+
+# ------------------------------------------------------------------------------------------------ BEMA
+def bema_reference(thetas, power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0, burn_in=0):
+    """The paper's recursion in float64, written out: theta_0 is the weight where the burn-in ends (the
+    initial one without burn-in); steps after it average with beta_t and correct with alpha_t."""
+    out, anchor, ema = [], thetas[burn_in], thetas[burn_in]
+    for step in range(1, len(thetas)):
+        t = step - burn_in
+        if t <= 0:
+            anchor = ema = thetas[step]
+            out.append(thetas[step])
+            continue
+        beta, alpha = (lag + multiplier * t) ** -power, (lag + multiplier * t) ** -bias_power
+        ema = (1 - beta) * ema + beta * thetas[step]
+        out.append(alpha * (thetas[step] - anchor) + ema)
+    return out
+
+
+def run_bema(thetas, **kwargs):
+    model = Scalar(thetas[0])
+    bema = BEMA(model, **kwargs)
+    seen = []
+    for theta in thetas[1:]:
+        with torch.no_grad():
+            model.w.fill_(theta)
+        bema.update(model)
+        seen.append(bema.ema.w.item())
+    return bema, seen
+
+
+def test_bema_first_step_by_hand():
+    """theta 0 then 1, lag 10, multiplier 1: beta_1 = 11**-0.5, alpha_1 = 11**-0.2, so
+    mu_1 = alpha_1 * (1 - 0) + beta_1 * 1 = 0.619044 + 0.301511 = 0.920555."""
+    _, seen = run_bema([0.0, 1.0])
+    assert seen[0] == pytest.approx(0.920555, abs=1e-6)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_bema_follows_the_papers_recursion_on_a_scalar_sequence(flat):
+    thetas = [math.sin(0.3 * n) + 0.05 * n for n in range(40)]
+    bema, seen = run_bema(thetas, power=0.6, bias_power=0.3, lag=4.0, multiplier=2.0, flat=flat)
+    assert bema.path == ("flat" if flat else "foreach")
+    assert seen == pytest.approx(bema_reference(thetas, 0.6, 0.3, 4.0, 2.0), rel=1e-5, abs=1e-6)
+    assert bema.average.shadow.w.item() != pytest.approx(seen[-1])  # the output is not the plain EMA
+
+
+def test_bema_burn_in_is_the_model_and_sets_theta_0_where_it_ends():
+    thetas = [0.5 * n * n for n in range(12)]
+    bema, seen = run_bema(thetas, update_after_step=3)
+    assert seen[:3] == thetas[1:4]  # the model itself during the burn-in
+    assert bema.anchor.shadow.w.item() == thetas[3]
+    assert seen == pytest.approx(bema_reference(thetas, burn_in=3), rel=1e-6)
+
+
+def test_bema_on_a_16_bit_model_and_with_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).half()
+    bema = BEMA(model)
+    start = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.is_floating_point():
+                v.add_(1.0)
+        model[1].num_batches_tracked.fill_(3)
+    moved = {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point()}  # rounded to fp16
+    bema.update(model)
+    beta, alpha = 11 ** -0.5, 11 ** -0.2
+    for k, v in bema.ema.state_dict().items():
+        if k in start:
+            assert v.dtype == torch.float32
+            expected = alpha * (moved[k] - start[k]) + (1 - beta) * start[k] + beta * moved[k]
+            torch.testing.assert_close(v.double(), expected, rtol=0, atol=1e-6)
+    assert bema.ema[1].num_batches_tracked.item() == 3
+
+
+def test_bema_state_round_trip_continues_bit_for_bit():
+    thetas = [math.cos(0.2 * n) * n for n in range(30)]
+    model = Scalar(thetas[0])
+    bema = BEMA(model, update_after_step=2)
+    for theta in thetas[1:15]:
+        with torch.no_grad():
+            model.w.fill_(theta)
+        bema.update(model)
+    state = bema.state_dict(weights=False) | {"ema": {k: v.clone() for k, v in bema.ema.state_dict().items()}}
+    assert {"bema_average", "bema_anchor", "bema_power", "bema_bias_power", "bema_lag", "bema_multiplier"} <= set(state)
+    twin_model = Scalar(123.0)
+    twin = BEMA(twin_model, power=0.9)  # settings come from the state
+    twin.load_state_dict(state)
+    assert twin.bema_power == 0.5 and twin.updates == 14
+    for theta in thetas[15:]:
+        for m, e in ((model, bema), (twin_model, twin)):
+            with torch.no_grad():
+                m.w.fill_(theta)
+            e.update(m)
+        assert twin.ema.w.item() == bema.ema.w.item()
+
+
+def test_bema_restarts_its_correction_from_a_state_without_its_copies():
+    model = Scalar(2.0)
+    bema = BEMA(model)
+    bema.load_state_dict({"ema": {"w": torch.tensor([5.0])}, "updates": 7})
+    assert bema.average.shadow.w.item() == 5.0 and bema.anchor.shadow.w.item() == 2.0 and bema.updates == 7
+    with torch.no_grad():
+        model.w.fill_(3.0)
+    bema.update(model)
+    beta, alpha = (10 + 8) ** -0.5, (10 + 8) ** -0.2
+    assert bema.ema.w.item() == pytest.approx(alpha * (3.0 - 2.0) + (1 - beta) * 5.0 + beta * 3.0, rel=1e-6)
+
+
+def test_bema_from_hyp_and_its_refusals():
+    hyp = {"ema_bema": True, "ema_bema_power": 0.7, "ema_bema_lag": 2, "ema_update_after_step": 5, "ema_decay": 0.9999,
+           "ema_tau": 2000, "ema_schedule": "ramp", "ema_switch": False, "nbs": 32, "ema_unit": "images"}
+    bema = ema_from_hyp(Scalar(), hyp, total_steps=50)
+    assert isinstance(bema, BEMA) and bema.schedule == "bema" and bema.unit == "images" and bema.nbs == 32
+    assert (bema.bema_power, bema.bema_bias_power, bema.bema_lag, bema.bema_multiplier) == (0.7, 0.2, 2.0, 1.0)
+    assert bema.update_after_step == 5 and bema.decay_at(3) == pytest.approx(1 - (2 + 3) ** -0.7)
+    assert type(ema_from_hyp(Scalar(), {"ema_bema": False})) is ModelEMA
+    with pytest.raises(ValueError, match="utils.bema.ema_from_hyp"):
+        ModelEMA.from_hyp(Scalar(), {"ema_bema": True})
+    with pytest.raises(ValueError, match="remove ema_schedule: power"):
+        ema_from_hyp(Scalar(), {"ema_bema": True, "ema_schedule": "power", "ema_sigma_rel": 0.1})
+    with pytest.raises(ValueError, match="ema_bema_lagg"):
+        ema_from_hyp(Scalar(), {"ema_bema": True, "ema_bema_lagg": 3})
+    with pytest.raises(ValueError, match="power > 0"):
+        ema_from_hyp(Scalar(), {"ema_bema": True, "ema_bema_power": 0})
+    with pytest.raises(ValueError, match="lag \\+ multiplier >= 1"):
+        BEMA(Scalar(), lag=0.0, multiplier=0.5)
+    with pytest.raises(ValueError, match="true or false"):
+        ema_from_hyp(Scalar(), {"ema_bema": "yes"})
 
 
 # ------------------------------------------------------------------------------------------------ BatchNorm

@@ -63,7 +63,8 @@ class _Schedule:
 
 _SCHEDULES: dict[str, _Schedule] = {}
 _BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp", "power")
-SCHEDULE_PARAMS = ("tau", "beta", "gamma", "sigma_rel")  # ModelEMA settings a schedule may take
+# ModelEMA settings a schedule may take (the bema_* ones are utils.bema.BEMA's)
+SCHEDULE_PARAMS = ("tau", "beta", "gamma", "sigma_rel", "bema_power", "bema_lag", "bema_multiplier")
 UNITS = ("steps", "images")
 
 # The power-function EMA's relative width sqrt(g + 1) / ((g + 2) * sqrt(g + 3)) peaks where u = g + 1 solves
@@ -90,9 +91,10 @@ HYP_KEYS = {
     "ema_sigma_rel": "sigma_rel",
     "ema_unit": "unit",
 }
-# ema_* keys that the training loop reads for its own hooks, not ModelEMA: Switch EMA (utils/switch_ema.py) and the
-# BatchNorm recompute (utils/bn_recompute.py).
-OTHER_HYP_KEYS = ("ema_switch", "ema_bn_recompute")
+# ema_* keys that ModelEMA leaves to others: Switch EMA (utils/switch_ema.py) and the BatchNorm recompute
+# (utils/bn_recompute.py), read by the training loop, and BEMA's (utils/bema.py, a ModelEMA subclass).
+BEMA_HYP_KEYS = ("ema_bema", "ema_bema_power", "ema_bema_bias_power", "ema_bema_lag", "ema_bema_multiplier")
+OTHER_HYP_KEYS = ("ema_switch", "ema_bn_recompute", *BEMA_HYP_KEYS)
 DEFAULT_NBS = 64  # YOLOv5's nominal batch, when the hyp dict has no 'nbs'
 
 
@@ -598,6 +600,8 @@ class ModelEMA:
         unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in known)
         if unknown:
             raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(known)}")
+        if hyp.get("ema_bema") is True and cls is ModelEMA:
+            raise ValueError("hyp ema_bema: true asks for a bias-corrected EMA: build it with utils.bema.ema_from_hyp")
         settings = {arg: hyp[key] for key, arg in HYP_KEYS.items() if key in hyp}
         settings["nbs"] = hyp.get("nbs", DEFAULT_NBS)
         settings.update(kwargs)
