@@ -61,7 +61,7 @@ import val as validate  # noqa: E402
 from utils.checkpoint import (FORMAT, VERSION, CheckpointError, finished_checkpoint, half_state_dict,  # noqa: E402
                               load_checkpoint, model_from_checkpoint, save_checkpoint)
 from utils.data_config import DatasetError  # noqa: E402
-from utils.ema import ModelEMA  # noqa: E402
+from utils.bema import ema_from_hyp  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.posthoc import (Fit, PosthocError, ProfileFit, Snapshot, check_architecture, find_snapshots,  # noqa: E402
@@ -142,7 +142,7 @@ def main_ema_decay(ckpt: dict, model: torch.nn.Module, snapshots: list[Snapshot]
     hyp = ckpt.get("hyp") or {}
     updates = int(ckpt.get("updates", 0))
     try:
-        ema = ModelEMA.from_hyp(model, hyp, updates=updates, total_steps=total_steps, flat=False)
+        ema = ema_from_hyp(model, hyp, updates=updates, total_steps=total_steps, flat=False)
     except (ValueError, TypeError):
         return float("nan")
     position = ema_position(ckpt, ema.unit, snapshots)

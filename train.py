@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global training seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (needed for bit-exact resume)")
     p.add_argument("--val-raw", action="store_true", help="also validate the raw (non-EMA) model each epoch")
+    p.add_argument("--posthoc", action="store_true",
+                   help="keep post-hoc EMA snapshots for posthoc_ema.py without editing the hyp file (widths: hyp "
+                        "posthoc_sigma_rels, else 0.05 and 0.1; count: posthoc_snapshots)")
     p.add_argument("--teacher", type=str, default="",
                    help="distil from a frozen teacher (our checkpoint or a YOLOv5 .pt with the student's classes "
                         "and strides), or 'ema' for the student's own EMA; hyp kd_weight, kd_temperature")
@@ -147,6 +150,7 @@ import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
+from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
                               half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
                               strip_resume_state, unpacked_state_dict, unpacked_tree)
@@ -156,6 +160,7 @@ from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
 from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
+from utils.bema import ema_from_hyp  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -164,9 +169,10 @@ from utils.optim import (apply_warmup, build_optimizer, build_scheduler, nominal
                          planned_optimizer_steps, scaled_weight_decay, warmup_accumulate, warmup_iterations)
 from utils.paths import increment_path  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.posthoc import PosthocEMA, PosthocError, settings_from_hyp  # noqa: E402
+from utils.posthoc import PosthocEMA, PosthocError, settings_from_hyp, with_posthoc_on  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from utils.switch_ema import switch_ema_enabled, switch_to_average  # noqa: E402
 from utils.tensorboard_log import TensorBoardLog  # noqa: E402
 from utils.torch_utils import (autocast, check_amp, de_parallel, init_seeds, model_info,  # noqa: E402
                                non_finite_tensors, select_device)
@@ -256,8 +262,10 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     if missing:
         raise TrainError(f"{where}: missing hyperparameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     try:
-        settings_from_hyp(d)  # post-hoc EMA settings: refused here, before anything is created on disk
-        check_kd_hyp(d)  # distillation settings, likewise
+        settings_from_hyp(d)  # post-hoc EMA, Switch EMA and BatchNorm recompute settings: refused here, before
+        switch_ema_enabled(d)  # anything is created on disk
+        bn_recompute_batches(d)
+        check_kd_hyp(d)  # distillation settings
     except ValueError as e:
         raise TrainError(f"{where}: {e}") from None
     defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
@@ -446,10 +454,10 @@ def class_weights_from_labels(labels: list[np.ndarray], nc: int) -> torch.Tensor
 
 
 def make_ema(model: nn.Module, hyp: dict, total_steps: int | None = None) -> ModelEMA:
-    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file; total_steps (the
-    run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
+    """The EMA of the model, with decay, tau, schedule and update_every from the hyp file (a BEMA with hyp
+    ema_bema); total_steps (the run's planned optimizer steps) is what length-aware schedules such as 'exp' need."""
     try:
-        return ModelEMA.from_hyp(model, hyp, total_steps=total_steps)
+        return ema_from_hyp(model, hyp, total_steps=total_steps)
     except ValueError as e:  # an unknown schedule or key, a decay outside [0, 1]...
         raise TrainError(f"hyp: {e}") from None
 
@@ -629,6 +637,7 @@ class Run:
     model: nn.Module  # DDP-wrapped under torchrun
     ema: ModelEMA | None  # rank 0 only (every process with --teacher ema, whose teacher it is)
     posthoc: PosthocEMA | None  # rank 0 only, when hyp posthoc_sigma_rels is set
+    bn_batches: FixedBatches | None  # rank 0 only, when hyp ema_bn_recompute is set: the EMA's BatchNorm statistics
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lf: object  # epoch -> lr factor
@@ -738,11 +747,14 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
-    ema = posthoc = None
+    ema = posthoc = bn_batches = None
     if procs.main or (teacher is not None and teacher.model is None):  # --teacher ema: each process its own EMA
         ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
     if procs.main:
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
+        if bn_recompute_batches(hyp):
+            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, bn_recompute_batches(hyp),
+                                                seed=opt.seed, single_cls=opt.single_cls)
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)
@@ -764,7 +776,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
                      last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc, distiller=distiller)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
-              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, optimizer=optimizer,
+              batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, bn_batches=bn_batches, optimizer=optimizer,
               scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
               val_loader=val_loader, compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw,
               accumulate=accumulate, start_epoch=start_epoch, end_epoch=opt.epochs, best_fitness=best_fitness,
@@ -865,9 +877,9 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
             ema.load_state_dict({**resume["ema"], "ema": unpacked_state_dict(resume["ema"]["ema"])})
             ema.total_steps = planned_steps
         else:
-            ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()})
-            ema.updates = int(ckpt["updates"])
-            ema.images = float(state.get("ema_images", ema.updates * ema.nbs))
+            weights = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+            ema.load_state_dict({"ema": weights, "updates": int(ckpt["updates"]),
+                                 "images": float(state.get("ema_images", int(ckpt["updates"]) * ema.nbs))})
     if posthoc is not None:
         try:
             if resume is not None:
@@ -977,6 +989,13 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     Returns whether early stopping ends the run."""
     lrs = [g["lr"] for g in run.optimizer.param_groups]
     run.scheduler.step()
+    if run.bn_batches is not None:  # averaging weights does not average what their BatchNorm statistics should be
+        with run.timer("ema: BatchNorm recompute"):
+            recompute_bn_stats(run.ema.ema, run.bn_batches, run.device, check_amp(run.opt.amp, run.device),
+                               MEMORY_FORMAT)
+    if switch_ema_enabled(run.hyp):  # every process: training goes on from the EMA's weights
+        with run.timer("ema: switch into the model"):
+            switch_to_average(run.model, run.ema, run.procs.distributed)
     if not run.procs.main:
         return False
     opt, ema = run.opt, run.ema
@@ -1177,6 +1196,8 @@ def main(opt: argparse.Namespace):
         opt.workers = DEFAULT_WORKERS if opt.workers is None else opt.workers
         opt.device = "" if opt.device is None else opt.device
     hyp = load_hyp(resume_ckpt["hyp"] if resume_ckpt is not None else opt.hyp)
+    if opt.posthoc:
+        hyp = with_posthoc_on(hyp)
     device = setup_processes(opt, procs)
     try:
         if not opt.resume:

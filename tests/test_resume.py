@@ -229,3 +229,29 @@ def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
     assert set(best) == set(FINISHED_KEYS) and (run / "posthoc_ema.png").is_file()
     assert val.run(str(setup["data"]), weights=run / "weights" / "posthoc_best.pt", imgsz=64, workers=0,
                    plots=False, project=tmp_path / "val")[0][3] >= 0
+
+
+def test_sigkill_then_resume_is_bit_exact_with_switch_ema_bema_and_bn_recompute(setup, tmp_path):
+    """The EMA variants keep state a resume must restore (BEMA's average and theta_0) or change the trained model
+    every epoch (Switch EMA, the recomputed BatchNorm statistics): killed mid-epoch 1 and resumed, the run ends
+    as the same run left alone."""
+    hyp = tmp_path / "variants.yaml"
+    hyp.write_text(yaml.safe_dump({**load_hyp(str(parse_opt([]).hyp)), "ema_switch": True, "ema_bema": True,
+                                   "ema_bn_recompute": 2, "ema_update_after_step": 1}))
+    runs = {}
+    for name, env in (("ref", {}), ("killed", {KILL_HOOK_ENV: NB + 1})):
+        runs[name] = run_train(tiny_run_args(setup["data"], setup["cfg"], tmp_path, name, EPOCHS, "--hyp", hyp), **env)
+    assert runs["ref"].returncode == 0, runs["ref"].stdout[-3000:]
+    assert runs["killed"].returncode == -9, runs["killed"].stdout[-3000:]
+    interrupted = load_checkpoint(tmp_path / "killed" / "weights" / "last.pt")
+    assert interrupted["epoch"] == 0 and {"bema_average", "bema_anchor"} <= set(interrupted["resume"]["ema"])
+    resumed = run_train(["--resume", tmp_path / "killed" / "weights" / "last.pt"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    for f in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "ref" / "weights" / f, weights_only=True)
+        b = torch.load(tmp_path / "killed" / "weights" / f, weights_only=True)
+        assert checkpoint_differences(a, b) == [], f
+    last = torch.load(tmp_path / "ref" / "weights" / "last.pt", weights_only=True)
+    # Switch EMA: the model ends as the (BEMA) average, BatchNorm statistics (recomputed) included
+    assert all(torch.equal(last["model"][k], v) for k, v in last["ema"].items() if v.is_floating_point())
+    assert (tmp_path / "killed" / "results.csv").read_text() == (tmp_path / "ref" / "results.csv").read_text()

@@ -14,6 +14,10 @@ held a tensor when the EMA was attached; after swapping whole submodules for new
 (fusing, re-heading), call ``ema.attach(model)``. Module swaps that keep the tensors, such as
 ``SyncBatchNorm.convert_sync_batchnorm``, need nothing.
 
+Two classes: :class:`EMAStorage` owns that layout (the pairing, the flat buffers or lists, the checks that they
+are still the model's, and the ``copy_``/``lerp_`` operations on them); :class:`ModelEMA` owns the averaging (the
+clock, the schedule's decay, what an update does) and the checkpoint state.
+
 Tensors are paired with the EMA's by registration order, never by name, so a ``torch.compile``d model
 (keys prefixed ``_orig_mod.``) or a DDP/DataParallel wrapper works the same.
 
@@ -59,7 +63,8 @@ class _Schedule:
 
 _SCHEDULES: dict[str, _Schedule] = {}
 _BUILTIN_SCHEDULES = ("ramp", "constant", "threshold", "exp", "power")
-SCHEDULE_PARAMS = ("tau", "beta", "gamma", "sigma_rel")  # ModelEMA settings a schedule may take
+# ModelEMA settings a schedule may take (the bema_* ones are utils.bema.BEMA's)
+SCHEDULE_PARAMS = ("tau", "beta", "gamma", "sigma_rel", "bema_power", "bema_lag", "bema_multiplier")
 UNITS = ("steps", "images")
 
 # The power-function EMA's relative width sqrt(g + 1) / ((g + 2) * sqrt(g + 3)) peaks where u = g + 1 solves
@@ -86,6 +91,10 @@ HYP_KEYS = {
     "ema_sigma_rel": "sigma_rel",
     "ema_unit": "unit",
 }
+# ema_* keys that ModelEMA leaves to others: Switch EMA (utils/switch_ema.py) and the BatchNorm recompute
+# (utils/bn_recompute.py), read by the training loop, and BEMA's (utils/bema.py, a ModelEMA subclass).
+BEMA_HYP_KEYS = ("ema_bema", "ema_bema_power", "ema_bema_bias_power", "ema_bema_lag", "ema_bema_multiplier")
+OTHER_HYP_KEYS = ("ema_switch", "ema_bn_recompute", *BEMA_HYP_KEYS)
 DEFAULT_NBS = 64  # YOLOv5's nominal batch, when the hyp dict has no 'nbs'
 
 
@@ -279,6 +288,234 @@ def _existing_flat(tensors: list[torch.Tensor], offsets: list[int], total: int) 
     return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device).set_(storage, 0, (total,), (1,))
 
 
+def shadow_copy(model: nn.Module) -> nn.Module:
+    """An FP32, eval-mode copy of the model (wrappers looked through) without gradients: what an EMA holds."""
+    shadow = copy.deepcopy(de_parallel(model)).float().eval()
+    for p in shadow.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    return shadow
+
+
+class EMAStorage:
+    """Where an EMA keeps its values: the tensors of ``shadow`` (the EMA's module), paired with the model's by
+    registration order, and the two operations an average needs, ``copy_`` and ``lerp_``, from the model.
+
+    Flat path (default): the model's floating-point tensors are moved into one buffer per (device, dtype) and the
+    shadow's into a second buffer of the same layout (FP32), so each operation is one kernel per buffer. Foreach
+    path: per-tensor lists for ``torch._foreach_lerp_``, used with ``flat=False``, for tensors that cannot be
+    views into one buffer, and after the model's tensors were replaced (see the module docstring). Integer
+    buffers are copied by both operations. Several storages on one model share its flat buffer.
+    """
+
+    def __init__(self, shadow: nn.Module, model: nn.Module, flat: bool = True):
+        self.shadow = shadow
+        self.flat = bool(flat)
+        self.path = "foreach"
+        self._bind(de_parallel(model), self.flat, "flat=False")
+
+    # ---------------------------------------------------------------- the operations
+    def copy_(self) -> None:
+        """shadow = model, every tensor."""
+        if self.path == "flat":
+            for g in self.groups:
+                g.ema_flat.copy_(g.model_flat)
+        else:
+            torch._foreach_copy_(self._lerp_ema + self._cast_ema, self._lerp_model + self._cast_model)
+            self.copy_integers()
+
+    def lerp_(self, weight: float) -> None:
+        """shadow += weight * (model - shadow) for the floating-point tensors; integer buffers copied."""
+        if self.path == "flat":
+            for g in self.groups:
+                if g.is_float:
+                    g.ema_flat.lerp_(g.model_flat if g.same_dtype else g.model_flat.float(), weight)
+                else:
+                    g.ema_flat.copy_(g.model_flat)
+        else:
+            if self._lerp_ema:
+                torch._foreach_lerp_(self._lerp_ema, self._lerp_model, weight)
+            if self._cast_ema:
+                converted = [m.to(e.device, torch.float32) for e, m in zip(self._cast_ema, self._cast_model)]
+                torch._foreach_lerp_(self._cast_ema, converted, weight)
+            self.copy_integers()
+
+    def float_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadow's floating-point tensors, the model's as FP32 on the same devices), in the same order: the
+        whole buffers on the flat path. Storages of one model list them alike, for averages that combine them."""
+        if self.path == "flat":
+            floats = [g for g in self.groups if g.is_float]
+            return [g.ema_flat for g in floats], [g.model_flat if g.same_dtype else g.model_flat.float()
+                                                   for g in floats]
+        converted = [m.to(e.device, torch.float32) for e, m in zip(self._cast_ema, self._cast_model)]
+        return self._lerp_ema + self._cast_ema, self._lerp_model + converted
+
+    def copy_integers(self) -> None:
+        """shadow = model for the integer buffers only (num_batches_tracked)."""
+        if self.path == "flat":
+            for g in self.groups:
+                if not g.is_float:
+                    g.ema_flat.copy_(g.model_flat)
+        elif self._copy_ema:
+            torch._foreach_copy_(self._copy_ema, self._copy_model)
+
+    def model_is_finite(self) -> bool:
+        if self.path == "flat":
+            checks = [torch.isfinite(g.model_flat).all() for g in self.groups if g.is_float]
+        else:
+            checks = [torch.isfinite(t).all() for t in self._lerp_model + self._cast_model]
+        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+
+    # ---------------------------------------------------------------- pairing model and shadow tensors
+    def attach(self, model: nn.Module, flat: bool | None = None) -> None:
+        """Pair with ``model``'s current tensors; with ``flat`` (default: the constructor's choice) move them into
+        flat buffers. The shadow's values are kept."""
+        flat = self.flat if flat is None else bool(flat)
+        self._bind(de_parallel(model), flat, "flat=False")
+
+    def follow(self, model: nn.Module) -> None:
+        """Before an operation: make sure the pairing is with ``model`` (wrappers looked through) and its current
+        tensors, re-binding (and saying so) when they or the shadow's were replaced."""
+        bound = self._model_ref()
+        if model is bound or model is self._outer_ref():  # the usual call: skip unwrapping
+            model = bound
+        else:
+            outer, model = model, de_parallel(model)
+            if model is bound:
+                self._outer_ref = weakref.ref(outer)
+        if self._model_changed(model) or self._shadow_replaced():
+            self._repair(model)
+
+    def paired_entries(self, model: nn.Module) -> tuple[list[_Entry], list[_Entry]]:
+        """(model's entries, shadow's entries), paired by order; RuntimeError for another architecture."""
+        model_entries, ema_entries = _scan(model), _scan(self.shadow)
+        if len(model_entries) != len(ema_entries):
+            raise RuntimeError(f"model has {len(model_entries)} parameters/buffers but the EMA has {len(ema_entries)}: "
+                               "not the architecture this ModelEMA was built from")
+        for m, e in zip(model_entries, ema_entries):
+            if m.tensor.shape != e.tensor.shape:
+                raise RuntimeError(f"model tensor {m.name} {tuple(m.tensor.shape)} does not match EMA tensor "
+                                   f"{e.name} {tuple(e.tensor.shape)}: not the architecture this ModelEMA was "
+                                   "built from")
+        return model_entries, ema_entries
+
+    def _bind(self, model: nn.Module, flat: bool, reason: str) -> None:
+        model_entries, ema_entries = self.paired_entries(model)
+        if flat:
+            reason = self._unflattenable(model_entries)
+        if reason is None:
+            self._flatten(model_entries, ema_entries)
+            self.path = "flat"
+            n = sum(g.model_flat.numel() for g in self.groups)
+            LOGGER.info(f"ModelEMA: flat path, {len(model_entries)} tensors in {len(self.groups)} buffer(s) "
+                        f"of {n:,} values")
+            self._cache_lists([], [])
+        else:
+            self.groups = []
+            self.path = "foreach"
+            self._cache_lists(model_entries, ema_entries)
+            LOGGER.info(f"ModelEMA: per-tensor foreach path ({reason})")
+        self._model_ref = self._outer_ref = weakref.ref(model)
+        self._slots = [slot for e in model_entries for slot in e.slots]
+        self._ptrs = [store[key].data_ptr() for store, key in self._slots]
+        self._ptr_indices = list(range(len(self._ptrs)))
+        # One shadow tensor watched: what replaces the shadow's tensors (.half(), .to(), assign=True) replaces them all.
+        self._shadow_probe = ema_entries[0].slots[0] if ema_entries else None
+        self._shadow_probe_ptr = ema_entries[0].tensor.data_ptr() if ema_entries else 0
+
+    @staticmethod
+    def _unflattenable(entries: list[_Entry]) -> str | None:
+        for e in entries:
+            t = e.tensor
+            if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.is_quantized:
+                return f"{e.name} is a {type(t).__name__} with layout {t.layout}"
+            if not _is_dense(t):
+                return f"{e.name} has overlapping or gapped strides {t.stride()}"
+        return None
+
+    def _flatten(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
+        by_key: dict[tuple, list[int]] = {}
+        for i, e in enumerate(model_entries):
+            by_key.setdefault((e.tensor.device, e.tensor.dtype), []).append(i)
+        self.groups = []
+        with torch.no_grad():
+            for (device, dtype), idx in by_key.items():
+                tensors = [model_entries[i].tensor for i in idx]
+                offsets, total = _layout(tensors)
+                model_flat = _existing_flat(tensors, offsets, total)
+                if model_flat is None:
+                    # zeros: the alignment gaps then stay 0 in both buffers and the lerp leaves them alone
+                    model_flat = torch.zeros(total, dtype=dtype, device=device)
+                    for i, off in zip(idx, offsets):
+                        t = model_entries[i].tensor
+                        view = model_flat.as_strided(t.shape, t.stride(), off)
+                        view.copy_(t)
+                        _put(model_entries[i], view)
+                is_float = dtype.is_floating_point
+                ema_dtype = torch.float32 if is_float else dtype
+                ema_flat = torch.zeros(total, dtype=ema_dtype, device=device)
+                for i, off in zip(idx, offsets):
+                    t = model_entries[i].tensor
+                    view = ema_flat.as_strided(t.shape, t.stride(), off)
+                    view.copy_(ema_entries[i].tensor)
+                    _put(ema_entries[i], view)
+                self.groups.append(_Group(model_flat, ema_flat, is_float, dtype == torch.float32))
+
+    def _cache_lists(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
+        """Per-tensor lists for the foreach path, split by whether the update needs a cast or a device move."""
+        self._lerp_ema, self._lerp_model = [], []
+        self._cast_ema, self._cast_model = [], []
+        self._copy_ema, self._copy_model = [], []
+        for m, e in zip(model_entries, ema_entries):
+            mt, et = m.tensor.detach(), e.tensor.detach()
+            if not et.is_floating_point():
+                self._copy_ema.append(et)
+                self._copy_model.append(mt)
+            elif mt.dtype == et.dtype and mt.device == et.device:
+                self._lerp_ema.append(et)
+                self._lerp_model.append(mt)
+            else:
+                self._cast_ema.append(et)
+                self._cast_model.append(mt)
+
+    def _model_changed(self, model: nn.Module) -> bool:
+        """Cheap per-update check that the lists/views still are the model's tensors: same module, and every
+        slot still holds a tensor at the recorded address (replacement or `.data =` both move it)."""
+        if model is not self._model_ref():
+            return True
+        try:
+            current = [store[key] for store, key in self._slots]
+            if _C_PTRS_EQUAL is not None:
+                return not _C_PTRS_EQUAL(current, self._ptrs, self._ptr_indices)
+            return [t.data_ptr() for t in current] != self._ptrs
+        except (KeyError, AttributeError, TypeError, RuntimeError):  # a slot was removed or set to None
+            return True
+
+    def _shadow_replaced(self) -> bool:
+        """Whether the shadow module's own tensors were replaced, leaving the buffers updated here orphaned."""
+        if self._shadow_probe is None:
+            return False
+        store, key = self._shadow_probe
+        t = store.get(key)
+        return t is None or t.data_ptr() != self._shadow_probe_ptr
+
+    def _repair(self, model: nn.Module) -> None:
+        if self._shadow_replaced():
+            LOGGER.warning("ModelEMA: ema.ema's tensors were replaced (.half(), .to() or load_state_dict(assign=True) "
+                           "on the EMA module); the average goes on in FP32 from their current values. Convert a "
+                           "copy of ema.ema instead.")
+            self.shadow.float()
+            if not self._model_changed(model):
+                self._bind(model, self.path == "flat", "flat=False")
+                return
+        was = self.path
+        self._bind(model, False, "the model's tensors were replaced")
+        if was == "flat":
+            LOGGER.warning("ModelEMA: the model's tensors were replaced after the EMA was built (.to(), .half(), "
+                           "memory format, load_state_dict(assign=True)...); using the slower per-tensor foreach "
+                           "path from now on. Call ema.attach(model) to flatten again.")
+
+
 class ModelEMA:
     """Exponential moving average of a model's state dict, FP32, updated with one fused ``lerp_``.
 
@@ -306,8 +543,9 @@ class ModelEMA:
             of ``nbs`` images; every update then says ``images=B``). See the module docstring.
         images: images already counted (resume with ``unit='images'``); default ``updates * nbs``.
 
-    Attributes: ``ema`` (the averaged nn.Module, eval mode, FP32, no gradients), ``updates``, ``skipped``
-    (updates refused by ``check_finite``), ``path`` ('flat' or 'foreach'), ``images`` (images counted),
+    Attributes: ``ema`` (the averaged nn.Module, eval mode, FP32, no gradients), ``storage`` (the EMAStorage
+    holding ``ema``'s values and pairing them with the model's), ``updates``, ``skipped`` (updates refused by
+    ``check_finite``), ``path`` ('flat' or 'foreach'), ``images`` (images counted),
     ``sigma_rel`` (relative width of the power profile with exponent ``gamma``; None without gamma).
     """
 
@@ -350,22 +588,20 @@ class ModelEMA:
         self.images = float(self.updates * self.nbs if images is None else images)
         self.pending_images = 0.0  # images of the calls since the last averaging (update_every > 1)
 
-        source = de_parallel(model)
-        self.ema = copy.deepcopy(source).float().eval()
-        for p in self.ema.parameters():
-            p.requires_grad_(False)
-            p.grad = None
-        self.path = "foreach"
-        self._bind(source, self.flat, "flat=False")
+        self.ema = shadow_copy(model)
+        self.storage = EMAStorage(self.ema, model, self.flat)
 
     @classmethod
     def from_hyp(cls, model: nn.Module, hyp: dict, updates: int = 0, total_steps: int | None = None, **kwargs):
         """Build from a hyp dict: ``ema_decay, ema_tau, ema_schedule, ema_beta, ema_gamma, ema_sigma_rel,
         ema_update_every, ema_update_after_step, ema_flat, ema_unit`` and ``nbs`` (all optional; keyword
         arguments win). With ``ema_unit: images``, ``total_steps`` counts nominal batches."""
-        unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in HYP_KEYS)
+        known = [*HYP_KEYS, *OTHER_HYP_KEYS]
+        unknown = sorted(k for k in hyp if str(k).startswith("ema_") and k not in known)
         if unknown:
-            raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(HYP_KEYS)}")
+            raise ValueError(f"unknown EMA hyperparameter(s) {unknown}; known: {sorted(known)}")
+        if hyp.get("ema_bema") is True and cls is ModelEMA:
+            raise ValueError("hyp ema_bema: true asks for a bias-corrected EMA: build it with utils.bema.ema_from_hyp")
         settings = {arg: hyp[key] for key, arg in HYP_KEYS.items() if key in hyp}
         settings["nbs"] = hyp.get("nbs", DEFAULT_NBS)
         settings.update(kwargs)
@@ -438,142 +674,6 @@ class ModelEMA:
         # them while the model stays put: the horizon in optimizer steps is that of update_every=1.
         return self.decay_over(step - self.update_every, step)
 
-    # ---------------------------------------------------------------- pairing model and EMA tensors
-    def attach(self, model: nn.Module, flat: bool | None = None) -> None:
-        """Pair the EMA with ``model``'s current tensors; with ``flat`` (default: the constructor's choice)
-        move them into flat buffers. Call again after replacing the model's tensors to get the flat path
-        back; the EMA's values are kept."""
-        flat = self.flat if flat is None else bool(flat)
-        self._bind(de_parallel(model), flat, "flat=False")
-
-    def _bind(self, model: nn.Module, flat: bool, reason: str) -> None:
-        model_entries, ema_entries = self._paired_entries(model)
-        if flat:
-            reason = self._unflattenable(model_entries)
-        if reason is None:
-            self._flatten(model_entries, ema_entries)
-            self.path = "flat"
-            n = sum(g.model_flat.numel() for g in self._groups)
-            LOGGER.info(f"ModelEMA: flat path, {len(model_entries)} tensors in {len(self._groups)} buffer(s) "
-                        f"of {n:,} values")
-            self._cache_lists([], [])
-        else:
-            self._groups = []
-            self.path = "foreach"
-            self._cache_lists(model_entries, ema_entries)
-            LOGGER.info(f"ModelEMA: per-tensor foreach path ({reason})")
-        self._model_ref = self._outer_ref = weakref.ref(model)
-        self._slots = [slot for e in model_entries for slot in e.slots]
-        self._ptrs = [store[key].data_ptr() for store, key in self._slots]
-        self._ptr_indices = list(range(len(self._ptrs)))
-        # One EMA tensor watched: what replaces ema.ema's tensors (.half(), .to(), assign=True) replaces them all.
-        self._ema_probe = ema_entries[0].slots[0] if ema_entries else None
-        self._ema_probe_ptr = ema_entries[0].tensor.data_ptr() if ema_entries else 0
-
-    def _paired_entries(self, model: nn.Module) -> tuple[list[_Entry], list[_Entry]]:
-        model_entries, ema_entries = _scan(model), _scan(self.ema)
-        if len(model_entries) != len(ema_entries):
-            raise RuntimeError(f"model has {len(model_entries)} parameters/buffers but the EMA has {len(ema_entries)}: "
-                               "not the architecture this ModelEMA was built from")
-        for m, e in zip(model_entries, ema_entries):
-            if m.tensor.shape != e.tensor.shape:
-                raise RuntimeError(f"model tensor {m.name} {tuple(m.tensor.shape)} does not match EMA tensor "
-                                   f"{e.name} {tuple(e.tensor.shape)}: not the architecture this ModelEMA was "
-                                   "built from")
-        return model_entries, ema_entries
-
-    @staticmethod
-    def _unflattenable(entries: list[_Entry]) -> str | None:
-        for e in entries:
-            t = e.tensor
-            if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.is_quantized:
-                return f"{e.name} is a {type(t).__name__} with layout {t.layout}"
-            if not _is_dense(t):
-                return f"{e.name} has overlapping or gapped strides {t.stride()}"
-        return None
-
-    def _flatten(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
-        by_key: dict[tuple, list[int]] = {}
-        for i, e in enumerate(model_entries):
-            by_key.setdefault((e.tensor.device, e.tensor.dtype), []).append(i)
-        self._groups = []
-        with torch.no_grad():
-            for (device, dtype), idx in by_key.items():
-                tensors = [model_entries[i].tensor for i in idx]
-                offsets, total = _layout(tensors)
-                model_flat = _existing_flat(tensors, offsets, total)
-                if model_flat is None:
-                    # zeros: the alignment gaps then stay 0 in both buffers and the lerp leaves them alone
-                    model_flat = torch.zeros(total, dtype=dtype, device=device)
-                    for i, off in zip(idx, offsets):
-                        t = model_entries[i].tensor
-                        view = model_flat.as_strided(t.shape, t.stride(), off)
-                        view.copy_(t)
-                        _put(model_entries[i], view)
-                is_float = dtype.is_floating_point
-                ema_dtype = torch.float32 if is_float else dtype
-                ema_flat = torch.zeros(total, dtype=ema_dtype, device=device)
-                for i, off in zip(idx, offsets):
-                    t = model_entries[i].tensor
-                    view = ema_flat.as_strided(t.shape, t.stride(), off)
-                    view.copy_(ema_entries[i].tensor)
-                    _put(ema_entries[i], view)
-                self._groups.append(_Group(model_flat, ema_flat, is_float, dtype == torch.float32))
-
-    def _cache_lists(self, model_entries: list[_Entry], ema_entries: list[_Entry]) -> None:
-        """Per-tensor lists for the foreach path, split by whether the update needs a cast or a device move."""
-        self._lerp_ema, self._lerp_model = [], []
-        self._cast_ema, self._cast_model = [], []
-        self._copy_ema, self._copy_model = [], []
-        for m, e in zip(model_entries, ema_entries):
-            mt, et = m.tensor.detach(), e.tensor.detach()
-            if not et.is_floating_point():
-                self._copy_ema.append(et)
-                self._copy_model.append(mt)
-            elif mt.dtype == et.dtype and mt.device == et.device:
-                self._lerp_ema.append(et)
-                self._lerp_model.append(mt)
-            else:
-                self._cast_ema.append(et)
-                self._cast_model.append(mt)
-
-    def _model_changed(self, model: nn.Module) -> bool:
-        """Cheap per-update check that the lists/views still are the model's tensors: same module, and every
-        slot still holds a tensor at the recorded address (replacement or `.data =` both move it)."""
-        if model is not self._model_ref():
-            return True
-        try:
-            current = [store[key] for store, key in self._slots]
-            if _C_PTRS_EQUAL is not None:
-                return not _C_PTRS_EQUAL(current, self._ptrs, self._ptr_indices)
-            return [t.data_ptr() for t in current] != self._ptrs
-        except (KeyError, AttributeError, TypeError, RuntimeError):  # a slot was removed or set to None
-            return True
-
-    def _ema_replaced(self) -> bool:
-        """Whether ema.ema's own tensors were replaced, leaving the buffers this EMA updates orphaned."""
-        if self._ema_probe is None:
-            return False
-        store, key = self._ema_probe
-        t = store.get(key)
-        return t is None or t.data_ptr() != self._ema_probe_ptr
-
-    def _repair(self, model: nn.Module) -> None:
-        if self._ema_replaced():
-            LOGGER.warning("ModelEMA: ema.ema's tensors were replaced (.half(), .to() or load_state_dict(assign=True) "
-                           "on the EMA module); the average goes on in FP32 from their current values. Convert a "
-                           "copy of ema.ema instead.")
-            self.ema.float()
-            if not self._model_changed(model):
-                self._bind(model, self.path == "flat", "flat=False")
-                return
-        was = self.path
-        self._bind(model, False, "the model's tensors were replaced")
-        if was == "flat":
-            LOGGER.warning("ModelEMA: the model's tensors were replaced after the EMA was built (.to(), .half(), "
-                           "memory format, load_state_dict(assign=True)...); using the slower per-tensor foreach "
-                           "path from now on. Call ema.attach(model) to flatten again.")
-
     # ---------------------------------------------------------------- the update
     def update(self, model: nn.Module, check_finite: bool = False, images: float | None = None) -> bool:
         """Count one optimizer step and fold ``model`` into the average. Returns whether the EMA changed.
@@ -585,65 +685,69 @@ class ModelEMA:
         """
         # No torch.no_grad() needed: every tensor written or read here is a detached alias or a plain buffer,
         # and on small models each Python-level step of this function shows in the timings.
-        by_images = self.unit == "images"
-        if by_images:
+        images = self._count(images)
+        if self.updates % self.update_every:
+            return False
+        self.storage.follow(model)
+        if check_finite and not self.storage.model_is_finite():
+            self._uncount(images)
+            LOGGER.warning(f"ModelEMA: model has non-finite values; update skipped ({self.skipped} so far)")
+            return False
+        self._average_in(model, self._decay_since_last_average())
+        return True
+
+    def _average_in(self, model: nn.Module, d: float) -> None:
+        """ema = d * ema + (1 - d) * model; d = 0 is a copy."""
+        if d == 0.0:
+            self.storage.copy_()
+        else:
+            self.storage.lerp_(1.0 - d)
+
+    def _count(self, images: float | None) -> float | None:
+        """Count the step (and with unit 'images' its images, which it then returns as a float)."""
+        if self.unit == "images":
             if images is None or not images > 0:
                 raise ValueError(f"ModelEMA with unit 'images' needs update(model, images=B) with B > 0, got {images}")
             images = float(images)
             self.images += images
             self.pending_images += images
         self.updates += 1
-        if self.updates % self.update_every:
-            return False
-        bound = self._model_ref()
-        if model is bound or model is self._outer_ref():  # the usual call: skip unwrapping
-            model = bound
-        else:
-            outer, model = model, de_parallel(model)
-            if model is bound:
-                self._outer_ref = weakref.ref(outer)
-        if self._model_changed(model) or self._ema_replaced():
-            self._repair(model)
-        if check_finite and not self._model_is_finite():
-            self.updates -= 1
-            self.skipped += 1
-            if by_images:
-                self.images -= images
-                self.pending_images -= images
-            LOGGER.warning(f"ModelEMA: model has non-finite values; update skipped ({self.skipped} so far)")
-            return False
-        if by_images:
+        return images
+
+    def _uncount(self, images: float | None) -> None:
+        """Take back what _count counted, for a step refused by check_finite."""
+        self.updates -= 1
+        self.skipped += 1
+        if self.unit == "images":
+            self.images -= images
+            self.pending_images -= images
+
+    def _decay_since_last_average(self) -> float:
+        """The decay of this averaging: that of the schedule's stretch since the previous one (its clock's
+        steps, or the nominal batches of the images counted since)."""
+        if self.unit == "images":
             end = self.images / self.nbs - self.update_after_step
             d = self.decay_over(end - self.pending_images / self.nbs, end)
             self.pending_images = 0.0
-        else:
-            step = self.updates - self.update_after_step
-            d = self.decay_at(step) if self.update_every == 1 else self._window_decay(step)
-        if self.path == "flat":
-            for g in self._groups:
-                if not g.is_float or d == 0.0:
-                    g.ema_flat.copy_(g.model_flat)
-                else:
-                    g.ema_flat.lerp_(g.model_flat if g.same_dtype else g.model_flat.float(), 1.0 - d)
-        else:
-            if d == 0.0:
-                torch._foreach_copy_(self._lerp_ema + self._cast_ema, self._lerp_model + self._cast_model)
-            else:
-                if self._lerp_ema:
-                    torch._foreach_lerp_(self._lerp_ema, self._lerp_model, 1.0 - d)
-                if self._cast_ema:
-                    converted = [m.to(e.device, torch.float32) for e, m in zip(self._cast_ema, self._cast_model)]
-                    torch._foreach_lerp_(self._cast_ema, converted, 1.0 - d)
-            if self._copy_ema:
-                torch._foreach_copy_(self._copy_ema, self._copy_model)
-        return True
+            return d
+        step = self.updates - self.update_after_step
+        return self.decay_at(step) if self.update_every == 1 else self._window_decay(step)
 
-    def _model_is_finite(self) -> bool:
-        if self.path == "flat":
-            checks = [torch.isfinite(g.model_flat).all() for g in self._groups if g.is_float]
-        else:
-            checks = [torch.isfinite(t).all() for t in self._lerp_model + self._cast_model]
-        return bool(torch.stack([c.cpu() for c in checks]).all()) if checks else True
+    # ---------------------------------------------------------------- storage
+    @property
+    def path(self) -> str:
+        """'flat' (one lerp_ per buffer) or 'foreach' (per-tensor lists): see EMAStorage."""
+        return self.storage.path
+
+    @property
+    def _groups(self) -> list[_Group]:  # the flat buffers, which tests inspect
+        return self.storage.groups
+
+    def attach(self, model: nn.Module, flat: bool | None = None) -> None:
+        """Pair the EMA with ``model``'s current tensors; with ``flat`` (default: the constructor's choice)
+        move them into flat buffers. Call again after replacing the model's tensors to get the flat path
+        back; the EMA's values are kept."""
+        self.storage.attach(model, flat)
 
     def update_attr(self, model: nn.Module, include: tuple | list = ("yaml", "nc", "hyp", "names", "stride",
                                                                     "class_weights"),
@@ -652,12 +756,21 @@ class ModelEMA:
         copy_attr(self.ema, de_parallel(model), include, exclude)
 
     # ---------------------------------------------------------------- evaluation and checkpoints
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the EMA's floating-point values into ``model`` in place (cast to the model's dtypes), so that
+        training continues from them (Switch EMA); the model's integer buffers are left as they are."""
+        model_entries, ema_entries = self.storage.paired_entries(de_parallel(model))
+        with torch.no_grad():
+            for m, e in zip(model_entries, ema_entries):
+                if m.tensor.is_floating_point():
+                    m.tensor.detach().copy_(e.tensor)
+
     @contextlib.contextmanager
     def apply_to(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily put the EMA weights into ``model`` (in place, so wrappers, optimizers and views stay
         valid); the model's own values come back on exit, also when the block raises."""
         target = de_parallel(model)
-        model_entries, ema_entries = self._paired_entries(target)
+        model_entries, ema_entries = self.storage.paired_entries(target)
         with torch.no_grad():
             saved = [m.tensor.detach().clone() for m in model_entries]
             for m, e in zip(model_entries, ema_entries):

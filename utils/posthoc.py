@@ -49,6 +49,7 @@ from utils.log import LOGGER
 SNAPSHOT_FORMAT = "yolo-ema-posthoc"
 SNAPSHOT_VERSION = 1
 DEFAULT_SNAPSHOTS = 32
+DEFAULT_SIGMA_RELS = (0.05, 0.1)  # what train.py --posthoc keeps when the hyp lists no widths
 HYP_KEYS = ("posthoc_sigma_rels", "posthoc_snapshots")
 # A fit whose profile misses the target's by more than this is refused: the stored EMAs cannot reach it.
 MAX_FIT_ERROR = 0.10
@@ -84,6 +85,14 @@ def settings_from_hyp(hyp: dict) -> tuple[list[float], int] | None:
             raise ValueError(f"hyp posthoc_sigma_rels: {s!r} is not a relative width in (0, {SIGMA_REL_MAX:.4f}]")
     check_distinct_names(rels, "hyp posthoc_sigma_rels")
     return [float(s) for s in rels], snapshots
+
+
+def with_posthoc_on(hyp: dict) -> dict:
+    """The hyp with post-hoc EMAs on (train.py --posthoc): as it is when it lists widths, else with
+    ``posthoc_sigma_rels`` set to DEFAULT_SIGMA_RELS; ``posthoc_snapshots`` stays the hyp's own."""
+    if settings_from_hyp(hyp) is not None:
+        return hyp
+    return {**hyp, "posthoc_sigma_rels": list(DEFAULT_SIGMA_RELS)}
 
 
 def snapshot_name(sigma_rel: float, step: int) -> str:
