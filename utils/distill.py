@@ -132,7 +132,7 @@ def check_teacher_fits(teacher: nn.Module, student: nn.Module, names: list[str],
         raise TeacherError(f"--teacher {path} predicts {t_head.nc} classes, the student {s_head.nc}: a teacher "
                            "must be trained on the student's classes")
     if t_names and t_names != [str(n) for n in names]:
-        i = next(i for i, (a, b) in enumerate(zip(t_names, names)) if a != str(b))
+        i = next((i for i, (a, b) in enumerate(zip(t_names, names)) if a != str(b)), min(len(t_names), len(names)) - 1)
         raise TeacherError(f"--teacher {path} has other class names than the data: class {i} is {t_names[i]!r} "
                            f"for the teacher, {names[i]!r} for the student")
     t_stride, s_stride = [int(s) for s in t_head.stride], [int(s) for s in s_head.stride]
