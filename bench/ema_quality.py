@@ -21,7 +21,8 @@ with; choices (best epoch, post-hoc width) are made on `val`:
   the post-hoc EMA whose width posthoc_ema.py picked on val (ramp runs);
   each averaged model again with its BatchNorm statistics recomputed on --bn-batches training batches
   (utils.bn_recompute): averaging weights does not average what the statistics should be.
-The table gives, per model, the mean and the sample standard deviation over seeds of test mAP50-95 and mAP50;
+The table gives, per model, the mean and the sample standard deviation over seeds of test mAP50-95 and mAP50, and
+of its mAP50-95 minus the raw model's at the end of the same seed's run (the paired gain);
 `ema_quality.csv` holds every seed's figures, `ema_quality.png` test mAP against epoch for the raw model and the
 EMA of the ramp runs (every seed, and their mean).
 
@@ -38,7 +39,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -69,7 +69,8 @@ QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2,
          "posthoc_num": 3, "name": "quick"}
 QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
                 "max_size": 30}
-COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "seeds", "chosen on val")
+COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "gain vs raw end", "gain sd", "seeds",
+           "chosen on val")
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -257,11 +258,29 @@ def with_bn_recomputed(bench: Bench, model: torch.nn.Module, seed: int) -> torch
     return model
 
 
-def score(bench: Bench, name: str, seed: int, model: torch.nn.Module, chosen: str = "", bn: bool = False) -> None:
-    """Test mAP of the model (and, with bn, of the same weights with recomputed BatchNorm statistics)."""
-    bench.scores.append(Score(name, seed, *test_map(bench, model), chosen))
+def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int) -> tuple[float, float]:
+    """Test (mAP50-95, mAP50) of a checkpoint's EMA or raw weights, optionally with BatchNorm recomputed; kept in
+    the run's test_map_cache.json (keyed by the file's size and time), so that reporting again costs nothing."""
+    cache_file = weights.parent.parent / "test_map_cache.json" if weights.parent.name == "weights" else None
+    stat = weights.stat()
+    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{'bn' if bn else '-'}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    if key not in cache:
+        model = model_from_checkpoint(load_checkpoint(weights), use_ema=use_ema)
+        cache[key] = test_map(bench, with_bn_recomputed(bench, model, seed) if bn else model)
+        if cache_file:
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_file)
+    return tuple(cache[key])
+
+
+def score(bench: Bench, name: str, seed: int, weights: Path, use_ema: bool = True, chosen: str = "",
+          bn: bool = False) -> None:
+    """Test mAP of a checkpoint's model (and, with bn, of the same weights with recomputed BatchNorm statistics)."""
+    bench.scores.append(Score(name, seed, *weights_map(bench, weights, use_ema, False, seed), chosen))
     if bn:
-        bench.scores.append(Score(f"{name} + BN recompute", seed, *test_map(bench, with_bn_recomputed(bench, model, seed)),
+        bench.scores.append(Score(f"{name} + BN recompute", seed, *weights_map(bench, weights, use_ema, True, seed),
                                   chosen))
 
 
@@ -277,66 +296,83 @@ def best_epoch(df: pd.DataFrame, prefix: str) -> int:
     return int(df["epoch"].iloc[int(np.argmax(fi))])
 
 
-def epoch_weights(run: Path, epoch: int) -> dict:
-    return load_checkpoint(run / "weights" / f"epoch{epoch}.pt")
-
-
 def evaluate_run(bench: Bench, variant: Variant, seed: int, run: Path) -> None:
-    last = load_checkpoint(run / "weights" / "last.pt")
+    weights = run / "weights"
     df = results_table(run)
     label = variant.label
     if variant.name == "ramp":
-        score(bench, "raw, end", seed, model_from_checkpoint(last, use_ema=False))
+        score(bench, "raw, end", seed, weights / "last.pt", use_ema=False)
         k = best_epoch(df, "raw")
-        score(bench, "raw, best val epoch", seed, model_from_checkpoint(epoch_weights(run, k), use_ema=False),
-              chosen=f"epoch {k}")
-    score(bench, f"{label}, end", seed, model_from_checkpoint(last), bn=True)
+        score(bench, "raw, best val epoch", seed, weights / f"epoch{k}.pt", use_ema=False, chosen=f"epoch {k}")
+    score(bench, f"{label}, end", seed, weights / "last.pt", bn=True)
     k = best_epoch(df, "metrics")
-    score(bench, f"{label}, best val epoch", seed, model_from_checkpoint(epoch_weights(run, k)), chosen=f"epoch {k}",
-          bn=True)
+    score(bench, f"{label}, best val epoch", seed, weights / f"epoch{k}.pt", chosen=f"epoch {k}", bn=True)
     if variant.name == "ramp":
         evaluate_posthoc(bench, seed, run)
         plot_points(bench, seed, run, df)
 
 
 def evaluate_posthoc(bench: Bench, seed: int, run: Path) -> None:
-    """posthoc_ema.py's sweep on the run (every width validated on val), then its choice on test."""
-    argv = ["--run", str(run), "--workers", str(bench.opt.workers), "--device", "cpu", "--num", str(bench.opt.posthoc_num)]
-    if bench.opt.sigma_rel:
-        argv += ["--sigma-rel", *map(str, bench.opt.sigma_rel)]
-    if posthoc_ema.main(argv) != 0:  # one run's sweep failing leaves every other figure standing
-        bench.skipped.append(f"post-hoc EMA of {run.name}: posthoc_ema.py failed (its message is in the log above)")
-        return
-    sweep = pd.read_csv(run / "posthoc_ema.csv")
+    """posthoc_ema.py's sweep on the run (every width validated on val; done once per run), then its choice on test."""
+    best = run / "weights" / "posthoc_best.pt"
+    sweep_file = run / "posthoc_ema.csv"
+    if not (best.exists() and sweep_file.exists() and best.stat().st_mtime > (run / "weights" / "last.pt").stat().st_mtime):
+        argv = ["--run", str(run), "--workers", str(bench.opt.workers), "--device", "cpu",
+                "--num", str(bench.opt.posthoc_num)]
+        if bench.opt.sigma_rel:
+            argv += ["--sigma-rel", *map(str, bench.opt.sigma_rel)]
+        if posthoc_ema.main(argv) != 0:  # one run's sweep failing leaves every other figure standing
+            bench.skipped.append(f"post-hoc EMA of {run.name}: posthoc_ema.py failed (its message is in the log above)")
+            return
+    sweep = pd.read_csv(sweep_file)
     sweep = sweep[sweep["candidate"] == "posthoc"]
     chosen = sweep.iloc[int(np.argmax(sweep["fitness"].to_numpy()))]
-    best = load_checkpoint(run / "weights" / "posthoc_best.pt")
-    score(bench, "post-hoc EMA, width chosen on val", seed, model_from_checkpoint(best),
-          chosen=f"sigma_rel {chosen['sigma_rel']:.3g}", bn=True)
+    score(bench, "post-hoc EMA, width chosen on val", seed, best, chosen=f"sigma_rel {chosen['sigma_rel']:.3g}",
+          bn=True)
+
+
+def plot_epochs(bench: Bench) -> list[int]:
+    """The epochs of a run whose test mAP is plotted: evenly spaced, the first and the last included."""
+    return [int(e) for e in np.unique(np.linspace(0, bench.recipe.epochs - 1, max(bench.opt.plot_points, 2)).round())]
 
 
 def plot_points(bench: Bench, seed: int, run: Path, df: pd.DataFrame) -> None:
     """Test mAP of the raw model and the EMA at evenly spaced epochs of a ramp run (and the last)."""
-    epochs = np.unique(np.linspace(0, bench.recipe.epochs - 1, max(bench.opt.plot_points, 2)).round().astype(int))
-    for epoch in epochs:
-        ckpt = epoch_weights(run, int(epoch))
+    for epoch in plot_epochs(bench):
         row = df[df["epoch"] == epoch].iloc[0]
         for which, use_ema, prefix in (("raw", False, "raw"), ("EMA", True, "metrics")):
-            m, m50 = test_map(bench, model_from_checkpoint(ckpt, use_ema=use_ema))
-            bench.curves.append({"seed": seed, "epoch": int(epoch), "model": which, "test mAP50-95": m,
+            m, m50 = weights_map(bench, run / "weights" / f"epoch{epoch}.pt", use_ema, False, seed)
+            bench.curves.append({"seed": seed, "epoch": epoch, "model": which, "test mAP50-95": m,
                                  "test mAP50": m50, "val mAP50-95": float(row[f"{prefix}/mAP_0.5:0.95"])})
 
 
 # ------------------------------------------------------------------------------------------------ report
+def row_order() -> list[str]:
+    """The table's rows in reading order: the raw model, then each variant's averaged models as VARIANTS lists them."""
+    rows = ["raw, end", "raw, best val epoch"]
+    for v in VARIANTS.values():
+        for kind in ("end", "best val epoch"):
+            rows += [f"{v.label}, {kind}", f"{v.label}, {kind} + BN recompute"]
+        if v.name == "ramp":
+            rows += ["post-hoc EMA, width chosen on val", "post-hoc EMA, width chosen on val + BN recompute"]
+    return rows
+
+
 def summary(scores: list[Score]) -> pd.DataFrame:
-    """One row per model, in the order first scored: mean and sample sd over seeds, what val chose per seed."""
+    """One row per model: mean and sample sd over seeds, the gain over the raw model at the end of the same seed's
+    run (paired by seed: the runs of one seed share their data order, so the difference is less noisy than either),
+    and what val chose per seed."""
     df = pd.DataFrame([asdict(s) for s in scores])
+    raw_end = df[df["model"] == "raw, end"].set_index("seed")["map50_95"]
+    order = row_order()
     rows = []
-    for name, g in df.groupby("model", sort=False):
-        sd = (lambda x: float(x.std(ddof=1)) if len(x) > 1 else float("nan"))
+    for name, g in sorted(df.groupby("model"), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        def sd(x):
+            return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+        gain = g.set_index("seed")["map50_95"] - raw_end.reindex(g["seed"]).to_numpy()
         rows.append({"model": name, "mAP50-95": g["map50_95"].mean(), "mAP50-95 sd": sd(g["map50_95"]),
-                     "mAP50": g["map50"].mean(), "mAP50 sd": sd(g["map50"]), "seeds": len(g),
-                     "chosen on val": ", ".join(c for c in g["chosen"] if c)})
+                     "mAP50": g["map50"].mean(), "mAP50 sd": sd(g["map50"]), "gain vs raw end": gain.mean(),
+                     "gain sd": sd(gain), "seeds": len(g), "chosen on val": ", ".join(c for c in g["chosen"] if c)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -30,6 +30,10 @@ def test_quick_table_has_every_model_and_sane_numbers(quick):
         assert all(math.isfinite(v) and 0 <= v <= 1 for v in values), (column, values)
         assert table[f"{column} sd"].isna().all()  # one seed: no spread to report
     assert (table["seeds"] == 1).all()
+    # The gain is each model's mAP50-95 minus the raw model's at the end of the same run.
+    raw_end = table.loc[table["model"] == "raw, end", "mAP50-95"].item()
+    assert table["gain vs raw end"].to_numpy() == pytest.approx(table["mAP50-95"].to_numpy() - raw_end, abs=1e-12)
+    assert list(table["model"]) == [m for m in ema_quality.row_order() if m in ROWS]  # reading order
     chosen = dict(zip(table["model"], table["chosen on val"].fillna("")))
     assert chosen["raw, best val epoch"] in ("epoch 0", "epoch 1")
     assert chosen["post-hoc EMA, width chosen on val"].startswith("sigma_rel ")
