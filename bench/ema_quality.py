@@ -377,8 +377,8 @@ def summary(scores: list[Score]) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    def cell(v):
-        return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}" if isinstance(v, float) else str(v)
+    def cell(v):  # three significant digits: mAPs of a barely trained model are ~1e-4, of a good one ~0.5
+        return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.3g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
