@@ -4,19 +4,27 @@ validate them, and keep the best (EDM2's post-hoc EMA; see utils/posthoc.py).
     python posthoc_ema.py --run runs/train/exp --sigma-rel 0.02 0.25 --num 15    # sweep, validated by mAP
     python posthoc_ema.py --run runs/train/exp --sigma-rel 0.07                  # synthesize and save one
 
-The run must have trained with hyp ``posthoc_sigma_rels`` (e.g. [0.05, 0.1]), which keeps snapshots under
-weights/posthoc/. Two --sigma-rel values with --num N sweep N widths spaced geometrically between them (more
-than two values: exactly those). Each fit's relative profile error is printed; a width the stored EMAs
-cannot reach within 10% is refused. The sweep validates every candidate with val.run beside the run's main
-EMA and raw model (from last.pt, and best.pt when it differs), prints the table, writes posthoc_ema.csv and
-posthoc_ema.png in the run folder, and saves the best candidate as weights/posthoc_best.pt, a finished
-checkpoint that val.py, detect.py and train.py --weights take like best.pt. --data, --img and --single-cls
-default to the run's (opt.yaml).
+    python posthoc_ema.py --run runs/train/exp --bn-recal 16                     # sweep the reachable range, with
+                                                                                 # BatchNorm statistics recomputed
+
+The run must have trained with hyp ``posthoc_sigma_rels`` (e.g. [0.05, 0.1], or train.py --posthoc), which keeps
+snapshots under weights/posthoc/. Two --sigma-rel values with --num N sweep N widths spaced geometrically between
+them (more than two values: exactly those); without --sigma-rel the sweep spans the widths the stored EMAs reach.
+A width they cannot reach within 10% profile error is skipped, all such widths named in one warning with the
+reachable range (a single --sigma-rel width out of reach is an error). The sweep validates every candidate with
+val.run beside the run's main EMA and raw model (from last.pt, and best.pt when it differs), one line each,
+prints the table, writes posthoc_ema.csv and posthoc_ema.png in the run folder, and saves the candidate of best
+fitness (ties: the smaller fit error) as weights/posthoc_best.pt, a finished checkpoint that val.py, detect.py
+and train.py --weights take like best.pt. --bn-recal N recomputes the BatchNorm statistics of every averaged
+candidate (the post-hoc ones and the main EMA) on N batches of training images before it is validated.
+--data, --img and --single-cls default to the run's (opt.yaml).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import logging
 import math
 import sys
 from datetime import datetime, timezone
@@ -33,8 +41,9 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Reconstruct, validate and save post-hoc EMAs of a training run",
                                 formatter_class=HelpFormatter)
     p.add_argument("--run", required=True, help="the training run folder, e.g. runs/train/exp")
-    p.add_argument("--sigma-rel", type=float, nargs="+", default=[0.02, 0.25],
-                   help="one width (synthesize and save it), two (a sweep from one to the other) or more (those)")
+    p.add_argument("--sigma-rel", type=float, nargs="+", default=None,
+                   help="one width (synthesize and save it), two (a sweep from one to the other) or more (those); "
+                        "default: a sweep over the widths the stored EMAs reach")
     p.add_argument("--num", type=int, default=15, help="widths in a two-value sweep, spaced geometrically")
     p.add_argument("--data", default=None, help="dataset yaml (default: the run's)")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=None, help="validation size (default: the run's)")
@@ -42,6 +51,9 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="cpu, cuda, or a GPU index such as 0 (default: the first GPU, else cpu)")
     p.add_argument("--workers", type=int, default=8, help="most dataloader workers")
     p.add_argument("--single-cls", action="store_true", default=None, help="single-class validation (default: the run's)")
+    p.add_argument("--bn-recal", type=int, default=0, metavar="N",
+                   help="recompute the BatchNorm statistics of each averaged candidate on N training batches before "
+                        "validating it (0: off)")
     return p.parse_args(argv)
 
 
@@ -58,14 +70,17 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import val as validate  # noqa: E402
+from models.yolo import check_img_size  # noqa: E402
+from utils.bema import ema_from_hyp  # noqa: E402
+from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (FORMAT, VERSION, CheckpointError, finished_checkpoint, half_state_dict,  # noqa: E402
                               load_checkpoint, model_from_checkpoint, save_checkpoint)
-from utils.data_config import DatasetError  # noqa: E402
-from utils.bema import ema_from_hyp  # noqa: E402
+from utils.data_config import DatasetError, check_dataset  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
-from utils.posthoc import (Fit, PosthocError, ProfileFit, Snapshot, check_architecture, find_snapshots,  # noqa: E402
-                           synthesize)
+from utils.posthoc import (MAX_FIT_ERROR, Fit, PosthocError, ProfileFit, Snapshot, check_architecture,  # noqa: E402
+                           find_snapshots, synthesize)
 from utils.torch_utils import select_device  # noqa: E402
 
 COLUMNS = ("candidate", "sigma_rel", "decay_at_end", "fit_error", "mAP50", "mAP50-95", "fitness")
@@ -75,7 +90,13 @@ class PosthocRunError(Exception):
     """A run or an option that posthoc_ema.py cannot work with; one line for the user."""
 
 
-def target_widths(values: list[float], num: int) -> list[float]:
+def target_widths(values: list[float] | None, num: int, reachable: tuple[float, float] | None) -> list[float]:
+    """The widths to fit: --sigma-rel's (two: a geometric sweep of num), or without it a sweep of the reachable
+    range."""
+    if values is None:
+        if reachable is None:
+            raise PosthocRunError("the stored EMAs reach no width within the fit's error bound")
+        values = list(reachable)
     if len(values) == 2:
         if num < 1:
             raise PosthocRunError(f"--num must be at least 1, got {num}")
@@ -152,11 +173,79 @@ def main_ema_decay(ckpt: dict, model: torch.nn.Module, snapshots: list[Snapshot]
 
 
 def evaluate(model: torch.nn.Module, opt: argparse.Namespace, device: torch.device) -> tuple[float, float, float]:
-    """(mAP50, mAP50-95, fitness) of a model from val.run on the run's data."""
-    model = model.fuse().to(device)
-    results, _, _ = validate.run(opt.data, batch_size=opt.batch_size, imgsz=opt.imgsz, workers=opt.workers,
-                                 single_cls=opt.single_cls, model=model, plots=False)
+    """(mAP50, mAP50-95, fitness) of a model from val.run on the run's data (opt.data_dict), on the validation
+    loader made once for the sweep (opt.val_loader); val.run's own lines are left out of the log."""
+    with quiet_log():
+        results, _, _ = validate.run(opt.data_dict, batch_size=opt.batch_size, imgsz=opt.imgsz, workers=opt.workers,
+                                     single_cls=opt.single_cls, model=model.to(device), dataloader=opt.val_loader,
+                                     plots=False)
     return float(results[2]), float(results[3]), float(fitness(np.array(results[:4]).reshape(1, -1))[0])
+
+
+@contextlib.contextmanager
+def quiet_log():
+    """Only warnings and errors from the project's logger inside the block."""
+    level = LOGGER.level
+    LOGGER.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
+
+def prepare_data(opt: argparse.Namespace, run_opt: dict, run_dir: Path, stride: int) -> None:
+    """Resolve --data, --img, --single-cls from the run's options, then make what every candidate shares: the
+    dataset dict, the validation loader and, with --bn-recal, the training batches (set on opt)."""
+    opt.data = opt.data or run_opt.get("data")
+    opt.imgsz = check_img_size(opt.imgsz or run_opt.get("imgsz") or 640, stride)
+    opt.single_cls = bool(run_opt.get("single_cls", False)) if opt.single_cls is None else opt.single_cls
+    if not opt.data:
+        raise PosthocRunError(f"{run_dir} does not say which data it trained on; pass --data")
+    if opt.bn_recal < 0:
+        raise PosthocRunError(f"--bn-recal must be 0 (off) or a number of training batches, got {opt.bn_recal}")
+    opt.data_dict = check_dataset(opt.data)
+    if not opt.data_dict.get("val"):
+        raise DatasetError(f"{opt.data_dict.get('yaml_file', opt.data)} has no 'val' split")
+    opt.val_loader, _ = create_dataloader(opt.data_dict["val"], opt.imgsz, opt.batch_size, stride,
+                                          single_cls=opt.single_cls, pad=0.5, rect=True, workers=opt.workers,
+                                          nc=opt.data_dict["nc"], prefix="val: ")
+    opt.bn_batches = None
+    if opt.bn_recal:
+        opt.bn_batches = FixedBatches.from_data(opt.data_dict["train"], opt.imgsz, opt.batch_size, stride,
+                                                opt.bn_recal, single_cls=opt.single_cls)
+
+
+def averaged_model(ckpt: dict, state: dict | None, opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model holding ``state`` (None: its own EMA) on the device, its BatchNorm statistics
+    recomputed on opt.bn_batches when --bn-recal asks for it."""
+    model = model_from_checkpoint(ckpt if state is None else {**ckpt, "ema": state}, use_ema=True).to(device)
+    if getattr(opt, "bn_batches", None) is not None:
+        recompute_bn_stats(model, opt.bn_batches, device)
+    return model
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def fit_widths(fitter: ProfileFit, widths: list[float]) -> list[Fit]:
+    """The fits of the widths the stored EMAs reach; the others named in one warning with the reachable range,
+    or, when none is in reach, a PosthocRunError."""
+    fits, skipped = [], []
+    for width in widths:
+        try:
+            fits.append(fitter.fit(width))
+        except PosthocError:
+            skipped.append(width)
+    if skipped:
+        reach = fitter.reachable()
+        where = f"they reach about {reach[0]:.3g}-{reach[1]:.3g}" if reach else "they reach none"
+        message = (f"sigma_rel {', '.join(f'{w:.4g}' for w in skipped)}: beyond what the stored EMAs "
+                   f"({fitter.describe()}) reconstruct within {MAX_FIT_ERROR:.0%} profile error; {where}")
+        if not fits:
+            raise PosthocRunError(f"no width to validate: {message}")
+        LOGGER.warning(f"Skipping {len(skipped)} of {len(widths)} widths, {message}")
+    return fits
 
 
 def save_best(ckpt: dict, state: dict, fit: Fit, fi: float, path: Path) -> Path:
@@ -208,43 +297,49 @@ def run(opt: argparse.Namespace) -> Path:
     snapshots = find_snapshots(run_dir / "weights" / "posthoc")
     reference = model_from_checkpoint(ckpt, use_ema=True)
     check_architecture(snapshots, reference.state_dict(), f"the run's model ({shown_path(run_dir)})")
+    stride = int(max(reference.stride.max(), 32))
     fitter = ProfileFit(snapshots)
-    widths = target_widths(opt.sigma_rel, opt.num)
-    fits = [fitter.fit(s) for s in widths]  # every width checked before the first validation
     LOGGER.info(f"{len(snapshots)} snapshots ({fitter.describe()}), end of run at {snapshots[0].unit} "
                 f"{fitter.position:g}")
-    for f in fits:
-        LOGGER.info(f"sigma_rel {f.sigma_rel:.4g}: gamma {f.gamma:.3f}, relative profile error {f.error:.2%}")
     out = run_dir / "weights" / "posthoc_best.pt"
-    if len(fits) == 1 and len(opt.sigma_rel) == 1:
-        # Not validated: its fitness is unknown, and the run's best belongs to other weights.
-        return save_best(ckpt, synthesize(snapshots, fits[0].coeffs), fits[0], float("nan"), out)
-
-    opt.data = opt.data or run_opt.get("data")
-    opt.imgsz = opt.imgsz or run_opt.get("imgsz") or 640
-    opt.single_cls = bool(run_opt.get("single_cls", False)) if opt.single_cls is None else opt.single_cls
-    if not opt.data:
-        raise PosthocRunError(f"{run_dir} does not say which data it trained on; pass --data")
     try:
         device = select_device(opt.device, opt.batch_size)
     except ValueError as e:
         raise PosthocRunError(str(e)) from None
+    if opt.sigma_rel is not None and len(opt.sigma_rel) == 1:
+        # Not validated: its fitness is unknown, and the run's best belongs to other weights.
+        fit = fitter.fit(opt.sigma_rel[0])
+        state = synthesize(snapshots, fit.coeffs)
+        if opt.bn_recal:
+            prepare_data(opt, run_opt, run_dir, stride)
+            state = cpu_state(averaged_model(ckpt, state, opt, device))
+        return save_best(ckpt, state, fit, float("nan"), out)
 
+    fits = fit_widths(fitter, target_widths(opt.sigma_rel, opt.num, fitter.reachable()))
+    prepare_data(opt, run_opt, run_dir, stride)
+    if opt.bn_batches is not None:
+        LOGGER.info(f"BatchNorm statistics of every averaged candidate recomputed on {len(opt.bn_batches)} batches of "
+                    f"{opt.batch_size} training images (the raw model keeps its own)")
     rows, best = [], None
     for f in fits:
         state = synthesize(snapshots, f.coeffs)
-        m50, m, fi = evaluate(model_from_checkpoint({**ckpt, "ema": state}), opt, device)
+        model = averaged_model(ckpt, state, opt, device)
+        m50, m, fi = evaluate(model, opt, device)
+        LOGGER.info(f"post-hoc sigma_rel {f.sigma_rel:.4g} (gamma {f.gamma:.3f}, relative profile error {f.error:.2%}): "
+                    f"mAP50 {m50:.4g}, mAP50-95 {m:.4g}, fitness {fi:.4g}")
         rows.append({"candidate": "posthoc", "sigma_rel": f.sigma_rel, "decay_at_end": f.end_decay,
                      "fit_error": f.error, "mAP50": m50, "mAP50-95": m, "fitness": fi})
-        if best is None or fi > best[2]:
-            best = (f, state, fi)
+        if best is None or (fi, -f.error) > (best[2], -best[0].error):  # ties: the closer fit
+            best = (f, cpu_state(model) if opt.bn_batches is not None else state, fi)
     references = [("EMA last", ckpt, True), ("raw last", ckpt, False)]
     if best_ckpt is not None and best_ckpt.get("epoch") != ckpt.get("epoch"):
         references.insert(1, ("EMA best", best_ckpt, True))
     for name, source, use_ema in references:
-        model = model_from_checkpoint(source, use_ema=use_ema)
+        model = averaged_model(source, None, opt, device) if use_ema else \
+            model_from_checkpoint(source, use_ema=False).to(device)
         decay = main_ema_decay(source, model, snapshots, ema_run_length(ckpt, best_ckpt)) if use_ema else float("nan")
         m50, m, fi = evaluate(model, opt, device)
+        LOGGER.info(f"{name}: mAP50 {m50:.4g}, mAP50-95 {m:.4g}, fitness {fi:.4g}")
         rows.append({"candidate": name, "sigma_rel": float("nan"), "decay_at_end": decay, "fit_error": "",
                      "mAP50": m50, "mAP50-95": m, "fitness": fi})
 

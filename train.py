@@ -150,6 +150,7 @@ import val as validate  # noqa: E402
 from models.yolo import Model, check_img_size  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
+from utils.bema import ema_from_hyp  # noqa: E402
 from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
                               half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
@@ -160,7 +161,6 @@ from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
 from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
-from utils.bema import ema_from_hyp  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -637,7 +637,8 @@ class Run:
     model: nn.Module  # DDP-wrapped under torchrun
     ema: ModelEMA | None  # rank 0 only (every process with --teacher ema, whose teacher it is)
     posthoc: PosthocEMA | None  # rank 0 only, when hyp posthoc_sigma_rels is set
-    bn_batches: FixedBatches | None  # rank 0 only, when hyp ema_bn_recompute is set: the EMA's BatchNorm statistics
+    bn_batches: FixedBatches | None  # rank 0 only, with hyp ema_bn_recompute: what the EMA's BatchNorm statistics
+                                     # are measured on at every epoch end
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     lf: object  # epoch -> lr factor
@@ -752,9 +753,9 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
     if procs.main:
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
-        if bn_recompute_batches(hyp):
-            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, bn_recompute_batches(hyp),
-                                                seed=opt.seed, single_cls=opt.single_cls)
+        if count := bn_recompute_batches(hyp):
+            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, count, seed=opt.seed,
+                                                single_cls=opt.single_cls)
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])
     optimizer = build_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], weight_decay)

@@ -12,6 +12,8 @@ For each model, in one run and interleaved (so machine noise hits all three alik
   (d) utils.posthoc.PosthocEMA.update with two power EMAs (sigma_rel 0.05, 0.10) on the same flattened model:
       the post-hoc bank's extra cost per optimizer step (no snapshot falls due while timing; writing one
       snapshot of both EMAs is timed apart, it happens posthoc_snapshots times per run).
+  (e) utils.bema.BEMA.update (hyp ema_bema) on the same flattened model: its EMA's lerp_ plus the corrected
+      output, alpha * (model - theta_0) + EMA, written into ema.ema.
 Targets (issue 3): yolov5s (a)/(b) >= 3 and (b)/(c) <= 1.3; yolov5l (b)/(c) <= 1.15.
 What (b) pays above (c) is mostly the per-update check that the model's ~350 tensors still are the flat views
 (one address each, read with cold caches: 0.1-0.25 ms); on yolov5n, whose two buffers fit in the L3 cache,
@@ -37,6 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from models.yolo import Model  # noqa: E402
+from utils.bema import BEMA  # noqa: E402
 from utils.ema import ModelEMA, power_gamma  # noqa: E402
 from utils.posthoc import PosthocEMA, ProfileFit, Snapshot  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
@@ -79,6 +82,7 @@ def measure(name: str, device: torch.device, reps: int, warmup: int, folder: Pat
     loop = LoopEMA(model_a)
     ema = ModelEMA(model_b, decay=DECAY, tau=TAU)
     bank = PosthocEMA(model_b, [0.05, 0.10], total_steps=10**9, folder=folder / name)  # nothing falls due
+    bema = BEMA(model_b)
     n = float_elements(model_a)
     floor_ema = torch.zeros(n, device=device)
     floor_model = torch.randn(n, device=device)
@@ -89,11 +93,12 @@ def measure(name: str, device: torch.device, reps: int, warmup: int, folder: Pat
         "b": lambda: ema.update(model_b),
         "c": lambda: floor_ema.lerp_(floor_model, 1e-4),
         "d": lambda: bank.update(model_b),
+        "e": lambda: bema.update(model_b),
     }
     times = {k: [] for k in runs}
     order = list(runs)
     for rep in range(warmup + reps):
-        for key in order[rep % 4:] + order[: rep % 4]:  # rotate who goes first
+        for key in order[rep % len(order):] + order[: rep % len(order)]:  # rotate who goes first
             sync()
             t0 = time.perf_counter()
             runs[key]()
@@ -113,7 +118,8 @@ def measure(name: str, device: torch.device, reps: int, warmup: int, folder: Pat
         writes.append((time.perf_counter() - t0) * 1e3)
     return {"name": name, "elements": n, "path": ema.path, "max_diff": max_diff, **med,
             "b/c": med["b"] / med["c"], "a/b": med["a"] / med["b"], "d/b": med["d"] / med["b"],
-            "write": statistics.median(writes), "bank_path": bank.emas[0].path}
+            "write": statistics.median(writes), "bank_path": bank.emas[0].path, "e/b": med["e"] / med["b"],
+            "bema_path": bema.path}
 
 
 def posthoc_precision(name: str, values: int = 100_000, steps: int = 3200, snapshots: int = 32) -> None:
@@ -186,6 +192,10 @@ def main() -> None:
     for r in results:
         print(f"{r['name']:<9}{r['b']:>14.3f}{r['d']:>10.3f}{r['d/b']:>9.2f}{r['d'] / r['c']:>9.2f}  "
               f"{r['bank_path']:<5}  {r['write']:.1f} (both EMAs, FP32; posthoc_snapshots times per run)")
+    print("\nBEMA (hyp ema_bema), median ms per optimizer step")
+    print(f"{'model':<9}{'(b) ModelEMA':>14}{'(e) BEMA':>10}{'(e)/(b)':>9}{'(e)/(c)':>9}  path")
+    for r in results:
+        print(f"{r['name']:<9}{r['b']:>14.3f}{r['e']:>10.3f}{r['e/b']:>9.2f}{r['e'] / r['c']:>9.2f}  {r['bema_path']}")
     for r in results:
         for ratio, bound in TARGETS.get(r["name"], {}).items():
             ok = r[ratio] >= bound if ratio == "a/b" else r[ratio] <= bound

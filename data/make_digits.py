@@ -45,14 +45,14 @@ SOURCE_LEVELS = 16  # load_digits pixels are 0..16
 @dataclass(frozen=True)
 class Settings:
     seed: int = 0
-    canvas: int = 128  # square canvas side, pixels
-    train: int = 800  # canvases per split
-    val: int = 200
-    test: int = 300
-    min_digits: int = 2  # digits per canvas
-    max_digits: int = 6
-    min_size: int = 14  # side of an upscaled digit patch, pixels
-    max_size: int = 44
+    canvas: int = 64  # square canvas side, pixels: small, so that a CPU trains on it in minutes
+    train: int = 600  # canvases per split
+    val: int = 150
+    test: int = 250
+    min_digits: int = 1  # digits per canvas
+    max_digits: int = 4
+    min_size: int = 12  # side of an upscaled digit patch, pixels
+    max_size: int = 30
     val_fraction: float = 0.2  # of the 1,797 source digits
     test_fraction: float = 0.2
 

@@ -72,6 +72,17 @@ def test_switch_ema_copies_buffers_casts_to_the_model_dtype_and_keeps_the_flat_v
     assert torch.equal(half.weight, ema16.ema.weight.half())
 
 
+def test_switch_ema_under_ddp_gives_every_process_rank_0s_average(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.switch_ema_worker import switch_in_a_process_group  # a small module: each process imports it
+
+    mp.spawn(switch_in_a_process_group, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.all(second["0.weight"] == 7.0) and torch.all(second["1.running_var"] == 3.0)
+
+
 def test_switch_ema_hyp_key_is_checked():
     assert switch_ema_enabled({}) is False and switch_ema_enabled({"ema_switch": True}) is True
     with pytest.raises(ValueError, match="ema_switch must be true or false, got 'yes'"):

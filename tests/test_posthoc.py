@@ -357,7 +357,9 @@ def test_posthoc_ema_sweep_end_to_end(fake_run, caplog):
     assert set(best) == set(FINISHED_KEYS)
     assert all(v.dtype == torch.float16 for v in best["ema"].values() if v.is_floating_point())
     fitnesses = [float(r.split(",")[-1]) for r in rows[1:4]]
-    chosen = sigmas[int(np.argmax(fitnesses))]
+    errors = [float(r.split(",")[3]) for r in rows[1:4]]
+    tied = [i for i in range(3) if fitnesses[i] == max(fitnesses)]
+    chosen = sigmas[min(tied, key=lambda i: errors[i])]  # ties go to the closer fit
     assert best["best_fitness"] == pytest.approx(max(fitnesses))
     fit = ProfileFit(fake_run["snapshots"]).fit(chosen)
     want = half_state_dict(synthesize(fake_run["snapshots"], fit.coeffs))
@@ -420,8 +422,10 @@ def test_posthoc_ema_bad_input_is_one_line(fake_run, tmp_path, caplog):
                      "ema": wider.state_dict()}, other / "weights" / "posthoc" / "sr0.05_step00000048.pt")
     cases = [(["--run", str(bare)], "no post-hoc EMA snapshots"),
              (["--run", str(other)], "snapshot of another architecture than the run's model"),
-             (["--run", str(fake_run["run"]), "--sigma-rel", "0.002", "0.1"], "sigma_rel 0.002 is outside what the "
-                                                                           "stored EMAs"),
+             (["--run", str(fake_run["run"]), "--sigma-rel", "0.002"], "sigma_rel 0.002 is outside what the "
+                                                                    "stored EMAs"),
+             (["--run", str(fake_run["run"]), "--sigma-rel", "0.001", "0.004"], "no width to validate: sigma_rel "
+                                                                            "0.001, "),
              (["--run", str(fake_run["run"]), "--sigma-rel", "0.5"], "no power-function EMA has that relative width"),
              (["--run", str(tmp_path / "nowhere")], "not found")]
     for argv, message in cases:
@@ -564,3 +568,92 @@ def test_sweep_reports_each_checkpoints_exp_decay_at_its_own_step(fake_run, tmp_
     rows = {r.split(",")[0]: r.split(",") for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:]}
     assert float(rows["EMA last"][2]) == pytest.approx(0.9999 * (1 - math.exp(-15 * 48 / 80)), rel=1e-9)
     assert float(rows["EMA best"][2]) == pytest.approx(0.9999 * (1 - math.exp(-15 * 24 / 80)), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ the sweep's reach
+def constant_evaluate(model, opt, device):
+    return 0.5, 0.25, 0.275  # every candidate ties
+
+
+def test_unreachable_widths_are_skipped_with_one_warning_naming_the_reachable_range(fake_run, monkeypatch, caplog):
+    monkeypatch.setattr(posthoc_ema, "evaluate", constant_evaluate)
+    caplog.set_level(logging.INFO, logger="yolo")
+    run = fake_run["run"]
+    assert posthoc_ema.main(["--run", str(run), "--sigma-rel", "0.002", "0.1", "--num", "5"]) == 0
+    low, high = ProfileFit(fake_run["snapshots"]).reachable()
+    widths = np.geomspace(0.002, 0.1, 5)
+    fitter = ProfileFit(fake_run["snapshots"])
+    out_of_reach = [w for w in widths if fitter.fit(w, max_error=None).error > MAX_FIT_ERROR]
+    assert out_of_reach == list(widths[:3])  # the fake run's 16 snapshots of 0.05/0.1 reach down to about 0.022
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    named = ", ".join(f"{w:.4g}" for w in out_of_reach)
+    assert len(warnings) == 1 and warnings[0].startswith(f"Skipping 3 of 5 widths, sigma_rel {named}: beyond")
+    assert f"they reach about {low:.3g}-{high:.3g}" in warnings[0]
+    rows = (run / "posthoc_ema.csv").read_text().splitlines()[1:]
+    sigmas = [float(r.split(",")[1]) for r in rows if r.startswith("posthoc")]
+    np.testing.assert_allclose(sigmas, widths[3:], rtol=1e-9)
+    # one labelled line per candidate (the two widths in reach, the main EMA, the raw model); the data scanned once
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("post-hoc sigma_rel", "EMA ", "raw "))]
+    assert len(lines) == 4 and all("mAP50-95 0.25" in line for line in lines)
+    assert caplog.text.count("Scanning") == 1 and "summary:" not in caplog.text
+
+
+def test_sweep_defaults_to_the_reachable_range_and_ties_go_to_the_closer_fit(fake_run, monkeypatch):
+    monkeypatch.setattr(posthoc_ema, "evaluate", constant_evaluate)
+    run = fake_run["run"]
+    assert posthoc_ema.main(["--run", str(run), "--num", "4"]) == 0
+    fitter = ProfileFit(fake_run["snapshots"])
+    rows = [r.split(",") for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:] if r.startswith("posthoc")]
+    np.testing.assert_allclose([float(r[1]) for r in rows], np.geomspace(*fitter.reachable(), 4), rtol=1e-9)
+    errors = [float(r[3]) for r in rows]
+    closest = float(rows[int(np.argmin(errors))][1])
+    assert errors.index(min(errors)) not in (0, len(errors) - 1)  # the ends of the range fit worst: not the first
+    best = torch.load(run / "weights" / "posthoc_best.pt", weights_only=True)
+    want = half_state_dict(synthesize(fake_run["snapshots"], fitter.fit(closest).coeffs))
+    assert all(torch.equal(best["ema"][k], v) for k, v in want.items())
+
+
+def test_bn_recal_recomputes_the_statistics_of_every_averaged_candidate(fake_run, monkeypatch):
+    from utils.bn_recompute import FixedBatches, recompute_bn_stats
+
+    seen = []
+
+    def recording_evaluate(model, opt, device):
+        seen.append({k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k})
+        return 0.5, 0.25, 0.275
+
+    monkeypatch.setattr(posthoc_ema, "evaluate", recording_evaluate)
+    run = fake_run["run"]
+    assert posthoc_ema.main(["--run", str(run), "--sigma-rel", "0.05", "0.1", "--num", "2", "--bn-recal", "1",
+                             "--batch-size", "4", "--workers", "0"]) == 0
+    assert len(seen) == 4  # two widths, the main EMA (best.pt has last.pt's epoch), the raw model
+    last = load_checkpoint(run / "weights" / "last.pt")
+    assert all(torch.equal(v, last["model"][k].float()) for k, v in seen[3].items())  # the raw model keeps its own
+    snapshots, fitter = fake_run["snapshots"], ProfileFit(fake_run["snapshots"])
+    batches = FixedBatches.from_data(fake_run["data"].parent / "images" / "train", 64, 4, 32, count=1)
+    for width, recorded in zip((0.05, 0.1), seen):
+        model = posthoc_ema.model_from_checkpoint({**load_checkpoint(run / "weights" / "last.pt"),
+                                                   "ema": synthesize(snapshots, fitter.fit(width).coeffs)})
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+        recompute_bn_stats(model, batches)
+        for k, v in recorded.items():
+            torch.testing.assert_close(v, model.state_dict()[k])
+            assert not torch.allclose(v, before[k])
+    errors = [float(r.split(",")[3]) for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:3]]
+    best = torch.load(run / "weights" / "posthoc_best.pt", weights_only=True)  # the one saved has them too
+    assert all(torch.equal(best["ema"][k], v.half()) for k, v in seen[int(np.argmin(errors))].items())
+
+
+def test_start_of_run_line_counts_the_snapshots_really_written(tmp_path):
+    """A 16-step run asked for 32 snapshots writes one per step: 16, one every optimizer step."""
+    model, gen = make_net(), torch.Generator().manual_seed(4)
+    bank = PosthocEMA(model, [0.05, 0.1], 16, tmp_path, snapshots=32)
+    line = bank.summary()
+    assert "16 snapshots each (32 asked for, one per optimizer step at most), one every 1 optimizer steps of 16" in line
+    for _ in range(16):
+        perturb(model, gen)
+        bank.update(model)
+    bank.finish()
+    assert len(list(tmp_path.glob("sr0.05_*.pt"))) == 16
+    assert "32 snapshots each, one every 10 optimizer steps of 320" in PosthocEMA(make_net(), [0.1], 320, tmp_path / "b",
+                                                                                   snapshots=32).summary()

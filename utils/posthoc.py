@@ -283,9 +283,10 @@ class PosthocEMA:
     def summary(self) -> str:
         """One line for the start of the run."""
         rels = ", ".join(f"{s:g}" for s in self.sigma_rels)
-        every = self.total_steps / self.snapshots
-        return (f"Post-hoc EMA: {len(self.emas)} power EMAs (sigma_rel {rels}), {self.snapshots} snapshots each, "
-                f"one every {every:.3g} optimizer steps of {self.total_steps}, in {self.folder}: "
+        count = len(self.planned_steps())  # a snapshot per optimizer step at most
+        fewer = f" ({self.snapshots} asked for, one per optimizer step at most)" if count < self.snapshots else ""
+        return (f"Post-hoc EMA: {len(self.emas)} power EMAs (sigma_rel {rels}), {count} snapshots each{fewer}, "
+                f"one every {self.total_steps / count:.3g} optimizer steps of {self.total_steps}, in {self.folder}: "
                 f"{self.disk_bytes() / 1e6:.1f} MB on disk ({str(SNAPSHOT_DTYPE).replace('torch.', '')})")
 
 
