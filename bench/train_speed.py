@@ -41,10 +41,10 @@ if str(ROOT) not in sys.path:
 
 from models.yolo import Model  # noqa: E402
 from train import TrainStep, load_hyp, loss_gains, make_ema, make_scaler  # noqa: E402
-from utils.distill import TEACHER_EMA, Distiller, Teacher, load_teacher  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.distill import TEACHER_EMA, Distiller, Teacher, load_teacher  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.optim import build_optimizer, nominal_accumulate, scaled_weight_decay  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
