@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posthoc", action="store_true",
                    help="keep post-hoc EMA snapshots for posthoc_ema.py without editing the hyp file (widths: hyp "
                         "posthoc_sigma_rels, else 0.05 and 0.1; count: posthoc_snapshots)")
+    p.add_argument("--teacher", type=str, default="",
+                   help="distil from a frozen teacher (our checkpoint or a YOLOv5 .pt with the student's classes "
+                        "and strides), or 'ema' for the student's own EMA; hyp kd_weight, kd_temperature")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
                         "bench/train_speed.py --formats channels_last compiled)")
@@ -167,6 +170,9 @@ from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finish
                               strip_resume_state, unpacked_state_dict, unpacked_tree)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
+from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
+from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
+from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA  # noqa: E402
 from utils.environment import version_line  # noqa: E402
@@ -195,7 +201,7 @@ HYP_KEYS = ("lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_m
 # the settings of its ModelEMA, and torch's GradScaler defaults.
 HYP_DEFAULTS = {"nbs": 64, "ema_decay": 0.9999, "ema_tau": 2000, "ema_schedule": "ramp", "ema_update_every": 1,
                 "amp_init_scale": 65536.0, "amp_growth_factor": 2.0, "amp_backoff_factor": 0.5,
-                "amp_growth_interval": 2000}
+                "amp_growth_interval": 2000, **KD_HYP_DEFAULTS}
 MAX_GRAD_NORM = 10.0
 METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
@@ -284,6 +290,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
         settings_from_hyp(d)  # post-hoc EMA, Switch EMA and BatchNorm recompute settings: refused here, before
         switch_ema_enabled(d)  # anything is created on disk
         bn_recompute_batches(d)
+        check_kd_hyp(d)  # distillation settings
     except ValueError as e:
         raise TrainError(f"{where}: {e}") from None
     defaulted = {k: v for k, v in HYP_DEFAULTS.items() if k not in d}
@@ -545,9 +552,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, compute_loss, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, ema: ModelEMA | None, amp_dtype: torch.dtype | None,
                  world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=(),
-                 posthoc: PosthocEMA | None = None, memory_format: torch.memory_format = MEMORY_FORMAT):
+                 posthoc: PosthocEMA | None = None, memory_format: torch.memory_format = MEMORY_FORMAT,
+                 distiller: Distiller | None = None):
         self.model, self.compute_loss, self.optimizer, self.scaler, self.ema = model, compute_loss, optimizer, scaler, ema
-        self.posthoc, self.memory_format = posthoc, memory_format
+        self.posthoc, self.memory_format, self.distiller = posthoc, memory_format, distiller
         self.amp_dtype, self.world_size, self.last_opt_step = amp_dtype, world_size, last_opt_step
         self.timer = timer or (lambda name: contextlib.nullcontext())
         self.overflow_at = frozenset(overflow_at)
@@ -561,13 +569,19 @@ class TrainStep:
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor, ni: int, accumulate: int) -> torch.Tensor:
         """Train on one batch (float images in 0-1) at global iteration ni; returns the loss items (box, obj,
-        cls), detached."""
+        cls, and kd with a distiller), detached."""
         device = imgs.device
         imgs = imgs.contiguous(memory_format=self.memory_format)  # the model's layout
         with self.timer("forward"), autocast(device, self.amp_dtype):
             pred = self.model(imgs)
+        if self.distiller is not None:
+            with self.timer("teacher"):
+                teacher_pred = self.distiller.teacher_outputs(imgs, self.amp_dtype)
         with self.timer("loss"), autocast(device, self.amp_dtype):
             loss, loss_items = self.compute_loss(pred, targets.to(device))
+            if self.distiller is not None:
+                kd_loss, kd_item = self.distiller.loss(pred, teacher_pred)
+                loss, loss_items = loss + kd_loss, torch.cat((loss_items, kd_item))
             if self.world_size > 1:
                 loss = loss * self.world_size  # DDP averages gradients over processes
             if ni in self.overflow_at:
@@ -599,14 +613,18 @@ def multi_scale_size(imgsz: int, stride: int, seed: int, epoch: int, i: int) -> 
 
 
 # ------------------------------------------------------------------------------------------------ records
-def results_header(val_raw: bool) -> list[str]:
-    cols = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", *METRIC_COLUMNS, "x/lr0", "x/lr1", "x/lr2"]
+def train_loss_names(distilling: bool) -> list[str]:
+    return ["box_loss", "obj_loss", "cls_loss"] + (["kd_loss"] if distilling else [])
+
+
+def results_header(val_raw: bool, distilling: bool = False) -> list[str]:
+    cols = ["epoch", *(f"train/{n}" for n in train_loss_names(distilling)), *METRIC_COLUMNS, "x/lr0", "x/lr1", "x/lr2"]
     return cols + list(RAW_COLUMNS) if val_raw else cols
 
 
-def append_results_row(csv: Path, values: list[float], val_raw: bool) -> None:
+def append_results_row(csv: Path, values: list[float], val_raw: bool, distilling: bool = False) -> None:
     """One fixed-format row per epoch, so identical runs write identical text."""
-    header = results_header(val_raw)
+    header = results_header(val_raw, distilling)
     assert len(values) == len(header), (len(values), len(header))
     lines = [] if csv.exists() else [",".join(f"{c:>20s}" for c in header)]
     lines.append(",".join(f"{v:20.5g}" for v in values))
@@ -646,7 +664,7 @@ class Run:
     gs: int
     batch_size: int  # per process
     model: nn.Module  # DDP-wrapped under torchrun
-    ema: ModelEMA | None  # rank 0 only
+    ema: ModelEMA | None  # rank 0 only (every process with --teacher ema, whose teacher it is)
     posthoc: PosthocEMA | None  # rank 0 only, when hyp posthoc_sigma_rels is set
     bn_batches: FixedBatches | None  # rank 0 only, with hyp ema_bn_recompute: what the EMA's BatchNorm statistics
                                      # are measured on at every epoch end
@@ -724,6 +742,11 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     if pretrained is not None and int(pretrained["nc"]) != nc:
         LOGGER.info(f"--weights trained on {pretrained['nc']} classes; the detection head is re-initialised for {nc}")
     freeze_layers(model, opt.freeze)
+    try:  # every process its own teacher; refused before the run folder is made
+        saved_teacher = resume_ckpt.get("train_state", {}).get("teacher") if resume_ckpt is not None else None
+        teacher = load_teacher(opt.teacher, hyp, model, names, device, saved=saved_teacher, memory_format=MEMORY_FORMAT)
+    except TeacherError as e:
+        raise TrainError(str(e)) from None
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs)
     batch_size = opt.batch_size // procs.world_size  # per process
@@ -756,8 +779,9 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
     ema = posthoc = bn_batches = None
-    if procs.main:
+    if procs.main or (teacher is not None and teacher.model is None):  # --teacher ema: each process its own EMA
         ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
+    if procs.main:
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
         if count := bn_recompute_batches(hyp):
             bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, count, seed=opt.seed,
@@ -779,8 +803,9 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         model = torch.compile(model)
     compute_loss = ComputeLoss(de_parallel(model), de_parallel(model).hyp, label_smoothing=opt.label_smoothing)
     overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
+    distiller = Distiller(teacher, model, ema, hyp) if teacher is not None else None
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
-                     last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc)
+                     last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc, distiller=distiller)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
               batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, bn_batches=bn_batches, optimizer=optimizer,
               scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
@@ -924,7 +949,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
 
 
 def train_epoch(run: Run, epoch: int) -> torch.Tensor:
-    """One pass over the training data; returns the mean loss items (box, obj, cls)."""
+    """One pass over the training data; returns the mean loss items (box, obj, cls, and kd when distilling)."""
     opt, hyp, procs, device = run.opt, run.hyp, run.procs, run.device
     interrupt_hook = os.getenv(INTERRUPT_HOOK_ENV, "")
     kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(interrupt_hook) if interrupt_hook.isdigit() else -1
@@ -933,10 +958,11 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         start_epoch_batches(run, epoch)
     batches, run.started_batches = run.started_batches[1], None
     run.step.drop_partial_window()
-    mloss = torch.zeros(3, device=device)
+    loss_names = train_loss_names(run.step.distiller is not None)
+    mloss = torch.zeros(len(loss_names), device=device)
     unreadable = set()  # image files this epoch could not read
     if procs.main:
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        LOGGER.info(("\n" + "%11s" * (4 + len(loss_names))) % ("Epoch", "GPU_mem", *loss_names, "Instances", "Size"))
     bar = tqdm(enumerate(batches), total=run.nb, disable=not procs.main, bar_format="{l_bar}{bar:10}{r_bar}")
     waited_from = time.perf_counter()
     for i, batch in bar:
@@ -969,7 +995,7 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
         if procs.main:
             mloss = (mloss * i + loss_items) / (i + 1)
             mem = f"{torch.cuda.memory_reserved(device) / 1e9:.3g}G" if device.type == "cuda" else "0G"
-            bar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+            bar.set_description(("%11s" * 2 + "%11.4g" * (2 + len(loss_names))) % (
                 f"{epoch}/{opt.epochs - 1}", mem, *mloss.tolist(), targets.shape[0], imgs.shape[-1]))
             if run.plots and ni < PLOTTED_TRAIN_BATCHES:
                 with run.timer("plots"):
@@ -1032,9 +1058,10 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     row = [epoch, *mloss.tolist(), *[float(x) for x in run.results], *lrs]
     row += list(run.raw_results) if opt.val_raw else []
     with run.timer("results.csv, TensorBoard"):
-        append_results_row(run.results_csv, row, opt.val_raw)
+        distilling = run.step.distiller is not None
+        append_results_row(run.results_csv, row, opt.val_raw, distilling)
         if run.tensorboard is not None:
-            scalars = dict(zip(results_header(opt.val_raw)[1:], row[1:]))
+            scalars = dict(zip(results_header(opt.val_raw, distilling)[1:], row[1:]))
             scalars.update({"ema/updates": ema.updates, "ema/decay": ema_decay_now(ema)})
             if run.scaler.is_enabled():
                 scalars["amp/scale"] = run.scaler.get_scale()
@@ -1089,7 +1116,8 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
         # Small state that continues through an --epochs extension of a finished run too.
         "train_state": {"last_opt_step": int(run.step.last_opt_step), "accumulate": int(run.accumulate),
                         "early_stopping": run.stopper.state_dict(), "ema_images": float(ema.images),
-                        "ema_total_steps": ema.total_steps},  # the run's length on the EMA's clock (posthoc_ema.py)
+                        "ema_total_steps": ema.total_steps,  # the run's length on the EMA's clock (posthoc_ema.py)
+                        **({"teacher": run.step.distiller.teacher.record} if run.step.distiller else {})},
         # Stripped when the run finishes (strip_resume_state).
         "resume": {
             "model": pack_state_dict(model_state),

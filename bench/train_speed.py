@@ -10,12 +10,17 @@ measured separately (bench/data_speed.py and bench/profile_train.py cover it in 
     python bench/train_speed.py [--iters 8] [--rounds 3] [--formats channels_last contiguous] [--amp fp16] [--device 0]
     python bench/train_speed.py --formats channels_last compiled     # train.py --compile: compile time and gain
     python bench/train_speed.py --malloc both                        # glibc's defaults against reuse_freed_memory
+    python bench/train_speed.py --formats channels_last --teacher yolov5s.yaml   # the step with a distillation teacher
 
 --malloc reuse (the default) sets the C allocator as train.py does (utils/allocator.py); 'default' leaves glibc's
 settings; 'both' runs the step under each in its own process (the setting is process-wide), alternating rounds,
 and prints their times, page faults per iteration and ratio.
 
 'compiled' is channels_last with torch.compile (inductor); its first round, which compiles, is reported apart.
+
+--teacher (a checkpoint, 'ema', or a model yaml for an untrained teacher of that architecture: the cost is the same)
+times every format twice, without and with the teacher (train.py --teacher: its forward pass under no_grad and the
+distillation loss), alternating, and prints the ratio.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from train import TrainStep, load_hyp, loss_gains, make_ema, make_scaler  # noqa
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.distill import TEACHER_EMA, Distiller, Teacher, load_teacher  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.optim import build_optimizer, nominal_accumulate, scaled_weight_decay  # noqa: E402
 from utils.profiling import PhaseTimer  # noqa: E402
@@ -47,9 +53,21 @@ from utils.torch_utils import check_amp, init_seeds, select_device  # noqa: E402
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format, "compiled": torch.channels_last}
 
 
-def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format, compiled: bool = False
-              ) -> tuple[TrainStep, PhaseTimer]:
-    """A fresh model (same seed for every format), its EMA, optimizer and scaler, in train.py's order."""
+def make_teacher(spec: str, hyp: dict, student: torch.nn.Module, names: list[str], device: torch.device,
+                 memory_format) -> Teacher:
+    """--teacher: 'ema', a checkpoint (loaded as train.py does), or a model yaml built untrained and frozen."""
+    if spec == TEACHER_EMA or not spec.endswith((".yaml", ".yml")):
+        return load_teacher(spec, hyp, student, names, device, memory_format=memory_format)
+    init_seeds(1)
+    model = Model(spec, nc=len(names), verbose=False).to(device).to(memory_format=memory_format).eval()
+    model.requires_grad_(False)
+    return Teacher(spec, model)
+
+
+def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format, compiled: bool = False,
+              teacher: str = "", names: list[str] | None = None) -> tuple[TrainStep, PhaseTimer]:
+    """A fresh model (same seed for every format), its EMA, optimizer and scaler, in train.py's order; with
+    `teacher`, the distiller train.py --teacher builds."""
     init_seeds(0)
     model = Model(opt.cfg, nc=nc, verbose=False).to(device)
     model.hyp = loss_gains(hyp, nc, model.model[-1].nl, opt.imgsz, 0.0)
@@ -60,8 +78,11 @@ def make_step(opt, hyp: dict, nc: int, device: torch.device, memory_format, comp
                                 scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"]))
     timer = PhaseTimer(device)
     trained = torch.compile(model) if compiled else model  # after the EMA, as train.py --compile does
+    distiller = None
+    if teacher:
+        distiller = Distiller(make_teacher(teacher, hyp, model, names, device, memory_format), model, ema, hyp)
     step = TrainStep(trained, ComputeLoss(model, model.hyp), optimizer, make_scaler(opt.amp, device, hyp), ema,
-                     check_amp(opt.amp, device), timer=timer, memory_format=memory_format)
+                     check_amp(opt.amp, device), timer=timer, memory_format=memory_format, distiller=distiller)
     model.train()
     return step, timer
 
@@ -81,6 +102,8 @@ def main(argv=None) -> dict:
     p.add_argument("--malloc", choices=("reuse", "default", "both"), default="reuse",
                    help="the C allocator's settings: train.py's (reuse), glibc's own (default), or each in turn")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line (for --malloc both)")
+    p.add_argument("--teacher", default="", help="also time each format with this distillation teacher: a checkpoint, "
+                                                 "'ema', or a model yaml (untrained)")
     opt = p.parse_args(argv)
     if opt.malloc == "both":
         return compare_malloc(opt)
@@ -100,11 +123,14 @@ def main(argv=None) -> dict:
             break
     data_ms = 1000 * (time.perf_counter() - t0) / len(batches)
 
-    steps = {name: make_step(opt, hyp, data["nc"], device, FORMATS[name], compiled=name == "compiled")
-             for name in opt.formats}
+    variants = [(name, "") for name in opt.formats] + [(name, opt.teacher) for name in opt.formats if opt.teacher]
+    steps = {name + ("+teacher" if teacher else ""): make_step(opt, hyp, data["nc"], device, FORMATS[name],
+                                                                compiled=name == "compiled", teacher=teacher,
+                                                                names=list(data["names"]))
+             for name, teacher in variants}
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
-    ms = {name: [] for name in opt.formats}
-    faults = {name: 0 for name in opt.formats}
+    ms = {name: [] for name in steps}
+    faults = {name: 0 for name in steps}
     ni = 0
     for r in range(opt.rounds + 1):  # the first round warms up (allocator, kernel selection) and is not counted
         for name, (step, timer) in steps.items():
@@ -127,15 +153,15 @@ def main(argv=None) -> dict:
           f"accumulate {accumulate}, --amp {opt.amp}, {where}: median of {opt.rounds} alternating rounds of "
           f"{len(batches)} iterations; the loader took {data_ms:.0f} ms per batch with {opt.workers} workers; "
           f"--malloc {opt.malloc}\n")
-    print("| memory format | ms/iteration | images/s | forward | loss | backward | optimizer | EMA "
+    print("| memory format | ms/iteration | images/s | forward | teacher | loss | backward | optimizer | EMA "
           "| page faults/iteration |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     result = {}
     for name, (step, timer) in steps.items():
         per_iter = statistics.median(ms[name][1:])
         n = timer.counts.get("forward", 1)
         phases = [1000 * timer.total(k) / max(timer.counts.get(k, 1), 1)
-                  for k in ("forward", "loss", "backward", "optimizer", "ema")]
+                  for k in ("forward", "teacher", "loss", "backward", "optimizer", "ema")]
         faults_per_iter = faults[name] / (opt.rounds * len(batches))
         print(f"| {name} | {per_iter:.0f} | {opt.batch_size * 1000 / per_iter:.1f} | "
               + " | ".join(f"{v:.1f}" for v in phases) + f" | {faults_per_iter:.0f} |")
@@ -146,6 +172,11 @@ def main(argv=None) -> dict:
         print(f"\ncontiguous / channels_last time per iteration: {ratio:.2f} "
               f"(EMA path: {result['channels_last']['ema_path']} and {result['contiguous']['ema_path']})")
         result["ratio"] = ratio
+    for name in opt.formats:
+        if f"{name}+teacher" in result:
+            ratio = result[f"{name}+teacher"]["ms_per_iter"] / result[name]["ms_per_iter"]
+            print(f"\n{name}: with the teacher {opt.teacher} / without: {ratio:.2f} time per iteration")
+            result[f"{name}+teacher"]["ratio"] = ratio
     if "compiled" in result and "channels_last" in result:
         r = result["compiled"]
         saving = result["channels_last"]["ms_per_iter"] - r["ms_per_iter"]

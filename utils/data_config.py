@@ -2,7 +2,9 @@
 
 A dataset yaml holds `path` (the dataset root), `train` and `val` (image folders, .txt lists of image
 paths, or lists of either, relative to `path`), optional `test`, `names` (a list or an {id: name} map),
-an optional `nc` that must agree with `names`, and an optional `download` URL of a .zip/.tar archive.
+an optional `nc` that must agree with `names`, an optional `download` URL of a .zip/.tar archive, and an
+optional `make`: the command that makes a dataset built locally (e.g. `python data/make_digits.py`), named in
+the error when the dataset is missing and never run.
 
 A relative `path` is looked up, in order, under $DATASETS_DIR, ROOT.parent/'datasets' and
 ROOT.parent/'shared'/'datasets' (ROOT is this repository); an absolute `path` is used as it is; a yaml
@@ -185,8 +187,10 @@ def writable_dir(d: Path) -> bool:
     return os.access(d, os.W_OK) and bool(d.stat().st_mode & 0o222)
 
 
-def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | None, autodownload: bool) -> Path:
-    """The absolute dataset root for a yaml `path` value, downloading it when allowed and needed."""
+def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | None, autodownload: bool,
+                         make: str | None = None) -> Path:
+    """The absolute dataset root for a yaml `path` value, downloading it when allowed and needed; the error for a
+    missing dataset names the yaml's `make` command, if it has one."""
     where = yaml_file or "dataset dict"
     if path_value in (None, ""):
         if yaml_file is None:
@@ -220,6 +224,8 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
                 return target.resolve()
     elif download:
         failure = f"; automatic download from {download} is disabled"
+    if make:
+        failure += f"; make it with: {make}"
     raise DatasetError(f"{where}: dataset path '{path_value}' not found; searched: "
                        f"{', '.join(str(c) for c in searched)}{failure}")
 
@@ -257,7 +263,7 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
                            f"{', '.join(repr(k) for k in missing)}")
     names = _names_list(d["names"], d.get("nc"), where)
 
-    root = resolve_dataset_root(d.get("path"), yaml_file, d.get("download"), autodownload)
+    root = resolve_dataset_root(d.get("path"), yaml_file, d.get("download"), autodownload, d.get("make"))
     d["path"] = str(root)
     for key in ("train", "val", "test"):
         if d.get(key) not in (None, "", []):

@@ -1,0 +1,497 @@
+"""Does the EMA make a better detector on images it never trained on? Test-split mAP of every averaged model.
+
+    python bench/ema_quality.py                          # the digits recipe, 3 seeds, every variant
+    python bench/ema_quality.py --seeds 0 1 2 3 4 --epochs 80 --variants ramp switch
+    python bench/ema_quality.py --quick                  # one seed, 2 epochs, a tiny digits set (a smoke test)
+
+One recipe (data, model, image size, batch, epochs, hyp) is trained once per seed and per variant with train.py
+(as a subprocess, `--save-period 1 --deterministic`; --jobs N runs N at a time), each variant differing from the
+recipe's hyp by its own keys:
+  ramp    the recipe's EMA (YOLOv5's ramp, tau from the hyp), with post-hoc snapshots and the raw model validated
+          every epoch (train.py --posthoc --val-raw)
+  images  the same EMA with `ema_unit: images` (its horizon counted in images)
+  switch  Switch EMA (`ema_switch: true`: the EMA copied into the model at every epoch end)
+  bema    BEMA (bias-corrected EMA) (`ema_bema: true`)
+A variant whose hyp key this checkout does not know is skipped, and the output says so.
+
+Every model below is evaluated on the data's `test` split (val.run, task test), which nothing here ever chooses
+with; choices (best epoch, post-hoc width) are made on `val`:
+  raw model at the end, and at its best val epoch (the epoch whose raw val fitness, results.csv, is highest);
+  each variant's averaged model at the end and at its best val epoch (best.pt);
+  the post-hoc EMA whose width posthoc_ema.py picked on val (ramp runs);
+  each averaged model again with its BatchNorm statistics recomputed on --bn-batches training batches
+  (utils.bn_recompute): averaging weights does not average what the statistics should be.
+The table gives, per model, the mean and the sample standard deviation over seeds of test mAP50-95 and mAP50, and
+of its mAP50-95 minus the raw model's at the end of the same seed's run (the paired gain);
+`ema_quality.csv` holds every seed's figures, `ema_quality.png` test mAP against epoch for the raw model and the
+EMA of the ramp runs (every seed, and their mean).
+
+Finished runs are reused (a bench that was stopped continues: an unfinished run is resumed with
+train.py --resume); a run folder made with another recipe is refused, --fresh trains again.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    hyp: dict  # keys set on top of the recipe's hyp
+    label: str  # what the table calls its averaged model
+    flags: tuple = ()  # extra train.py flags
+
+
+VARIANTS = {
+    "ramp": Variant("ramp", {}, "EMA", ("--posthoc", "--val-raw")),
+    "images": Variant("images", {"ema_unit": "images"}, "EMA images"),
+    "switch": Variant("switch", {"ema_switch": True}, "Switch EMA"),
+    "bema": Variant("bema", {"ema_bema": True}, "BEMA"),
+}
+QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2, "sigma_rel": [0.05, 0.15],
+         "posthoc_num": 3, "name": "quick"}
+QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
+                "max_size": 30}
+COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "gain vs raw end", "gain sd", "seeds",
+           "chosen on val")
+
+
+def parse_opt(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--data", default="digits.yaml", help="dataset yaml with train, val and test splits")
+    p.add_argument("--cfg", default="yolov5n.yaml", help="model yaml")
+    p.add_argument("--hyp", default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="the recipe's hyp file")
+    p.add_argument("--img", type=int, default=64, help="train, val and test image size")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (the hyp's nbs sets the nominal batch)")
+    p.add_argument("--epochs", type=int, default=60, help="epochs per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="EMA variants")
+    p.add_argument("--bn-batches", type=int, default=16, help="training batches to recompute BatchNorm statistics on")
+    p.add_argument("--sigma-rel", type=float, nargs="+", default=None,
+                   help="post-hoc widths to sweep on val (posthoc_ema.py --sigma-rel; default: its own)")
+    p.add_argument("--posthoc-num", type=int, default=7, help="widths in the post-hoc sweep (posthoc_ema.py --num)")
+    p.add_argument("--plot-points", type=int, default=6, help="epochs per run whose test mAP is plotted")
+    p.add_argument("--workers", type=int, default=1, help="dataloader workers per run")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (evaluation goes on meanwhile)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch/OpenMP threads for training and evaluation (0: torch's default); 1 is much "
+                        "faster than 2 on a machine whose cores other jobs share")
+    p.add_argument("--project", default=str(ROOT / "runs" / "ema_quality"), help="where the runs go")
+    p.add_argument("--name", default="digits", help="the recipe's folder under --project")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or wait for) the runs without evaluating them: another bench process reports")
+    p.add_argument("--fresh", action="store_true", help="train every run again instead of reusing finished ones")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test of the bench: one seed, 2 epochs, batch 8, a tiny digits set made under "
+                        "--project/quick (flags given on the command line still win)")
+    opt = p.parse_args(argv)
+    if opt.quick:  # its own sizes, where the command line left the defaults
+        for key, value in QUICK.items():
+            if getattr(opt, key) == p.get_default(key):
+                setattr(opt, key, value)
+    return opt
+
+
+if __name__ == "__main__":
+    CLI_OPT = parse_opt()
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+import posthoc_ema  # noqa: E402
+import val as validate  # noqa: E402
+from data import make_digits  # noqa: E402
+from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
+from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from utils.data_config import DatasetError, check_dataset  # noqa: E402
+from utils.log import LOGGER, set_logging  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+
+
+class BenchError(Exception):
+    """A bench that cannot run as asked; one line for the user."""
+
+
+@dataclass
+class Recipe:
+    """What every run of the bench shares; stored beside the runs so that reuse never mixes recipes."""
+    data: str
+    cfg: str
+    hyp: dict
+    img: int
+    batch_size: int
+    epochs: int
+    bn_batches: int
+
+
+@dataclass
+class Score:
+    model: str
+    seed: int
+    map50_95: float
+    map50: float
+    chosen: str = ""  # what val chose: an epoch, a width
+
+
+@dataclass
+class Bench:
+    opt: argparse.Namespace
+    recipe: Recipe
+    data: dict  # check_dataset's dict
+    folder: Path
+    scores: list[Score] = field(default_factory=list)
+    curves: list[dict] = field(default_factory=list)  # per-epoch test mAP of the ramp runs
+    skipped: list[str] = field(default_factory=list)
+    train_seconds: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def variant_available(variant: Variant, base_hyp: dict) -> str | None:
+    """None when this checkout's train.py knows the variant's hyp keys (they are in its shipped hyp file),
+    else why not."""
+    shipped = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
+    unknown = [k for k in variant.hyp if k not in shipped and k not in base_hyp]
+    return f"hyp key {', '.join(unknown)} is not known to this checkout" if unknown else None
+
+
+def run_folder(bench: Bench, variant: Variant, seed: int) -> Path:
+    return bench.folder / f"{variant.name}-s{seed}"
+
+
+def finished(last: Path, epochs: int) -> bool | None:
+    """True: last.pt of a run that trained all its epochs; False: a run that can be resumed; None: no run."""
+    if not last.exists():
+        return None
+    ckpt = load_checkpoint(last)
+    return "resume" not in ckpt and int(ckpt["epoch"]) + 1 == epochs
+
+
+def train(bench: Bench, variant: Variant, seed: int) -> Path:
+    """The run of this variant and seed: reused when finished, resumed when stopped, else trained. Another bench
+    process training the same run is waited for (a lock file beside the runs), so benches can share runs."""
+    folder = run_folder(bench, variant, seed)
+    with open(bench.folder / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
+        return train_locked(bench, variant, seed, folder)
+
+
+def train_locked(bench: Bench, variant: Variant, seed: int, folder: Path) -> Path:
+    stamp = folder / "bench_recipe.json"
+    hyp = {**bench.recipe.hyp, **variant.hyp}
+    wanted = {**asdict(bench.recipe), "hyp": hyp, "seed": seed, "variant": variant.name}
+    if bench.opt.fresh and folder.exists():
+        shutil.rmtree(folder)
+    if folder.exists():
+        if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
+            raise BenchError(f"{shown_path(folder)} holds a run of another recipe; pass --fresh or another --name")
+        state = finished(folder / "weights" / "last.pt", bench.recipe.epochs)
+        if state:
+            LOGGER.info(f"{variant.name} seed {seed}: reusing the finished run in {shown_path(folder)}")
+            return folder
+    else:
+        folder.mkdir(parents=True)
+        stamp.write_text(json.dumps(wanted, indent=1))
+        state = None
+    env = dict(os.environ)
+    if bench.opt.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(bench.opt.threads)
+    if state is False:
+        cmd = ["--resume", str(folder / "weights" / "last.pt")]
+        LOGGER.info(f"{variant.name} seed {seed}: resuming the stopped run in {shown_path(folder)}")
+    else:
+        hyp_file = folder / "hyp_in.yaml"
+        hyp_file.write_text(yaml.safe_dump(hyp, sort_keys=False))
+        cmd = ["--data", bench.recipe.data, "--cfg", bench.recipe.cfg, "--weights", "", "--hyp", str(hyp_file),
+               "--img", str(bench.recipe.img), "--batch-size", str(bench.recipe.batch_size),
+               "--epochs", str(bench.recipe.epochs), "--seed", str(seed), "--deterministic",
+               "--save-period", "1", "--project", str(folder.parent), "--name", folder.name, "--exist-ok",
+               "--noplots", "--no-tensorboard", *variant.flags]
+        LOGGER.info(f"{variant.name} seed {seed}: training into {shown_path(folder)}")
+    cmd += ["--workers", str(bench.opt.workers), "--device", "cpu"]
+    t0 = time.time()
+    with open(folder / "train.log", "a") as log:
+        status = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT).returncode
+    bench.train_seconds[folder.name] = time.time() - t0
+    if status != 0:
+        raise BenchError(f"train.py failed ({status}) for {variant.name} seed {seed}; see {shown_path(folder / 'train.log')}")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_map(bench: Bench, model: torch.nn.Module) -> tuple[float, float]:
+    """(mAP50-95, mAP50) of a model on the test split."""
+    results, _, _ = validate.run(bench.data, model=model, task="test", imgsz=bench.recipe.img,
+                                 batch_size=2 * bench.recipe.batch_size, workers=bench.opt.workers, plots=False)
+    return float(results[3]), float(results[2])
+
+
+def with_bn_recomputed(bench: Bench, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The model with its BatchNorm statistics measured again on training batches (chosen by the seed)."""
+    stride = int(max(model.stride.max(), 32))
+    batches = FixedBatches.from_data(bench.data["train"], bench.recipe.img, bench.recipe.batch_size, stride,
+                                     bench.recipe.bn_batches, seed=seed)
+    recompute_bn_stats(model, batches)
+    return model
+
+
+def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int) -> tuple[float, float]:
+    """Test (mAP50-95, mAP50) of a checkpoint's EMA or raw weights, optionally with BatchNorm recomputed; kept in
+    the run's test_map_cache.json (keyed by the file's size and time), so that reporting again costs nothing."""
+    cache_file = weights.parent.parent / "test_map_cache.json" if weights.parent.name == "weights" else None
+    stat = weights.stat()
+    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{'bn' if bn else '-'}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    if key not in cache:
+        model = model_from_checkpoint(load_checkpoint(weights), use_ema=use_ema)
+        cache[key] = test_map(bench, with_bn_recomputed(bench, model, seed) if bn else model)
+        if cache_file:
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, cache_file)
+    return tuple(cache[key])
+
+
+def score(bench: Bench, name: str, seed: int, weights: Path, use_ema: bool = True, chosen: str = "",
+          bn: bool = False) -> None:
+    """Test mAP of a checkpoint's model (and, with bn, of the same weights with recomputed BatchNorm statistics)."""
+    bench.scores.append(Score(name, seed, *weights_map(bench, weights, use_ema, False, seed), chosen))
+    if bn:
+        bench.scores.append(Score(f"{name} + BN recompute", seed, *weights_map(bench, weights, use_ema, True, seed),
+                                  chosen))
+
+
+def results_table(run: Path) -> pd.DataFrame:
+    df = pd.read_csv(run / "results.csv", skipinitialspace=True)
+    df.columns = [c.strip() for c in df.columns]
+    return df
+
+
+def best_epoch(df: pd.DataFrame, prefix: str) -> int:
+    """The epoch whose val fitness (0.1 mAP50 + 0.9 mAP50-95) is highest, for the EMA ('metrics') or raw model."""
+    fi = fitness(np.stack([np.zeros(len(df)), np.zeros(len(df)), df[f"{prefix}/mAP_0.5"], df[f"{prefix}/mAP_0.5:0.95"]], 1))
+    return int(df["epoch"].iloc[int(np.argmax(fi))])
+
+
+def evaluate_run(bench: Bench, variant: Variant, seed: int, run: Path) -> None:
+    weights = run / "weights"
+    df = results_table(run)
+    label = variant.label
+    if variant.name == "ramp":
+        score(bench, "raw, end", seed, weights / "last.pt", use_ema=False)
+        k = best_epoch(df, "raw")
+        score(bench, "raw, best val epoch", seed, weights / f"epoch{k}.pt", use_ema=False, chosen=f"epoch {k}")
+    score(bench, f"{label}, end", seed, weights / "last.pt", bn=True)
+    k = best_epoch(df, "metrics")
+    score(bench, f"{label}, best val epoch", seed, weights / f"epoch{k}.pt", chosen=f"epoch {k}", bn=True)
+    if variant.name == "ramp":
+        evaluate_posthoc(bench, seed, run)
+        plot_points(bench, seed, run, df)
+
+
+def evaluate_posthoc(bench: Bench, seed: int, run: Path) -> None:
+    """posthoc_ema.py's sweep on the run (every width validated on val; done once per run), then its choice on test."""
+    best = run / "weights" / "posthoc_best.pt"
+    sweep_file = run / "posthoc_ema.csv"
+    if not (best.exists() and sweep_file.exists() and best.stat().st_mtime > (run / "weights" / "last.pt").stat().st_mtime):
+        argv = ["--run", str(run), "--workers", str(bench.opt.workers), "--device", "cpu",
+                "--num", str(bench.opt.posthoc_num)]
+        if bench.opt.sigma_rel:
+            argv += ["--sigma-rel", *map(str, bench.opt.sigma_rel)]
+        if posthoc_ema.main(argv) != 0:  # one run's sweep failing leaves every other figure standing
+            bench.skipped.append(f"post-hoc EMA of {run.name}: posthoc_ema.py failed (its message is in the log above)")
+            return
+    sweep = pd.read_csv(sweep_file)
+    sweep = sweep[sweep["candidate"] == "posthoc"]
+    chosen = sweep.iloc[int(np.argmax(sweep["fitness"].to_numpy()))]
+    score(bench, "post-hoc EMA, width chosen on val", seed, best, chosen=f"sigma_rel {chosen['sigma_rel']:.3g}",
+          bn=True)
+
+
+def plot_epochs(bench: Bench) -> list[int]:
+    """The epochs of a run whose test mAP is plotted: evenly spaced, the first and the last included."""
+    return [int(e) for e in np.unique(np.linspace(0, bench.recipe.epochs - 1, max(bench.opt.plot_points, 2)).round())]
+
+
+def plot_points(bench: Bench, seed: int, run: Path, df: pd.DataFrame) -> None:
+    """Test mAP of the raw model and the EMA at evenly spaced epochs of a ramp run (and the last)."""
+    for epoch in plot_epochs(bench):
+        row = df[df["epoch"] == epoch].iloc[0]
+        for which, use_ema, prefix in (("raw", False, "raw"), ("EMA", True, "metrics")):
+            m, m50 = weights_map(bench, run / "weights" / f"epoch{epoch}.pt", use_ema, False, seed)
+            bench.curves.append({"seed": seed, "epoch": epoch, "model": which, "test mAP50-95": m,
+                                 "test mAP50": m50, "val mAP50-95": float(row[f"{prefix}/mAP_0.5:0.95"])})
+
+
+# ------------------------------------------------------------------------------------------------ report
+def row_order() -> list[str]:
+    """The table's rows in reading order: the raw model, then each variant's averaged models as VARIANTS lists them."""
+    rows = ["raw, end", "raw, best val epoch"]
+    for v in VARIANTS.values():
+        for kind in ("end", "best val epoch"):
+            rows += [f"{v.label}, {kind}", f"{v.label}, {kind} + BN recompute"]
+        if v.name == "ramp":
+            rows += ["post-hoc EMA, width chosen on val", "post-hoc EMA, width chosen on val + BN recompute"]
+    return rows
+
+
+def summary(scores: list[Score]) -> pd.DataFrame:
+    """One row per model: mean and sample sd over seeds, the gain over the raw model at the end of the same seed's
+    run (paired by seed: the runs of one seed share their data order, so the difference is less noisy than either),
+    and what val chose per seed."""
+    df = pd.DataFrame([asdict(s) for s in scores])
+    raw_end = df[df["model"] == "raw, end"].set_index("seed")["map50_95"]
+    order = row_order()
+    rows = []
+    for name, g in sorted(df.groupby("model"), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        def sd(x):
+            return float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+        gain = g.set_index("seed")["map50_95"] - raw_end.reindex(g["seed"]).to_numpy()
+        rows.append({"model": name, "mAP50-95": g["map50_95"].mean(), "mAP50-95 sd": sd(g["map50_95"]),
+                     "mAP50": g["map50"].mean(), "mAP50 sd": sd(g["map50"]), "gain vs raw end": gain.mean(),
+                     "gain sd": sd(gain), "seeds": len(g), "chosen on val": ", ".join(c for c in g["chosen"] if c)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    def cell(v):  # three significant digits: mAPs of a barely trained model are ~1e-4, of a good one ~0.5
+        return "-" if isinstance(v, float) and math.isnan(v) else f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def plot_curves(curves: list[dict], path: Path, title: str) -> Path:
+    df = pd.DataFrame(curves)
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    for which, colour in (("raw", "tab:orange"), ("EMA", "tab:blue")):
+        d = df[df["model"] == which]
+        for _, g in d.groupby("seed"):
+            ax.plot(g["epoch"], g["test mAP50-95"], color=colour, alpha=0.3, linewidth=1)
+        mean = d.groupby("epoch")[["test mAP50-95", "val mAP50-95"]].mean()
+        ax.plot(mean.index, mean["test mAP50-95"], "o-", color=colour, label=f"{which}: test (mean over seeds)")
+        ax.plot(mean.index, mean["val mAP50-95"], "--", color=colour, label=f"{which}: val (mean over seeds)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mAP50-95")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(bench: Bench) -> pd.DataFrame:
+    table = summary(bench.scores)
+    out = bench.folder
+    pd.DataFrame([asdict(s) for s in bench.scores]).to_csv(out / "ema_quality.csv", index=False)
+    table.to_csv(out / "ema_quality_summary.csv", index=False)
+    if bench.curves:
+        pd.DataFrame(bench.curves).to_csv(out / "ema_quality_curves.csv", index=False)
+        r = bench.recipe
+        plot_curves(bench.curves, out / "ema_quality.png",
+                    f"{Path(r.cfg).stem}, {Path(r.data).stem}, --img {r.img}, batch {r.batch_size}, {r.epochs} epochs: "
+                    f"raw model and EMA (ramp, tau {r.hyp.get('ema_tau')})")
+    seeds = sorted({s.seed for s in bench.scores})
+    LOGGER.info(f"\nTest split ({bench.data['test']}), seeds {seeds}; mean and sample sd over seeds\n" + markdown(table))
+    for note in bench.skipped:
+        LOGGER.info(f"Skipped: {note}")
+    if bench.train_seconds:
+        LOGGER.info("Training wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in bench.train_seconds.items()))
+    LOGGER.info(f"Per-seed figures in {shown_path(out / 'ema_quality.csv')}" +
+                (f", plot in {shown_path(out / 'ema_quality.png')}" if bench.curves else ""))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------ the bench
+def quick_data(folder: Path) -> Path:
+    """A tiny digits set and its yaml under folder (made once)."""
+    root = folder / "digits"
+    if not root.exists():
+        make_digits.make(root, make_digits.Settings(seed=0, **QUICK_DIGITS))
+    cfg = folder / "digits.yaml"
+    shipped = yaml.safe_load((ROOT / "data" / "digits.yaml").read_text())
+    cfg.write_text(yaml.safe_dump({**shipped, "path": str(root)}, sort_keys=False))
+    return cfg
+
+
+def run(opt: argparse.Namespace) -> pd.DataFrame:
+    """Train (or reuse) every run, evaluate every model on test, print and write the table; returns it."""
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    folder = Path(opt.project) / opt.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if opt.quick:
+        opt.data = str(quick_data(folder))
+    try:
+        data = check_dataset(opt.data, autodownload=False)
+    except DatasetError as e:
+        raise BenchError(str(e)) from None
+    if not data.get("test"):
+        raise BenchError(f"{opt.data} has no 'test' split: the bench reports only on images nothing was chosen with")
+    base_hyp = yaml.safe_load(Path(opt.hyp).read_text())
+    recipe = Recipe(data=str(data["yaml_file"]), cfg=opt.cfg, hyp=base_hyp, img=opt.img, batch_size=opt.batch_size,
+                    epochs=opt.epochs, bn_batches=opt.bn_batches)
+    bench = Bench(opt, recipe, data, folder)
+    variants = []
+    for name in opt.variants:
+        why = variant_available(VARIANTS[name], base_hyp)
+        if why:
+            bench.skipped.append(f"{name}: {why}")
+        else:
+            variants.append(VARIANTS[name])
+    # Every variant's seeds before the next variant's: the first rows of the table are complete soonest. Each run
+    # is evaluated (and the table so far written) as soon as it is trained, while the next ones train.
+    order = [(variant, seed) for variant in variants for seed in opt.seeds]
+    table = None
+    with ThreadPoolExecutor(max(opt.jobs, 1)) as pool:
+        futures = {pool.submit(train, bench, variant, seed): (variant, seed) for variant, seed in order}
+        try:
+            for future in as_completed(futures):
+                variant, seed = futures[future]
+                folder = future.result()
+                if not opt.train_only:
+                    evaluate_run(bench, variant, seed, folder)
+                    table = report(bench)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return table
+
+
+def main(argv=None) -> int:
+    opt = parse_opt(argv) if not isinstance(argv, argparse.Namespace) else argv
+    set_logging()
+    try:
+        run(opt)
+    except BenchError as e:
+        LOGGER.error(f"ema_quality: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    exit_process(main(CLI_OPT))
