@@ -12,7 +12,9 @@ least. BEMA adds a correction proportional to how far the iterates have moved si
 Both weights shrink polynomially with t, the steps since the burn-in ended; the defaults (power 0.5, bias_power 0.2,
 lag 10, multiplier 1) are the authors' code's. In their analysis (iterates as an Ornstein-Uhlenbeck process around
 an optimum) the correction removes the EMA's bias toward the start without the variance a plain average of recent
-iterates would have. mu_t, not ema_t, is the averaged model: ``BEMA.ema`` holds it, and it is what is validated and
+iterates would have. The correction applies to the parameters only: buffers (BatchNorm's running statistics) are
+not iterates of the optimizer, and extrapolated they leave their range (a falling running variance goes
+negative), so the averaged model holds their plain EMA ema_t. mu_t, not ema_t, is the averaged model: ``BEMA.ema`` holds it, and it is what is validated and
 saved. ``ema_t`` and ``theta_0`` are extra state, two more FP32 copies of the model, kept in the checkpoint's resume
 state so that a resumed run continues bit for bit.
 
@@ -126,6 +128,11 @@ class BEMA(ModelEMA):
         torch._foreach_sub_(out, anchor)
         torch._foreach_mul_(out, self.alpha(t))
         torch._foreach_add_(out, average)
+        # Buffers (BatchNorm's running statistics) keep their plain EMA: extrapolating them is meaningless, and a
+        # running variance that fell during training would be pushed below zero (NaN once BatchNorm is fused).
+        corrected = [b for b in self.storage.shadow.buffers() if b.is_floating_point()]
+        if corrected:
+            torch._foreach_copy_(corrected, [b for b in self.average.shadow.buffers() if b.is_floating_point()])
         self.storage.copy_integers()
 
     def clock(self) -> float:
