@@ -14,7 +14,7 @@ import yaml
 
 from models.yolo import Model
 from tests.train_helpers import (KILL_HOOK_ENV, ROOT, checkpoint_differences, make_dataset, results_columns, run_train,
-                                 tensorboard_scalars, tiny_model_yaml, tiny_run_args, train_env, tree_digest)
+                                 refused_run, tensorboard_scalars, tiny_model_yaml, tiny_run_args, train_env)
 from train import TrainError, load_hyp, parse_opt
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, unpacked_state_dict
 from utils.distill import Distiller, Teacher, TeacherError, check_teacher_fits, load_teacher, weights_sha256
@@ -223,25 +223,15 @@ def test_distilled_run_killed_mid_epoch_resumes_bit_exact(setup, teacher):
     assert [v for _, v in scalars["train/kd_loss"]] == pytest.approx(kd, rel=1e-4)
 
 
-def _refused(args, folder):
-    """train.py exits 1 with one 'train: ...' line, no traceback, and the folder unchanged."""
-    digest = tree_digest(folder)
-    out = run_train(args)
-    assert out.returncode == 1 and "Traceback" not in out.stdout, out.stdout[-3000:]
-    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("train: ")]
-    assert len(errors) == 1, out.stdout
-    assert tree_digest(folder) == digest
-    return errors[0]
-
 
 def test_mismatched_teacher_refused_before_a_run_folder_exists(setup, tmp_path):
     wrong = yolov5_teacher_file(tmp_path / "nc3.pt", tiny_cfg(tmp_path, nc=3), ["c0", "c1", "c2"])
     project = tmp_path / "runs"
     project.mkdir()
-    line = _refused(tiny_run_args(setup["data"], setup["cfg"], project, "kd", 1, "--teacher", wrong), project)
+    line = refused_run(tiny_run_args(setup["data"], setup["cfg"], project, "kd", 1, "--teacher", wrong), project)
     assert "--teacher" in line and "nc3.pt" in line and "3 classes, the student 2" in line
     assert not any(project.iterdir())
-    line = _refused(tiny_run_args(setup["data"], setup["cfg"], project, "kd", 1, "--teacher", tmp_path / "no.pt"),
+    line = refused_run(tiny_run_args(setup["data"], setup["cfg"], project, "kd", 1, "--teacher", tmp_path / "no.pt"),
                     project)
     assert "no.pt" in line and "not found" in line
 
@@ -256,7 +246,7 @@ def test_resume_refuses_a_teacher_file_changed_since(setup, tmp_path):
     ckpt["train_state"]["teacher"]["path"] = str(teacher)
     save_checkpoint(ckpt, run / "weights" / "last.pt")
     yolov5_teacher_file(teacher, tiny_cfg(tmp_path, width=0.25), ["c0", "c1"], seed=1)  # other weights, same path
-    line = _refused(["--resume", run / "weights" / "last.pt", "--epochs", EPOCHS + 1], tmp_path)
+    line = refused_run(["--resume", run / "weights" / "last.pt", "--epochs", EPOCHS + 1], tmp_path)
     assert "teacher" in line and "teacher.pt" in line and "changed since the run started" in line
 
 

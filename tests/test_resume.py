@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tests.train_helpers import (KILL_HOOK_ENV, checkpoint_differences, make_dataset, results_columns, run_train,
-                                 tensorboard_scalars, tiny_model_yaml, tiny_run_args, tree_digest,
+                                 refused_run, tensorboard_scalars, tiny_model_yaml, tiny_run_args, tree_digest,
                                  walked_optimizer_steps)
 import val
 from tests.train_helpers import ROOT, train_env
@@ -148,24 +148,13 @@ def test_resume_extends_a_finished_run(setup, tmp_path):
     assert not torch.equal(after["ema"]["model.0.conv.weight"], before["ema"]["model.0.conv.weight"])
 
 
-def _refused(args, folder):
-    """Run train.py, expect exit 1 with one 'train: ...' line and no traceback, and the folder unchanged."""
-    digest = tree_digest(folder)
-    out = run_train(args)
-    assert out.returncode == 1, out.stdout[-3000:]
-    assert "Traceback" not in out.stdout
-    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("train: ")]
-    assert len(errors) == 1, out.stdout
-    assert tree_digest(folder) == digest
-    return errors[0]
-
 
 def test_resume_refusals_change_nothing(setup, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(setup["ref"], run)
     last = run / "weights" / "last.pt"
     before = tree_digest(run)
-    line = _refused(["--resume", last], run)  # finished, no larger --epochs
+    line = refused_run(["--resume", last], run)  # finished, no larger --epochs
     assert "finished all 3 epochs" in line and "--epochs" in line
     with pytest.raises(TrainError, match="cannot shorten"):
         prepare_resume(parse_opt(["--resume", str(last), "--epochs", "2"]))
@@ -175,7 +164,7 @@ def test_resume_refusals_change_nothing(setup, tmp_path):
     assert latest.resume == str(last) and latest.epochs == 4 and latest.save_dir == str(run.resolve())
 
     (run / "notes.pt").write_text("not a checkpoint\n")
-    line = _refused(["--resume", run / "notes.pt"], run)
+    line = refused_run(["--resume", run / "notes.pt"], run)
     assert "notes.pt" in line and "not a checkpoint" in line
 
     # A run whose dataset is gone: its checkpoint points at a dataset copy whose images were deleted.
@@ -186,7 +175,7 @@ def test_resume_refusals_change_nothing(setup, tmp_path):
     ckpt["opt"]["data"] = str(gone / "data.yaml")
     save_checkpoint(ckpt, last)
     shutil.rmtree(gone / "images")
-    line = _refused(["--resume", last, "--epochs", 5], tmp_path)
+    line = refused_run(["--resume", last, "--epochs", 5], tmp_path)
     assert "data" in line and str(gone / "images" / "train") in line
 
 

@@ -99,6 +99,18 @@ def walked_optimizer_steps(nb: int, epochs: int, nw: int, nbs: int, batch: int) 
     return steps
 
 
+def refused_run(args: list, folder: Path) -> str:
+    """Run train.py and expect a refusal: exit 1, no traceback, one 'train: ...' error line besides the line of
+    arguments a run starts with, and nothing under folder changed. Returns the error line."""
+    digest = tree_digest(folder)
+    out = run_train(args)
+    assert out.returncode == 1 and "Traceback" not in out.stdout, out.stdout[-3000:]
+    errors = [ln for ln in out.stdout.splitlines() if ln.startswith("train: ") and not ln.startswith("train: weights=")]
+    assert len(errors) == 1, out.stdout
+    assert tree_digest(folder) == digest
+    return errors[0]
+
+
 def tree_digest(folder: Path) -> dict:
     """{relative path: (size, sha256)} of every file under folder: proof that nothing on disk changed."""
     out = {}
