@@ -65,8 +65,8 @@ VARIANTS = {
     "switch": Variant("switch", {"ema_switch": True}, "Switch EMA"),
     "bema": Variant("bema", {"ema_bema": True}, "BEMA"),
 }
-QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2, "sigma_rel": [0.05, 0.15],
-         "posthoc_num": 3, "name": "quick"}
+QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2,
+         "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick"}
 QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
                 "max_size": 30}
 COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "gain vs raw end", "gain sd", "seeds",
@@ -80,7 +80,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--hyp", default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="the recipe's hyp file")
     p.add_argument("--img", type=int, default=64, help="train, val and test image size")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (the hyp's nbs sets the nominal batch)")
-    p.add_argument("--epochs", type=int, default=60, help="epochs per run")
+    p.add_argument("--epochs", type=int, default=80, help="epochs per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="EMA variants")
     p.add_argument("--bn-batches", type=int, default=16, help="training batches to recompute BatchNorm statistics on")
@@ -437,8 +437,20 @@ def quick_data(folder: Path) -> Path:
     return cfg
 
 
+def check_opt(opt: argparse.Namespace) -> None:
+    rules = [(opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
+             (opt.jobs >= 1, f"--jobs must be at least 1, got {opt.jobs}"),
+             (opt.bn_batches >= 1, f"--bn-batches must be at least 1, got {opt.bn_batches}"),
+             (opt.plot_points >= 2, f"--plot-points must be at least 2, got {opt.plot_points}"),
+             (len(set(opt.seeds)) == len(opt.seeds), f"--seeds lists a seed twice: {opt.seeds}")]
+    for ok, message in rules:
+        if not ok:
+            raise BenchError(message)
+
+
 def run(opt: argparse.Namespace) -> pd.DataFrame:
     """Train (or reuse) every run, evaluate every model on test, print and write the table; returns it."""
+    check_opt(opt)
     if opt.threads:
         torch.set_num_threads(opt.threads)
     folder = Path(opt.project) / opt.name
@@ -466,7 +478,7 @@ def run(opt: argparse.Namespace) -> pd.DataFrame:
     # is evaluated (and the table so far written) as soon as it is trained, while the next ones train.
     order = [(variant, seed) for variant in variants for seed in opt.seeds]
     table = None
-    with ThreadPoolExecutor(max(opt.jobs, 1)) as pool:
+    with ThreadPoolExecutor(opt.jobs) as pool:
         futures = {pool.submit(train, bench, variant, seed): (variant, seed) for variant, seed in order}
         try:
             for future in as_completed(futures):

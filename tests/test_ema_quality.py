@@ -55,3 +55,11 @@ def test_a_run_folder_of_another_recipe_is_refused(quick, caplog):
     status = ema_quality.main(["--quick", "--project", str(quick.parent), "--variants", "ramp", "--epochs", "3"])
     assert status == 1
     assert "holds a run of another recipe; pass --fresh or another --name" in caplog.text
+
+
+def test_bad_options_are_one_line_before_anything_trains(tmp_path, caplog):
+    assert ema_quality.main(["--jobs", "0", "--project", str(tmp_path)]) == 1
+    assert "--jobs must be at least 1, got 0" in caplog.text
+    assert ema_quality.main(["--seeds", "1", "1", "--project", str(tmp_path)]) == 1
+    assert "--seeds lists a seed twice" in caplog.text
+    assert not any(tmp_path.rglob("*.pt"))
