@@ -5,10 +5,9 @@
 
 --weights is a YOLOv5 .pt or a checkpoint of ours; ours is first rebuilt as a YOLOv5 .pt in YOLOv5's
 interpreter (its Model from the same yaml, our EMA's state dict, whose keys are YOLOv5's), so that both tools
-validate the same weights. --yolov5 is a checkout of the
-YOLOv5 repository and --yolov5-python an interpreter whose environment has that checkout's requirements (and
-onnx/onnxruntime for the ONNX row): a separate virtual environment, since YOLOv5 is never a dependency of this
-project. Each row runs YOLOv5's `val.run` in that interpreter and ours in this one, with the same conf, IoU,
+validate the same weights. --yolov5 is a checkout of the YOLOv5 repository and --yolov5-python an interpreter
+whose environment has that checkout's requirements (and onnx/onnxruntime for the ONNX row): a separate virtual
+environment, since YOLOv5 is never a dependency of this project (so the test suite cannot run this bench). Each row runs YOLOv5's `val.run` in that interpreter and ours in this one, with the same conf, IoU,
 batch size and image size:
 
   pt, --batch-size B    the .pt for each of --batch-sizes (rectangular batches, as both val.py's do)
@@ -17,8 +16,8 @@ batch size and image size:
 
   detect.py             both detect.py's on the val images (conf 0.25, IoU 0.45, --save-txt --save-conf): images
                         whose detections differ in number or classes, and the largest box and confidence
-                        differences of the rest. YOLOv5 rounds detect.py's boxes to whole pixels; ours are not
-                        rounded, so up to half a pixel of box difference is that rounding.
+                        differences of the rest. YOLOv5 rounds detect.py's boxes to whole pixels and maps them
+                        back with one gain; ours are neither, so boxes differ by up to about a pixel.
 
 --stages IMAGE compares one image stage by stage instead (the check that found the rounding difference): the
 letterboxed input tensor, the raw predictions of the same .pt, and the detections after NMS, as max
