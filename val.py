@@ -25,9 +25,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
-
-DEFAULT_IMGSZ = 640  # when neither --img nor the checkpoint says
+from utils.cli import DEFAULT_IMGSZ, HelpFormatter, exit_process, shown_path  # noqa: E402
 
 
 class ValError(Exception):

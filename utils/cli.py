@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+DEFAULT_IMGSZ = 640  # pixels: --img of val.py, detect.py and export.py when neither it nor the weights say
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show (the help text then says what happens)."""

@@ -36,6 +36,7 @@ from models.yolo import Model, check_img_size
 from utils.augmentations import FILL_VALUE, letterbox
 from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from utils.cli import DEFAULT_IMGSZ
 from utils.dataloaders import IMG_FORMATS
 from utils.log import LOGGER
 from utils.paths import increment_path
@@ -47,7 +48,6 @@ VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "
 EXPORT_SUFFIXES = (".onnx", ".torchscript")
 TORCHSCRIPT_CONFIG = "config.txt"  # the extra file of a .torchscript archive that holds its metadata (as YOLOv5's)
 DOWNLOAD_TIMEOUT_S = 10
-DEFAULT_IMGSZ = 640  # when neither --img nor the weights say
 # torch 2.14 marks torch.jit deprecated; TorchScript stays one of the export formats YOLOv5 users expect.
 JIT_DEPRECATION = r"`torch\.jit\..*` is deprecated"
 
@@ -505,14 +505,14 @@ def letterbox_batch(images: list[np.ndarray], size, stride: int, fixed_shape=Non
     boxed = [letterbox(im, size, auto=fixed_shape is None, stride=stride) for im in images]
     shape = tuple(max(out.shape[k] for out, _, _ in boxed) for k in (0, 1))
     batch, ratio_pads = [], []
-    for out, (ratio_w, ratio_h), (left, top) in boxed:
+    for out, (ratio_w, ratio_h), (pad_w, pad_h) in boxed:
         dh, dw = shape[0] - out.shape[0], shape[1] - out.shape[1]
         if dh or dw:
             out = cv2.copyMakeBorder(out, dh // 2, dh - dh // 2, dw // 2, dw - dw // 2, cv2.BORDER_CONSTANT,
                                      value=(FILL_VALUE,) * 3)  # fmt: skip
-            left, top = left + dw // 2, top + dh // 2
+            pad_w, pad_h = pad_w + dw // 2, pad_h + dh // 2
         batch.append(out[..., ::-1].transpose(2, 0, 1))
-        ratio_pads.append(((ratio_h, ratio_w), (left, top)))
+        ratio_pads.append(((ratio_h, ratio_w), (pad_w, pad_h)))
     return torch.from_numpy(np.ascontiguousarray(np.stack(batch))), ratio_pads
 
 
