@@ -9,9 +9,11 @@ One recipe (data, model, image size, batch, epochs, hyp) is trained once per see
 recipe's hyp by its own keys:
   ramp    the recipe's EMA (YOLOv5's ramp, tau from the hyp), with post-hoc snapshots and the raw model validated
           every epoch (train.py --posthoc --val-raw)
-  images  the same EMA with `ema_unit: images` (its horizon counted in images)
+  tau200  the same ramp with tau 200 steps instead of the hyp's (YOLOv5's 2000): an average that a run of a
+          thousand steps actually reaches
   switch  Switch EMA (`ema_switch: true`: the EMA copied into the model at every epoch end)
   bema    BEMA (bias-corrected EMA) (`ema_bema: true`)
+  images  the ramp EMA with `ema_unit: images` (its horizon counted in images)
 A variant whose hyp key this checkout does not know is skipped, and the output says so.
 
 Every model below is evaluated on the data's `test` split (val.run, task test), which nothing here ever chooses
@@ -61,10 +63,12 @@ class Variant:
 
 VARIANTS = {
     "ramp": Variant("ramp", {}, "EMA", ("--posthoc", "--val-raw")),
-    "images": Variant("images", {"ema_unit": "images"}, "EMA images"),
+    "tau200": Variant("tau200", {"ema_tau": 200}, "EMA tau 200"),
     "switch": Variant("switch", {"ema_switch": True}, "Switch EMA"),
     "bema": Variant("bema", {"ema_bema": True}, "BEMA"),
+    "images": Variant("images", {"ema_unit": "images"}, "EMA images"),
 }
+RECIPE_HYP = ("fliplr=0.0",)  # a mirrored 2, 3 or 7 is not that digit: YOLOv5 users train text without flips
 QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2,
          "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick"}
 QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
@@ -78,9 +82,12 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="digits.yaml", help="dataset yaml with train, val and test splits")
     p.add_argument("--cfg", default="yolov5n.yaml", help="model yaml")
     p.add_argument("--hyp", default=str(ROOT / "hyp" / "hyp.scratch-low.yaml"), help="the recipe's hyp file")
+    p.add_argument("--set", nargs="*", default=list(RECIPE_HYP), metavar="KEY=VALUE", dest="hyp_set",
+                   help="hyp keys changed from --hyp for every run (values read as YAML); the default turns "
+                        "off horizontal flips, which turn digits into other glyphs")
     p.add_argument("--img", type=int, default=64, help="train, val and test image size")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (the hyp's nbs sets the nominal batch)")
-    p.add_argument("--epochs", type=int, default=80, help="epochs per run")
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="EMA variants")
     p.add_argument("--bn-batches", type=int, default=16, help="training batches to recompute BatchNorm statistics on")
@@ -437,6 +444,20 @@ def quick_data(folder: Path) -> Path:
     return cfg
 
 
+def hyp_overrides(pairs: list[str], hyp_file: str) -> dict:
+    """--set KEY=VALUE pairs as a dict; a key the hyp file does not have is refused (a typo would go unused)."""
+    known = yaml.safe_load(Path(hyp_file).read_text())
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--set takes KEY=VALUE, got {pair!r}")
+        if key not in known:
+            raise BenchError(f"--set {key}: {shown_path(Path(hyp_file))} has no key {key!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def check_opt(opt: argparse.Namespace) -> None:
     rules = [(opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
              (opt.jobs >= 1, f"--jobs must be at least 1, got {opt.jobs}"),
@@ -463,7 +484,7 @@ def run(opt: argparse.Namespace) -> pd.DataFrame:
         raise BenchError(str(e)) from None
     if not data.get("test"):
         raise BenchError(f"{opt.data} has no 'test' split: the bench reports only on images nothing was chosen with")
-    base_hyp = yaml.safe_load(Path(opt.hyp).read_text())
+    base_hyp = {**yaml.safe_load(Path(opt.hyp).read_text()), **hyp_overrides(opt.hyp_set, opt.hyp)}
     recipe = Recipe(data=str(data["yaml_file"]), cfg=opt.cfg, hyp=base_hyp, img=opt.img, batch_size=opt.batch_size,
                     epochs=opt.epochs, bn_batches=opt.bn_batches)
     bench = Bench(opt, recipe, data, folder)
