@@ -193,9 +193,10 @@ def quiet_log():
         LOGGER.setLevel(level)
 
 
-def prepare_data(opt: argparse.Namespace, run_opt: dict, run_dir: Path, stride: int) -> None:
+def prepare_data(opt: argparse.Namespace, run_opt: dict, run_hyp: dict | None, run_dir: Path, stride: int) -> None:
     """Resolve --data, --img, --single-cls from the run's options, then make what every candidate shares: the
-    dataset dict, the validation loader and, with --bn-recal, the training batches (set on opt)."""
+    dataset dict, the validation loader and, with --bn-recal, the training batches (set on opt), augmented with
+    the run's hyp as its training was."""
     opt.data = opt.data or run_opt.get("data")
     opt.imgsz = check_img_size(opt.imgsz or run_opt.get("imgsz") or 640, stride)
     opt.single_cls = bool(run_opt.get("single_cls", False)) if opt.single_cls is None else opt.single_cls
@@ -212,7 +213,7 @@ def prepare_data(opt: argparse.Namespace, run_opt: dict, run_dir: Path, stride: 
     opt.bn_batches = None
     if opt.bn_recal:
         opt.bn_batches = FixedBatches.from_data(opt.data_dict["train"], opt.imgsz, opt.batch_size, stride,
-                                                opt.bn_recal, single_cls=opt.single_cls)
+                                                opt.bn_recal, run_hyp, single_cls=opt.single_cls)
 
 
 def averaged_model(ckpt: dict, state: dict | None, opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -311,15 +312,15 @@ def run(opt: argparse.Namespace) -> Path:
         fit = fitter.fit(opt.sigma_rel[0])
         state = synthesize(snapshots, fit.coeffs)
         if opt.bn_recal:
-            prepare_data(opt, run_opt, run_dir, stride)
+            prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
             state = cpu_state(averaged_model(ckpt, state, opt, device))
         return save_best(ckpt, state, fit, float("nan"), out)
 
     fits = fit_widths(fitter, target_widths(opt.sigma_rel, opt.num, fitter.reachable()))
-    prepare_data(opt, run_opt, run_dir, stride)
+    prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
     if opt.bn_batches is not None:
         LOGGER.info(f"BatchNorm statistics of every averaged candidate recomputed on {len(opt.bn_batches)} batches of "
-                    f"{opt.batch_size} training images (the raw model keeps its own)")
+                    f"{opt.batch_size} training images, augmented as in training (the raw model keeps its own)")
     rows, best = [], None
     for f in fits:
         state = synthesize(snapshots, f.coeffs)

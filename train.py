@@ -784,7 +784,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     if procs.main:
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
         if count := bn_recompute_batches(hyp):
-            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, count, seed=opt.seed,
+            bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, count, hyp, seed=opt.seed,
                                                 single_cls=opt.single_cls)
     accumulate = nominal_accumulate(hyp["nbs"], opt.batch_size)
     weight_decay = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, accumulate, hyp["nbs"])

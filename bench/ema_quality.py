@@ -260,7 +260,7 @@ def with_bn_recomputed(bench: Bench, model: torch.nn.Module, seed: int) -> torch
     """The model with its BatchNorm statistics measured again on training batches (chosen by the seed)."""
     stride = int(max(model.stride.max(), 32))
     batches = FixedBatches.from_data(bench.data["train"], bench.recipe.img, bench.recipe.batch_size, stride,
-                                     bench.recipe.bn_batches, seed=seed)
+                                     bench.recipe.bn_batches, bench.recipe.hyp, seed=seed)
     recompute_bn_stats(model, batches)
     return model
 
@@ -270,7 +270,7 @@ def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int)
     the run's test_map_cache.json (keyed by the file's size and time), so that reporting again costs nothing."""
     cache_file = weights.parent.parent / "test_map_cache.json" if weights.parent.name == "weights" else None
     stat = weights.stat()
-    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{'bn' if bn else '-'}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{'bn-augmented' if bn else '-'}|{stat.st_size}|{stat.st_mtime_ns}"
     cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     if key not in cache:
         model = model_from_checkpoint(load_checkpoint(weights), use_ema=use_ema)

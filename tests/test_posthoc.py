@@ -312,7 +312,8 @@ def fake_run(tmp_path_factory):
     model = Model(cfg, ch=3, nc=2, verbose=False)
     run, steps = root / "exp", 48
     hyp = {"lr0": 0.01, "nbs": 64, "ema_decay": 0.9999, "ema_tau": 2000, "ema_schedule": "ramp",
-           "posthoc_sigma_rels": [0.05, 0.1], "posthoc_snapshots": 16}
+           "posthoc_sigma_rels": [0.05, 0.1], "posthoc_snapshots": 16,
+           "mosaic": 1.0, "hsv_v": 0.4, "translate": 0.1, "scale": 0.5}  # training's augmentation (--bn-recal)
     main_ema = ModelEMA.from_hyp(model, hyp, total_steps=steps)
     bank = PosthocEMA.from_hyp(model, hyp, steps, run / "weights" / "posthoc")
     gen = torch.Generator().manual_seed(1)
@@ -630,7 +631,10 @@ def test_bn_recal_recomputes_the_statistics_of_every_averaged_candidate(fake_run
     last = load_checkpoint(run / "weights" / "last.pt")
     assert all(torch.equal(v, last["model"][k].float()) for k, v in seen[3].items())  # the raw model keeps its own
     snapshots, fitter = fake_run["snapshots"], ProfileFit(fake_run["snapshots"])
-    batches = FixedBatches.from_data(fake_run["data"].parent / "images" / "train", 64, 4, 32, count=1)
+    # The statistics are those of training batches augmented with the run's own hyp, as its training saw them.
+    batches = FixedBatches.from_data(fake_run["data"].parent / "images" / "train", 64, 4, 32, count=1,
+                                     hyp=last["hyp"])
+    plain = FixedBatches.from_data(fake_run["data"].parent / "images" / "train", 64, 4, 32, count=1, hyp=None)
     for width, recorded in zip((0.05, 0.1), seen):
         model = posthoc_ema.model_from_checkpoint({**load_checkpoint(run / "weights" / "last.pt"),
                                                    "ema": synthesize(snapshots, fitter.fit(width).coeffs)})
@@ -639,6 +643,8 @@ def test_bn_recal_recomputes_the_statistics_of_every_averaged_candidate(fake_run
         for k, v in recorded.items():
             torch.testing.assert_close(v, model.state_dict()[k])
             assert not torch.allclose(v, before[k])
+        recompute_bn_stats(model, plain)  # letterboxed, unaugmented images give other statistics
+        assert not all(torch.allclose(v, model.state_dict()[k]) for k, v in recorded.items())
     errors = [float(r.split(",")[3]) for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:3]]
     best = torch.load(run / "weights" / "posthoc_best.pt", weights_only=True)  # the one saved has them too
     assert all(torch.equal(best["ema"][k], v.half()) for k, v in seen[int(np.argmin(errors))].items())

@@ -3,11 +3,13 @@
 An EMA (or any weight average) averages BatchNorm's running mean and variance along with the weights, but the
 statistics a layer's inputs really have under the averaged weights are not the average of the statistics the
 model had along the way: every layer's input depends on all the weights before it. This module measures them
-again, as ``torch.optim.swa_utils.update_bn`` does, on batches of training images read the way validation reads
-images (letterboxed, not augmented) and converted the way training converts them (channels_last, /255, the
-run's autocast), so the statistics describe the images the averaged model will be evaluated on.
+again, as ``torch.optim.swa_utils.update_bn`` does, on batches of training images augmented as training augments
+them (the run's hyp: mosaic, perspective, HSV, flips) and converted the way training converts them
+(channels_last, /255, the run's autocast). Augmented, not letterboxed as validation reads images: the weights
+were trained under the statistics of augmented batches, and on the digits bench statistics measured on plain
+letterboxed images cost the EMA 0.016 of test mAP50-95 while augmented ones kept it (docs/ema_quality.md).
 
-    batches = FixedBatches.from_data(data["train"], imgsz, batch_size, stride, count=16)
+    batches = FixedBatches.from_data(data["train"], imgsz, batch_size, stride, count=16, hyp=hyp)
     recompute_bn_stats(ema.ema, batches, device, amp_dtype)     # in place; the model's mode comes back
 
 The statistics are a plain average over the batches (BatchNorm's ``momentum=None``): the running mean is the
@@ -47,13 +49,14 @@ class FixedBatches:
         self._imgs: list[torch.Tensor] | None = None
 
     @classmethod
-    def from_data(cls, path, imgsz: int, batch_size: int, stride: int, count: int, seed: int = 0,
-                  single_cls: bool = False, prefix: str = "BatchNorm recompute: ") -> FixedBatches:
-        """``count`` batches of the images under ``path`` (a dataset split as the data yaml gives it), letterboxed
-        to ``imgsz`` without augmentation, in an order shuffled by ``seed``; read in this process (no workers)."""
-        loader, dataset = create_dataloader(path, imgsz, batch_size, stride, single_cls=single_cls, augment=False,
-                                            cache=None, rect=False, workers=0, shuffle=True, seed=seed,
-                                            prefix=prefix)
+    def from_data(cls, path, imgsz: int, batch_size: int, stride: int, count: int, hyp: dict | None,
+                  seed: int = 0, single_cls: bool = False, prefix: str = "BatchNorm recompute: ") -> FixedBatches:
+        """``count`` batches of the images under ``path`` (a dataset split as the data yaml gives it) at ``imgsz``,
+        augmented as training does with the run's ``hyp`` (None: letterboxed, not augmented), in an order and
+        with draws set by ``seed``; read in this process (no workers)."""
+        loader, dataset = create_dataloader(path, imgsz, batch_size, stride, single_cls=single_cls, hyp=hyp,
+                                            augment=hyp is not None, cache=None, rect=False, workers=0, shuffle=True,
+                                            seed=seed, prefix=prefix)
         if count > len(loader):
             LOGGER.info(f"{prefix}{count} batches asked for, {len(loader)} of {batch_size} images exist; using those")
         return cls(loader, min(count, len(loader)))
