@@ -1,15 +1,20 @@
 """bench/ema_quality.py --quick: one seed of every variant trained by train.py on a tiny digits set, every model
 evaluated on the test split, the table and its files written."""
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from bench import ema_quality
 
-AVERAGED = ("EMA, end", "EMA, best val epoch", "post-hoc EMA, width chosen on val", "EMA images, end",
-            "EMA images, best val epoch", "Switch EMA, end", "Switch EMA, best val epoch", "BEMA, end",
-            "BEMA, best val epoch")
+ROOT = Path(__file__).resolve().parents[1]
+
+AVERAGED = ("EMA, end", "EMA, best val epoch", "post-hoc EMA, width chosen on val", "EMA tau 200, end",
+            "EMA tau 200, best val epoch", "EMA images, end", "EMA images, best val epoch", "Switch EMA, end",
+            "Switch EMA, best val epoch", "BEMA, end", "BEMA, best val epoch")
 ROWS = ("raw, end", "raw, best val epoch", *[m for a in AVERAGED for m in (a, f"{a} + BN recompute")])
 
 
@@ -49,6 +54,25 @@ def test_quick_writes_per_seed_figures_and_the_plot(quick):
     results = pd.read_csv(quick / "ramp-s0" / "results.csv", skipinitialspace=True)
     assert "raw/mAP_0.5:0.95" in [c.strip() for c in results.columns]
     assert any((quick / "ramp-s0" / "weights" / "posthoc").iterdir())
+
+
+def test_each_run_trains_the_recipe_hyp_with_the_variant_keys_on_top(quick):
+    ramp = json.loads((quick / "ramp-s0" / "bench_recipe.json").read_text())["hyp"]
+    tau = yaml.safe_load((quick / "tau200-s0" / "hyp_in.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
+    assert shipped["fliplr"] == 0.5 and ramp["fliplr"] == 0.0  # the bench's default --set
+    assert ramp["ema_tau"] == shipped["ema_tau"] and tau["ema_tau"] == 200
+    assert {k: v for k, v in tau.items() if k != "ema_tau"} == {k: v for k, v in ramp.items() if k != "ema_tau"}
+    # train.py trained with what hyp_in.yaml says (its own record of the hyp in the run folder).
+    assert yaml.safe_load((quick / "tau200-s0" / "hyp.yaml").read_text())["ema_tau"] == 200
+
+
+def test_set_refuses_a_key_the_hyp_file_lacks_and_a_pair_without_value(tmp_path, caplog):
+    assert ema_quality.main(["--set", "flip_lr=0", "--project", str(tmp_path)]) == 1
+    assert "--set flip_lr: " in caplog.text and "has no key 'flip_lr'" in caplog.text
+    assert ema_quality.main(["--set", "fliplr", "--project", str(tmp_path)]) == 1
+    assert "--set takes KEY=VALUE, got 'fliplr'" in caplog.text
+    assert not any(tmp_path.rglob("*.pt"))
 
 
 def test_a_run_folder_of_another_recipe_is_refused(quick, caplog):
