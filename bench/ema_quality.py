@@ -272,7 +272,8 @@ def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int)
     the run's test_map_cache.json (keyed by the file's size and time), so that reporting again costs nothing."""
     cache_file = weights.parent.parent / "test_map_cache.json" if weights.parent.name == "weights" else None
     stat = weights.stat()
-    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{'bn-augmented' if bn else '-'}|{stat.st_size}|{stat.st_mtime_ns}"
+    bn_kind = "bn-augmented" if bn else "-"  # the recompute's batches are augmented since this bench's first run
+    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{bn_kind}|{stat.st_size}|{stat.st_mtime_ns}"
     cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     if key not in cache:
         model = model_from_checkpoint(load_checkpoint(weights), use_ema=use_ema)
