@@ -1,4 +1,5 @@
 """Shared test fixtures: the project root on sys.path and the real coco128 dataset, found as the code finds it."""
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def find_coco128() -> Path:
     if not (root / "images" / "train2017").is_dir():
         raise DatasetError(f"coco128 at {root} has no images/train2017 folder")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_delivered():
+    """Ctrl-C reaches the tests' runs however the suite was started. A shell starts background jobs (`bash .ci/run &`)
+    with SIGINT ignored, Python keeps it ignored, and so does every process it starts; the Ctrl-C tests need it."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")
