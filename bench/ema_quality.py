@@ -447,9 +447,9 @@ def quick_data(folder: Path) -> Path:
     return cfg
 
 
-def hyp_overrides(pairs: list[str], hyp_file: str) -> dict:
-    """--set KEY=VALUE pairs as a dict; a key the hyp file does not have is refused (a typo would go unused)."""
-    known = yaml.safe_load(Path(hyp_file).read_text())
+def hyp_overrides(pairs: list[str], known: dict, hyp_file: str) -> dict:
+    """--set KEY=VALUE pairs as a dict; a key the hyp file's dict `known` lacks is refused (a typo would go
+    unused)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -487,7 +487,8 @@ def run(opt: argparse.Namespace) -> pd.DataFrame:
         raise BenchError(str(e)) from None
     if not data.get("test"):
         raise BenchError(f"{opt.data} has no 'test' split: the bench reports only on images nothing was chosen with")
-    base_hyp = {**yaml.safe_load(Path(opt.hyp).read_text()), **hyp_overrides(opt.hyp_set, opt.hyp)}
+    file_hyp = yaml.safe_load(Path(opt.hyp).read_text())
+    base_hyp = {**file_hyp, **hyp_overrides(opt.hyp_set, file_hyp, opt.hyp)}
     recipe = Recipe(data=str(data["yaml_file"]), cfg=opt.cfg, hyp=base_hyp, img=opt.img, batch_size=opt.batch_size,
                     epochs=opt.epochs, bn_batches=opt.bn_batches)
     bench = Bench(opt, recipe, data, folder)
