@@ -477,6 +477,8 @@ def run(opt: argparse.Namespace) -> pd.DataFrame:
     check_opt(opt)
     if opt.threads:
         torch.set_num_threads(opt.threads)
+    file_hyp = yaml.safe_load(Path(opt.hyp).read_text())
+    base_hyp = {**file_hyp, **hyp_overrides(opt.hyp_set, file_hyp, opt.hyp)}
     folder = Path(opt.project) / opt.name
     folder.mkdir(parents=True, exist_ok=True)
     if opt.quick:
@@ -487,8 +489,6 @@ def run(opt: argparse.Namespace) -> pd.DataFrame:
         raise BenchError(str(e)) from None
     if not data.get("test"):
         raise BenchError(f"{opt.data} has no 'test' split: the bench reports only on images nothing was chosen with")
-    file_hyp = yaml.safe_load(Path(opt.hyp).read_text())
-    base_hyp = {**file_hyp, **hyp_overrides(opt.hyp_set, file_hyp, opt.hyp)}
     recipe = Recipe(data=str(data["yaml_file"]), cfg=opt.cfg, hyp=base_hyp, img=opt.img, batch_size=opt.batch_size,
                     epochs=opt.epochs, bn_batches=opt.bn_batches)
     bench = Bench(opt, recipe, data, folder)
