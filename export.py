@@ -52,7 +52,7 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from models.yolo import Detect  # noqa: E402
+from models.yolo import Detect, size_multiple  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
     EXPORT_SUFFIXES,
@@ -156,7 +156,7 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
         raise ExportError(f"{weights}: the model does not end in a Detect layer")
     head.export = True
     imgsz = default_imgsz(model, imgsz, "Exporting")
-    stride = int(max(float(model.stride.max()), 32))
+    stride = size_multiple(model)
     im = torch.zeros(batch_size, 3, *inference_size(imgsz, stride), device=device)
     for p in model.parameters():
         p.requires_grad_(False)

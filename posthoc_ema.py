@@ -70,7 +70,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import val as validate  # noqa: E402
-from models.yolo import check_img_size  # noqa: E402
+from models.yolo import check_img_size, size_multiple  # noqa: E402
 from utils.bema import ema_from_hyp  # noqa: E402
 from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (FORMAT, VERSION, CheckpointError, finished_checkpoint, half_state_dict,  # noqa: E402
@@ -298,7 +298,7 @@ def run(opt: argparse.Namespace) -> Path:
     snapshots = find_snapshots(run_dir / "weights" / "posthoc")
     reference = model_from_checkpoint(ckpt, use_ema=True)
     check_architecture(snapshots, reference.state_dict(), f"the run's model ({shown_path(run_dir)})")
-    stride = int(max(reference.stride.max(), 32))
+    stride = size_multiple(reference)
     fitter = ProfileFit(snapshots)
     LOGGER.info(f"{len(snapshots)} snapshots ({fitter.describe()}), end of run at {snapshots[0].unit} "
                 f"{fitter.position:g}")

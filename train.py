@@ -160,7 +160,7 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import val as validate  # noqa: E402
-from models.yolo import Model, check_img_size  # noqa: E402
+from models.yolo import Model, check_img_size, size_multiple  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.bema import ema_from_hyp  # noqa: E402
@@ -747,7 +747,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         teacher = load_teacher(opt.teacher, hyp, model, names, device, saved=saved_teacher, memory_format=MEMORY_FORMAT)
     except TeacherError as e:
         raise TrainError(str(e)) from None
-    gs = max(int(model.stride.max()), 32)
+    gs = size_multiple(model)
     imgsz = check_img_size(opt.imgsz, gs)
     batch_size = opt.batch_size // procs.world_size  # per process
     with timer("start-up: datasets (label scan, cache, loaders)"):

@@ -73,7 +73,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.common import Conv  # noqa: E402
-from models.yolo import check_img_size  # noqa: E402
+from models.yolo import check_img_size, size_multiple  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh  # noqa: E402
 from utils.checkpoint import (CheckpointError, check_checkpoint_classes, load_checkpoint,  # noqa: E402
@@ -264,7 +264,7 @@ def run(
         del ckpt
         model_names = model.names
         model.to(device, memory_format=memory_format)
-        stride = int(max(model.stride.max(), 32))
+        stride = size_multiple(model)
         imgsz = check_img_size(imgsz, stride)
         if device.type == "cuda":  # first CUDA calls are slow; keep them out of the timings
             with autocast(device, amp_dtype):

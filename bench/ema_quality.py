@@ -133,6 +133,7 @@ import yaml  # noqa: E402
 import posthoc_ema  # noqa: E402
 import val as validate  # noqa: E402
 from data import make_digits  # noqa: E402
+from models.yolo import size_multiple  # noqa: E402
 from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
@@ -260,7 +261,7 @@ def test_map(bench: Bench, model: torch.nn.Module) -> tuple[float, float]:
 
 def with_bn_recomputed(bench: Bench, model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """The model with its BatchNorm statistics measured again on training batches (chosen by the seed)."""
-    stride = int(max(model.stride.max(), 32))
+    stride = size_multiple(model)
     batches = FixedBatches.from_data(bench.data["train"], bench.recipe.img, bench.recipe.batch_size, stride,
                                      bench.recipe.bn_batches, bench.recipe.hyp, seed=seed)
     recompute_bn_stats(model, batches)

@@ -69,6 +69,12 @@ def make_divisible(x: float, divisor: int = 8) -> int:
     return int(math.ceil(x / divisor) * divisor)
 
 
+def size_multiple(model: nn.Module) -> int:
+    """The multiple every input side is rounded to: the model's largest stride, and never under 32 (YOLOv5's
+    floor), so that an --img chosen for one model tiles every other one too."""
+    return max(int(float(model.stride.max())), 32)
+
+
 def check_img_size(imgsz: int, stride: int) -> int:
     """imgsz rounded up to a multiple of the model's largest stride (at least one stride), with a warning
     when that changes it: every detection level must tile the image exactly."""

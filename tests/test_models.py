@@ -8,7 +8,7 @@ import torch.nn as nn
 import yaml
 
 from models.common import Conv
-from models.yolo import Detect, Model, resolve_cfg
+from models.yolo import Detect, Model, resolve_cfg, size_multiple
 from utils.torch_utils import count_parameters
 
 YOLOV5_PARAMS = {"n": 1_872_157, "s": 7_235_389, "m": 21_190_557, "l": 46_563_709, "x": 86_749_405}
@@ -303,3 +303,21 @@ def test_batchnorm_layer_passes_on_the_channels_of_its_input():
     model = Model(cfg, verbose=False)
     assert model.model[3].conv.weight.shape == (24, 16, 3, 3)
     assert model.stride.tolist() == [4.0]
+
+
+def _strided_cfg(levels: int, detect_from: list[int]) -> dict:
+    """A tiny model: `levels` stride-2 convs, detecting on the outputs of the layers listed."""
+    return {"nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0,
+            "anchors": [[10, 13, 16, 30, 33, 23]] * len(detect_from),
+            "backbone": [[-1, 1, "Conv", [8, 3, 2]] for _ in range(levels)],
+            "head": [[detect_from, 1, "Detect", ["nc", "anchors"]]]}
+
+
+@pytest.mark.parametrize("levels, detect_from, strides, multiple", [
+    (3, [2], [8], 32),  # a P3-only model still gets YOLOv5's floor of 32
+    (6, [4, 5], [32, 64], 64),  # a P6 level raises it
+])
+def test_size_multiple_is_the_largest_stride_but_at_least_32(levels, detect_from, strides, multiple):
+    model = Model(_strided_cfg(levels, detect_from), verbose=False)
+    assert model.stride.tolist() == strides
+    assert size_multiple(model) == multiple

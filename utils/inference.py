@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.yolo import Model, check_img_size
+from models.yolo import Model, check_img_size, size_multiple
 from utils.augmentations import FILL_VALUE, letterbox
 from utils.boxes import clip_boxes, non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from utils.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -535,7 +535,7 @@ class Detector(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.names = list(model.names)
-        self.stride = int(max(float(model.stride.max()), 32))
+        self.stride = size_multiple(model)
         self._sizes = {}  # each size= resolved once, so a rounding warning is not repeated on every call
 
     @property
