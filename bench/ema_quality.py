@@ -66,6 +66,9 @@ VARIANTS = {
     "tau200": Variant("tau200", {"ema_tau": 200}, "EMA tau 200"),
     "switch": Variant("switch", {"ema_switch": True}, "Switch EMA"),
     "bema": Variant("bema", {"ema_bema": True}, "BEMA"),
+    # BEMA's burn-in (the paper's tau): theta_0 is the model half-way through the default 30-epoch recipe
+    # (1,125 steps) instead of the random initialisation its correction otherwise extrapolates from.
+    "bema_burnin": Variant("bema_burnin", {"ema_bema": True, "ema_update_after_step": 560}, "BEMA burn-in 560"),
     "images": Variant("images", {"ema_unit": "images"}, "EMA images"),
 }
 # fliplr: a mirrored 2, 3 or 7 is not that digit (YOLOv5 users train text without flips). ema_tau: the ramp variant
@@ -134,6 +137,7 @@ import posthoc_ema  # noqa: E402
 import val as validate  # noqa: E402
 from data import make_digits  # noqa: E402
 from models.yolo import size_multiple  # noqa: E402
+from utils.ema import HYP_KEYS as EMA_HYP_KEYS  # noqa: E402
 from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
@@ -180,10 +184,10 @@ class Bench:
 
 # ------------------------------------------------------------------------------------------------ training
 def variant_available(variant: Variant, base_hyp: dict) -> str | None:
-    """None when this checkout's train.py knows the variant's hyp keys (they are in its shipped hyp file),
-    else why not."""
+    """None when this checkout's train.py knows the variant's hyp keys (they are in its shipped hyp file or
+    among the EMA's optional keys), else why not."""
     shipped = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
-    unknown = [k for k in variant.hyp if k not in shipped and k not in base_hyp]
+    unknown = [k for k in variant.hyp if k not in shipped and k not in base_hyp and k not in EMA_HYP_KEYS]
     return f"hyp key {', '.join(unknown)} is not known to this checkout" if unknown else None
 
 

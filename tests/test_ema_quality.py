@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 AVERAGED = ("EMA, end", "EMA, best val epoch", "post-hoc EMA, width chosen on val", "EMA tau 200, end",
             "EMA tau 200, best val epoch", "EMA images, end", "EMA images, best val epoch", "Switch EMA, end",
-            "Switch EMA, best val epoch", "BEMA, end", "BEMA, best val epoch")
+            "Switch EMA, best val epoch", "BEMA, end", "BEMA, best val epoch", "BEMA burn-in 560, end",
+            "BEMA burn-in 560, best val epoch")
 ROWS = ("raw, end", "raw, best val epoch", *[m for a in AVERAGED for m in (a, f"{a} + BN recompute")])
 
 
@@ -65,6 +66,8 @@ def test_each_run_trains_the_recipe_hyp_with_the_variant_keys_on_top(quick):
     assert {k: v for k, v in tau.items() if k != "ema_tau"} == {k: v for k, v in ramp.items() if k != "ema_tau"}
     # train.py trained with what hyp_in.yaml says (its own record of the hyp in the run folder).
     assert yaml.safe_load((quick / "tau200-s0" / "hyp.yaml").read_text())["ema_tau"] == 200
+    burnin = yaml.safe_load((quick / "bema_burnin-s0" / "hyp.yaml").read_text())
+    assert burnin["ema_bema"] is True and burnin["ema_update_after_step"] == 560  # a key no shipped hyp file holds
 
 
 def test_set_refuses_a_key_the_hyp_file_lacks_and_a_pair_without_value(tmp_path, caplog):
