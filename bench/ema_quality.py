@@ -376,8 +376,8 @@ def row_order() -> list[str]:
 def summary(scores: list[Score]) -> pd.DataFrame:
     """One row per model: mean and sample sd over seeds, the gain over the raw model at the end of the same seed's
     run (paired by seed: the runs of one seed share their data order, so the difference is less noisy than either),
-    and what val chose per seed."""
-    df = pd.DataFrame([asdict(s) for s in scores])
+    and what val chose for each seed, in seed order."""
+    df = pd.DataFrame([asdict(s) for s in scores]).sort_values("seed", kind="stable")  # runs finish in any order
     raw_end = df[df["model"] == "raw, end"].set_index("seed")["map50_95"]
     order = row_order()
     rows = []

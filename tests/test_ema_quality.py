@@ -90,3 +90,18 @@ def test_bad_options_are_one_line_before_anything_trains(tmp_path, caplog):
     assert ema_quality.main(["--seeds", "1", "1", "--project", str(tmp_path)]) == 1
     assert "--seeds lists a seed twice" in caplog.text
     assert not any(tmp_path.rglob("*.pt"))
+
+
+def test_summary_pairs_gains_by_seed_and_lists_choices_in_seed_order():
+    # Scores arrive in the order runs finish, not by seed.
+    S = ema_quality.Score
+    scores = [S("raw, end", 2, 0.30, 0.5), S("EMA, best val epoch", 2, 0.36, 0.6, "epoch 9"),
+              S("raw, end", 0, 0.10, 0.2), S("EMA, best val epoch", 0, 0.13, 0.3, "epoch 4"),
+              S("EMA, best val epoch", 1, 0.24, 0.4, "epoch 7"), S("raw, end", 1, 0.20, 0.3)]
+    table = ema_quality.summary(scores).set_index("model")
+    ema = table.loc["EMA, best val epoch"]
+    assert ema["chosen on val"] == "epoch 4, epoch 7, epoch 9"
+    gains = [0.03, 0.04, 0.06]  # per seed, each against its own raw model
+    assert ema["gain vs raw end"] == pytest.approx(sum(gains) / 3)
+    assert ema["gain sd"] == pytest.approx(float(pd.Series(gains).std(ddof=1)))
+    assert ema["mAP50-95"] == pytest.approx((0.13 + 0.24 + 0.36) / 3) and ema["seeds"] == 3
