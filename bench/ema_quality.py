@@ -137,10 +137,10 @@ import posthoc_ema  # noqa: E402
 import val as validate  # noqa: E402
 from data import make_digits  # noqa: E402
 from models.yolo import size_multiple  # noqa: E402
-from utils.ema import HYP_KEYS as EMA_HYP_KEYS  # noqa: E402
 from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
+from utils.ema import HYP_KEYS as EMA_HYP_KEYS  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 
