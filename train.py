@@ -174,7 +174,7 @@ from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
 from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
-from utils.ema import ModelEMA  # noqa: E402
+from utils.ema import ModelEMA, end_of_run_plan  # noqa: E402
 from utils.environment import version_line  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -896,6 +896,9 @@ def log_run_plan(run: Run) -> None:
                 f"Accumulating {nominal} x {opt.batch_size} = {nominal * opt.batch_size} images per optimizer step "
                 f"(nominal batch {hyp['nbs']}); {warmup}\nLogging results to {run.save_dir}\n"
                 f"Starting training for {opt.epochs} epochs...")
+    if run.ema is not None:
+        for line in end_of_run_plan(run.ema, opt.epochs):
+            LOGGER.info(line)
     if run.posthoc is not None:
         LOGGER.info(run.posthoc.summary())
 

@@ -2,6 +2,7 @@
 finished checkpoints, and val.py's defaults (the latest best.pt, at the size it was trained at)."""
 import errno
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -174,6 +175,11 @@ def test_a_batch_larger_than_the_dataset_is_clamped_and_accumulation_follows(tin
     assert f"--batch-size 24 is more than the {N_IMAGES} training images: training with batches of 12" in caplog.text
     assert "Accumulating 5 x 12 = 60 images per optimizer step (nominal batch 64)" in caplog.text
     assert decays == [pytest.approx(0.0005 * 60 / 64)]
+    # One batch, one epoch: the first iteration steps (accumulation starts at 1), so the shipped ramp (tau 2000)
+    # ends at 0.9999 * (1 - exp(-1 / 2000)), far from averaging, and the run says so at its start.
+    assert (f"EMA: ramp schedule, decay 0.9999, tau 2000; at the last of the run's 1 optimizer steps its decay will "
+            f"be {0.9999 * (1 - math.exp(-1 / 2000)):.4f}") in caplog.text
+    assert "EMA: the ramp reaches only 0% of its ceiling in 1 optimizer steps" in caplog.text
 
 
 @pytest.mark.parametrize("flag", ["--data", "--hyp", "--cfg"])

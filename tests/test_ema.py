@@ -858,3 +858,34 @@ def test_exp_schedule_without_a_length_names_the_unit():
     with pytest.raises(ValueError, match="nominal batches of 32 images") as e:
         ModelEMA(make_net(), schedule="exp", unit="images", nbs=32)
     assert "optimizer steps" not in str(e.value)
+
+
+def test_end_of_run_plan_states_the_closed_form_decay_horizon_and_the_short_run_alternative():
+    # YOLOv5's ramp over a 1,125-step, 30-epoch run: d = 0.9999 * (1 - exp(-1125 / 2000)) at the last step.
+    ema = ModelEMA(make_net(), decay=0.9999, tau=2000, total_steps=1125)
+    d = 0.9999 * (1 - math.exp(-1125 / 2000))
+    horizon = 1 / (1 - d)
+    lines = ema_module.end_of_run_plan(ema, epochs=30)
+    assert len(lines) == 2
+    assert f"decay will be {d:.4f}" in lines[0] and "of the run's 1,125 optimizer steps" in lines[0]
+    assert f"about the last {horizon:,.0f} optimizer steps ({horizon / (1125 / 30):,.2f} epochs)" in lines[0]
+    share = 1 - math.exp(-1125 / 2000)
+    assert f"reaches only {share:.0%} of its ceiling" in lines[1] and "3 x tau = 6,000" in lines[1]
+    assert "ema_tau" in lines[1] and "--posthoc" in lines[1] and "docs/ema_quality.md" in lines[1]
+
+    # 12,000 steps are past 3 tau: the ramp averages, one line, its horizon that of d = 0.9999 (1 - exp(-6)).
+    long = ModelEMA(make_net(), decay=0.9999, tau=2000, total_steps=12000)
+    lines = ema_module.end_of_run_plan(long, epochs=100)
+    d = 0.9999 * (1 - math.exp(-6))
+    assert len(lines) == 1 and f"decay will be {d:.4f}" in lines[0]
+    assert f"about the last {1 / (1 - d):,.0f} optimizer steps ({1 / (1 - d) / 120:,.2f} epochs)" in lines[0]
+
+    # The burn-in delays the ramp; the images clock counts nominal batches; a constant schedule has no ramp line.
+    late = ModelEMA(make_net(), decay=0.9999, tau=100, total_steps=400, update_after_step=150, unit="images", nbs=64)
+    lines = ema_module.end_of_run_plan(late, epochs=4)
+    assert f"decay will be {0.9999 * (1 - math.exp(-250 / 100)):.4f}" in lines[0]
+    assert "400 nominal batches of 64 images" in lines[0] and len(lines) == 2 and "in 250 nominal" in lines[1]
+    flat = ModelEMA(make_net(), decay=0.999, schedule="constant", total_steps=50)
+    assert ema_module.end_of_run_plan(flat, epochs=5) == [
+        "EMA: constant schedule, decay 0.999; at the last of the run's 50 optimizer steps its decay will be 0.9990, "
+        "averaging over about the last 1,000 optimizer steps (100.00 epochs)"]
