@@ -23,6 +23,7 @@ evolve folder; evolve.png (each searched hyp against fitness) at most every PLOT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
@@ -56,6 +57,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 from utils.ema import SIGMA_REL_MAX, UNITS, schedule_params  # noqa: E402
 from utils.log import LOGGER  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
+from utils.tracking import StudyTracking, wanted  # noqa: E402
 
 # YOLOv5 v7.0's train.py `meta`: the keys its --evolve mutates (those with a non-zero mutation gain) and the bounds
 # it clips them to. Not searched: iou_t, fl_gamma, perspective and fliplr (gain 0 there), anchors (no such hyp
@@ -80,7 +82,7 @@ COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trial
 # Flags that say how or where a worker runs, not what a trial trains: workers of one study may differ in them.
 SESSION_FLAGS = ("evolve", "evolve_storage", "evolve_study", "evolve_heartbeat", "device", "workers", "project",
                  "name", "exist_ok", "profile", "noplots", "no_tensorboard", "local_rank", "resume", "cache",
-                 "nosave", "noval", "save_dir", "hyp", "bf16", "save_period", "val_raw", "sync_bn", "compile")
+                 "nosave", "noval", "save_dir", "hyp", "bf16", "save_period", "val_raw", "sync_bn", "compile", "mlflow")
 STUDY_ATTR_FLAGS, STUDY_ATTR_HYP = "evolve_flags", "evolve_hyp"
 CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the study's flags
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -270,7 +272,7 @@ class Evolution:
     """One worker of the search: trials until the study has `trials` completed ones, then the outputs."""
 
     def __init__(self, study: optuna.Study, trials: int, space: dict, hyp: dict, folder: Path,
-                 train_trial: Callable[[dict, Path], Sequence[float]], metric_names: Sequence[str], where: str,
+                 train_trial: Callable[[dict, Path, int], Sequence[float]], metric_names: Sequence[str], where: str,
                  poll_s: float):
         self.study, self.trials, self.space, self.hyp, self.folder = study, trials, space, hyp, folder
         self.train_trial, self.metric_names, self.where, self.poll_s = train_trial, list(metric_names), where, poll_s
@@ -318,7 +320,7 @@ class Evolution:
         changed = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyp.items()
                             if k in self.space)
         LOGGER.info(f"\nevolve: trial {trial.number} ({ahead + 1} of {self.trials}) by {WORKER} in {folder}: {changed}")
-        results = [float(x) for x in self.train_trial(hyp, folder)]
+        results = [float(x) for x in self.train_trial(hyp, folder, trial.number)]
         shutil.rmtree(folder / "weights", ignore_errors=True)  # a trial keeps no checkpoints (nor does YOLOv5's)
         trial.set_user_attr("metrics", dict(zip(self.metric_names, results)))
         self.ran.append(trial.number)
@@ -430,14 +432,19 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
 
-        def train_trial(trial_hyp: dict, trial_folder: Path) -> Sequence[float]:
+        tracking = StudyTracking(opt, opt.evolve_study, folder.parent.name) if wanted(opt) else None
+
+        def train_trial(trial_hyp: dict, trial_folder: Path, number: int) -> Sequence[float]:
             # An ordinary run in its own folder, validated and saved at its last epoch only (YOLOv5's --evolve too).
             trial_opt = argparse.Namespace(**{**vars(opt), "save_dir": str(trial_folder), "noval": True,
                                               "nosave": True, "noplots": True, "no_tensorboard": True})
-            return train_run(trial_hyp, trial_opt)
+            with tracking.trial(number) if tracking is not None else contextlib.nullcontext():
+                return train_run(trial_hyp, trial_opt)
 
         LOGGER.info(f"evolve: {opt.evolve} trials in all, study {opt.evolve_study!r} in {where}, worker {WORKER}, "
                     f"searching {', '.join(space)}")
         Evolution(study, opt.evolve, space, hyp, folder, train_trial, metric_names, where,
                   poll_s=min(WAIT_POLL_S, heartbeat / 2)).run()
+        if tracking is not None:
+            tracking.finish(study.best_value, study.best_trial.number, opt.evolve)
     return study
