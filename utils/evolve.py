@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -197,6 +198,7 @@ def _open_storage(url: str, heartbeat_s: int, retry: RetryHeartbeatStaleTrialCal
     # SQLite: several local workers wait for each other's writes instead of failing; servers: an unreachable host
     # fails in seconds rather than after the operating system's TCP timeout.
     connect_args = {"timeout": 60} if scheme == "sqlite" else {"connect_timeout": 10}
+    url = with_installed_driver(url)
     try:
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
@@ -214,6 +216,15 @@ def _open_storage(url: str, heartbeat_s: int, retry: RetryHeartbeatStaleTrialCal
                           f"one, e.g. pip install psycopg2-binary (PostgreSQL) or PyMySQL (mysql+pymysql://)") from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, RuntimeError) as e:
         raise EvolveError(f"--evolve-storage {shown}: cannot open it ({one_line(e)})") from None
+
+
+def with_installed_driver(url: str) -> str:
+    """A postgresql:// URL without a driver, made to name the one installed. SQLAlchemy 2.1 reads it as psycopg 3's
+    (2.0 as psycopg2's), so with only psycopg2 installed the same URL would fail there for want of a driver."""
+    scheme, rest = url.split("://", 1)
+    if scheme.lower() != "postgresql" or importlib.util.find_spec("psycopg") is not None:
+        return url
+    return f"postgresql+psycopg2://{rest}" if importlib.util.find_spec("psycopg2") is not None else url
 
 
 def one_line(e: BaseException) -> str:
@@ -432,7 +443,7 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
 
-        tracking = StudyTracking(opt, opt.evolve_study, folder.parent.name) if wanted(opt) else None
+        tracking = StudyTracking(opt, opt.evolve_study) if wanted(opt) else None
 
         def train_trial(trial_hyp: dict, trial_folder: Path, number: int) -> Sequence[float]:
             # An ordinary run in its own folder, validated and saved at its last epoch only (YOLOv5's --evolve too).

@@ -275,10 +275,11 @@ def _run_exists(client, run_id: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ --evolve
 class StudyTracking:
-    """A study's parent run, shared by every worker of the study: found by its study-key tag, else created. Two
+    """A study's parent run, shared by every worker of the study: found by its study-key tag in the experiment
+    `evolve` (or $MLFLOW_EXPERIMENT_NAME; the same on every machine, whatever its --project), else created. Two
     workers that create one at the same moment both keep the oldest (the other is deleted)."""
 
-    def __init__(self, opt, study: str, experiment: str):
+    def __init__(self, opt, study: str, experiment: str = "evolve"):
         self.study, self.uri = study, tracking_uri(opt)
         self.client = self.parent = self.experiment_id = None
         try:
