@@ -49,13 +49,14 @@ def mlflow_server(folder: Path):
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{(folder / 'server.log').read_text()}")
+                raise RuntimeError(f"mlflow server exited ({proc.returncode}):\n{(folder / 'server.log').read_text()}")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                     if r.status == 200:
                         break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not up after {START_TIMEOUT_S} s:\n{(folder / 'server.log').read_text()}")
+                log_text = (folder / "server.log").read_text()
+                raise RuntimeError(f"mlflow server not up after {START_TIMEOUT_S} s:\n{log_text}")
             time.sleep(0.25)
         yield uri
     finally:

@@ -194,8 +194,8 @@ def test_surplus_trial_fails_without_training(tmp_path):
     study.ask(), study.ask()  # running elsewhere
     trained = []
     search = evolve.Evolution(study, 2, {"lr0": FloatDistribution(1e-5, 1e-1)}, {"lr0": 0.01}, tmp_path,
-                              lambda hyp, folder, number: trained.append(hyp) or [0.0] * 7, train.METRIC_COLUMNS, "memory",
-                              poll_s=0.01)
+                              lambda hyp, folder, number: trained.append(hyp) or [0.0] * 7, train.METRIC_COLUMNS,
+                              "memory", poll_s=0.01)
     with pytest.raises(evolve.SurplusTrial, match="trial 2 not run: the study had its 2 trials"):
         search.objective(study.ask())
     assert trained == []

@@ -42,7 +42,8 @@ from utils.metrics import fitness
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URI = f"sqlite:///{ROOT / 'runs' / 'mlflow.db'}"
 STATE_KEY = "mlflow"  # last.pt's train_state entry: {"tracking_uri", "run_id", "pending": [[epoch, ms, {..}], ...]}
-STUDY_TAG, STUDY_KEY_TAG, TRIAL_TAG, PARENT_TAG = "evolve.study", "evolve.study_key", "evolve.trial", "mlflow.parentRunId"
+STUDY_TAG, STUDY_KEY_TAG, TRIAL_TAG = "evolve.study", "evolve.study_key", "evolve.trial"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI shows the run nested under that one
 # MLflow's client retries a failed request 7 times with growing waits (minutes in all) and waits 120 s for an answer:
 # a training would stall that long on a dead server. These apply unless the environment sets its own.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -287,7 +288,8 @@ class StudyTracking:
             self.experiment_id = _experiment_id(self.client, os.getenv("MLFLOW_EXPERIMENT_NAME") or experiment,
                                                 self.uri)
             self.parent = self._parent_run()
-            LOGGER.info(f"MLflow: study {study!r} is run {self.parent} in {_masked(self.uri)}; its trials nest under it")
+            LOGGER.info(f"MLflow: study {study!r} is run {self.parent} in {_masked(self.uri)}; its trials nest "
+                        f"under it")
         except Exception as e:
             _warn_off(f"finding the run of study {study!r}", self.uri, e)
             self.client = self.parent = None
