@@ -211,8 +211,8 @@ METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "met
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
 RAW_COLUMNS = ("raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95")
 EMA_ATTRS = ("yaml", "nc", "hyp", "names", "stride", "class_weights")
-# What --resume takes from its command line: --epochs, --workers, --device and the switches of the session flags
-# (on if the run or the resuming command turned them on); everything else is the run's own, from its checkpoint.
+# What --resume takes from its command line: --epochs, --workers, --device, --mlflow and the switches of the session
+# flags (on if the run or the resuming command turned them on); everything else is the run's own, from its checkpoint.
 RESUME_SESSION_FLAGS = ("profile", "noplots", "no_tensorboard")
 RESUME_OVERRIDES = ("resume", "epochs", "workers", "device", "mlflow")
 KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"

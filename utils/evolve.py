@@ -19,6 +19,9 @@ is a worker of the same search:
 After each trial the worker rewrites, from the storage (so with every worker's trials), evolve.csv (a row per
 completed trial: its metrics, fitness and every hyp value) and hyp_evolve.yaml (the best trial's hyps) in its
 evolve folder; evolve.png (each searched hyp against fitness) at most every PLOT_EVERY_S and when it ends.
+
+With --mlflow (or MLFLOW_TRACKING_URI set) each trial is an MLflow run nested under the study's one parent run,
+which every worker finds by the study's name (utils/tracking.py).
 """
 from __future__ import annotations
 
