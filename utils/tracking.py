@@ -137,11 +137,10 @@ def _masked(uri: str) -> str:
 class Tracker:
     """One training run's MLflow run. Every method is a no-op once a call has failed (after its one warning)."""
 
-    def __init__(self, client, uri: str, run_id: str, checkpointed: bool, trial: TrialLink | None,
-                 pending: list | None = None):
+    def __init__(self, client, uri: str, run_id: str, checkpointed: bool, trial: TrialLink | None):
         self.client, self.uri, self.run_id, self.trial = client, uri, run_id, trial
         self.checkpointed = checkpointed  # each epoch's last.pt is written: its metrics wait for it
-        self.pending: list = list(pending or [])  # [epoch, time in ms, {name: value}] not sent yet
+        self.pending: list = []  # [epoch, time in ms, {name: value}] not sent yet
         self.ended = False
 
     # -------------------------------------------------------------------------------------------- start
@@ -150,7 +149,7 @@ class Tracker:
         """The tracker of a run (None: not asked for, not rank 0, or the tracker failed with its warning). A
         resumed run whose last.pt names an MLflow run continues that run."""
         trial = _TRIAL.get()
-        saved = (resume_ckpt or {}).get("train_state", {}).get(STATE_KEY) if resume_ckpt is not None else None
+        saved = resume_ckpt.get("train_state", {}).get(STATE_KEY) if resume_ckpt is not None else None
         if not main or not (wanted(opt) or saved) or (trial is not None and trial.parent is None):
             return None
         uri = tracking_uri(opt) if wanted(opt) or not saved else saved["tracking_uri"]
@@ -179,7 +178,7 @@ class Tracker:
             experiment = _experiment_id(client, os.getenv("MLFLOW_EXPERIMENT_NAME") or Path(opt.project).name, uri)
             tags = {}
         run = client.create_run(experiment, run_name=name, tags={**_version_tags(), **tags})
-        params = {**{k: v for k, v in sorted(vars(opt).items())}, **hyp}
+        params = {**dict(sorted(vars(opt).items())), **hyp}
         entries = [Param(sanitized(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(entries), BATCH):
             client.log_batch(run.info.run_id, params=entries[i:i + BATCH])
