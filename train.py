@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model: worth it for long runs only (compiling takes minutes; measure with "
                         "bench/train_speed.py --formats channels_last compiled)")
+    p.add_argument("--mlflow", nargs="?", const=True, default=False, metavar="URI",
+                   help="log the run to MLflow: at URI, else $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db "
+                        "(on too whenever MLFLOW_TRACKING_URI is set; utils/tracking.py)")
     p.add_argument("--profile", action="store_true",
                    help="time every phase of the run; print the table at the end and write profile.json")
     p.add_argument("--evolve", type=int, nargs="?", const=300, default=None,
@@ -188,6 +191,7 @@ from utils.profiling import PhaseTimer  # noqa: E402
 from utils.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from utils.switch_ema import switch_ema_enabled, switch_to_average  # noqa: E402
 from utils.tensorboard_log import TensorBoardLog  # noqa: E402
+from utils.tracking import Tracker  # noqa: E402
 from utils.torch_utils import (autocast, check_amp, de_parallel, init_seeds, model_info,  # noqa: E402
                                non_finite_tensors, select_device)
 
@@ -207,10 +211,10 @@ METRIC_COLUMNS = ("metrics/precision", "metrics/recall", "metrics/mAP_0.5", "met
                   "val/box_loss", "val/obj_loss", "val/cls_loss")
 RAW_COLUMNS = ("raw/precision", "raw/recall", "raw/mAP_0.5", "raw/mAP_0.5:0.95")
 EMA_ATTRS = ("yaml", "nc", "hyp", "names", "stride", "class_weights")
-# What --resume takes from its command line: --epochs, --workers, --device and the switches of the session flags
-# (on if the run or the resuming command turned them on); everything else is the run's own, from its checkpoint.
+# What --resume takes from its command line: --epochs, --workers, --device, --mlflow and the switches of the session
+# flags (on if the run or the resuming command turned them on); everything else is the run's own, from its checkpoint.
 RESUME_SESSION_FLAGS = ("profile", "noplots", "no_tensorboard")
-RESUME_OVERRIDES = ("resume", "epochs", "workers", "device")
+RESUME_OVERRIDES = ("resume", "epochs", "workers", "device", "mlflow")
 KILL_HOOK_ENV = "YOLO_TEST_KILL_AT_ITER"
 INTERRUPT_HOOK_ENV = "YOLO_TEST_INTERRUPT_AT_ITER"
 OVERFLOW_HOOK_ENV = "YOLO_TEST_OVERFLOW_AT_ITER"
@@ -358,6 +362,7 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     new.resume, new.epochs = str(path), opt.epochs or planned
     new.workers = opt.workers if opt.workers is not None else saved.get("workers", DEFAULT_WORKERS)
     new.device = opt.device if opt.device is not None else saved.get("device", "")
+    new.mlflow = opt.mlflow or saved.get("mlflow", False)  # a run the checkpoint tracks goes on being tracked anyway
     if saved.get("amp") is None:  # a run saved before --amp existed: what its --bf16 and the device meant
         new.amp = "bf16" if saved.get("bf16") else None
     new.save_dir = str(path.resolve().parent.parent)
@@ -685,6 +690,7 @@ class Run:
     end_epoch: int = 0
     best_fitness: float = 0.0
     tensorboard: TensorBoardLog | None = None
+    tracker: Tracker | None = None  # MLflow (--mlflow), rank 0 only
     saved_epoch: int | None = None  # the epoch last.pt holds
     position: tuple[int, int] = (0, -1)  # (epoch, batch) being trained; batch -1 before the epoch's first
     finishing: bool = False  # every epoch trained: finish() validates best.pt and plots
@@ -816,6 +822,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
         log_run_plan(run)
         if not opt.no_tensorboard:
             run.tensorboard = TensorBoardLog(run.save_dir, start_epoch)
+    run.tracker = Tracker.start(opt, hyp, resume_ckpt, procs.main)
     if resume_ckpt is not None:
         if procs.main:
             truncate_results(run.results_csv, start_epoch)
@@ -1063,12 +1070,14 @@ def end_epoch(run: Run, epoch: int, mloss: torch.Tensor) -> bool:
     with run.timer("results.csv, TensorBoard"):
         distilling = run.step.distiller is not None
         append_results_row(run.results_csv, row, opt.val_raw, distilling)
+        scalars = dict(zip(results_header(opt.val_raw, distilling)[1:], row[1:]))
+        scalars.update({"ema/updates": ema.updates, "ema/decay": ema_decay_now(ema)})
+        if run.scaler.is_enabled():
+            scalars["amp/scale"] = run.scaler.get_scale()
         if run.tensorboard is not None:
-            scalars = dict(zip(results_header(opt.val_raw, distilling)[1:], row[1:]))
-            scalars.update({"ema/updates": ema.updates, "ema/decay": ema_decay_now(ema)})
-            if run.scaler.is_enabled():
-                scalars["amp/scale"] = run.scaler.get_scale()
             run.tensorboard.scalars(epoch, scalars)
+        if run.tracker is not None:
+            run.tracker.epoch(epoch, scalars, run.saved_epoch)
     if not opt.nosave or final_epoch or stop:
         with run.timer("checkpoints"):
             save_epoch_checkpoints(run, epoch, improved=run.best_fitness == fi)
@@ -1120,7 +1129,8 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
         "train_state": {"last_opt_step": int(run.step.last_opt_step), "accumulate": int(run.accumulate),
                         "early_stopping": run.stopper.state_dict(), "ema_images": float(ema.images),
                         "ema_total_steps": ema.total_steps,  # the run's length on the EMA's clock (posthoc_ema.py)
-                        **({"teacher": run.step.distiller.teacher.record} if run.step.distiller else {})},
+                        **({"teacher": run.step.distiller.teacher.record} if run.step.distiller else {}),
+                        **(run.tracker.state() if run.tracker is not None else {})},  # MLflow run id
         # Stripped when the run finishes (strip_resume_state).
         "resume": {
             "model": pack_state_dict(model_state),
@@ -1181,6 +1191,8 @@ def finish(run: Run, epochs_done: int, t0: float) -> None:
             plot_results(run.results_csv)
     if run.tensorboard is not None:
         run.tensorboard.close()
+    if run.tracker is not None:
+        run.tracker.finish(run.save_dir, run.best, run.results)
     LOGGER.info(f"Results saved to {run.save_dir}")
 
 
@@ -1217,6 +1229,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
         raise TrainError(f"{e}; {run.resume_hint()}") from None
     finally:
         gc.unfreeze()  # train() may be called again in this process (tests, notebooks)
+        if run.tracker is not None:  # stopped before finish(): what last.pt holds is sent, the run marked KILLED
+            run.tracker.end("KILLED", run.saved_epoch)
     if timer.enabled:
         report_profile(run, wall=time.perf_counter() - T_IMPORT, epochs=epoch - run.start_epoch + 1)
     return run.results

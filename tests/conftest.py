@@ -45,3 +45,13 @@ def coco128() -> Path:
     except DatasetError as e:
         reason = str(e)
     pytest.fail(f"these tests need coco128: {reason}", pytrace=False)  # outside except: no chained report
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, loopback port) for the tests that track runs; its http:// URI.
+    Started once, when the first test asks, and stopped at the end of the session whatever happened."""
+    from tests.services import mlflow_server as server
+
+    with server(tmp_path_factory.mktemp("mlflow_server")) as uri:
+        yield uri

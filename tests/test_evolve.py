@@ -194,15 +194,15 @@ def test_surplus_trial_fails_without_training(tmp_path):
     study.ask(), study.ask()  # running elsewhere
     trained = []
     search = evolve.Evolution(study, 2, {"lr0": FloatDistribution(1e-5, 1e-1)}, {"lr0": 0.01}, tmp_path,
-                              lambda hyp, folder: trained.append(hyp) or [0.0] * 7, train.METRIC_COLUMNS, "memory",
-                              poll_s=0.01)
+                              lambda hyp, folder, number: trained.append(hyp) or [0.0] * 7, train.METRIC_COLUMNS,
+                              "memory", poll_s=0.01)
     with pytest.raises(evolve.SurplusTrial, match="trial 2 not run: the study had its 2 trials"):
         search.objective(study.ask())
     assert trained == []
     one_short = optuna.create_study(direction="maximize")
     one_short.ask()
     value = evolve.Evolution(one_short, 2, {"lr0": FloatDistribution(1e-5, 1e-1)}, {"lr0": 0.01}, tmp_path,
-                             lambda hyp, folder: [0.5, 0.5, 0.4, 0.2, 0, 0, 0], train.METRIC_COLUMNS, "memory",
+                             lambda hyp, folder, number: [0.5, 0.5, 0.4, 0.2, 0, 0, 0], train.METRIC_COLUMNS, "memory",
                              poll_s=0.01).objective(one_short.ask())
     assert value == pytest.approx(0.1 * 0.4 + 0.9 * 0.2)
 

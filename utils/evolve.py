@@ -19,10 +19,15 @@ is a worker of the same search:
 After each trial the worker rewrites, from the storage (so with every worker's trials), evolve.csv (a row per
 completed trial: its metrics, fitness and every hyp value) and hyp_evolve.yaml (the best trial's hyps) in its
 evolve folder; evolve.png (each searched hyp against fitness) at most every PLOT_EVERY_S and when it ends.
+
+With --mlflow (or MLFLOW_TRACKING_URI set) each trial is an MLflow run nested under the study's one parent run,
+which every worker finds by the study's name (utils/tracking.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -56,6 +61,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 from utils.ema import SIGMA_REL_MAX, UNITS, schedule_params  # noqa: E402
 from utils.log import LOGGER  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
+from utils.tracking import StudyTracking, wanted  # noqa: E402
 
 # YOLOv5 v7.0's train.py `meta`: the keys its --evolve mutates (those with a non-zero mutation gain) and the bounds
 # it clips them to. Not searched: iou_t, fl_gamma, perspective and fliplr (gain 0 there), anchors (no such hyp
@@ -80,7 +86,7 @@ COUNTED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)  # trial
 # Flags that say how or where a worker runs, not what a trial trains: workers of one study may differ in them.
 SESSION_FLAGS = ("evolve", "evolve_storage", "evolve_study", "evolve_heartbeat", "device", "workers", "project",
                  "name", "exist_ok", "profile", "noplots", "no_tensorboard", "local_rank", "resume", "cache",
-                 "nosave", "noval", "save_dir", "hyp", "bf16", "save_period", "val_raw", "sync_bn", "compile")
+                 "nosave", "noval", "save_dir", "hyp", "bf16", "save_period", "val_raw", "sync_bn", "compile", "mlflow")
 STUDY_ATTR_FLAGS, STUDY_ATTR_HYP = "evolve_flags", "evolve_hyp"
 CREATOR_WAIT_S = 30.0  # how long a joining worker waits for the creator to store the study's flags
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -195,6 +201,7 @@ def _open_storage(url: str, heartbeat_s: int, retry: RetryHeartbeatStaleTrialCal
     # SQLite: several local workers wait for each other's writes instead of failing; servers: an unreachable host
     # fails in seconds rather than after the operating system's TCP timeout.
     connect_args = {"timeout": 60} if scheme == "sqlite" else {"connect_timeout": 10}
+    url = with_installed_driver(url)
     try:
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
@@ -212,6 +219,15 @@ def _open_storage(url: str, heartbeat_s: int, retry: RetryHeartbeatStaleTrialCal
                           f"one, e.g. pip install psycopg2-binary (PostgreSQL) or PyMySQL (mysql+pymysql://)") from None
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, OSError, RuntimeError) as e:
         raise EvolveError(f"--evolve-storage {shown}: cannot open it ({one_line(e)})") from None
+
+
+def with_installed_driver(url: str) -> str:
+    """A postgresql:// URL without a driver, made to name the one installed. SQLAlchemy 2.1 reads it as psycopg 3's
+    (2.0 as psycopg2's), so with only psycopg2 installed the same URL would fail there for want of a driver."""
+    scheme, rest = url.split("://", 1)
+    if scheme.lower() != "postgresql" or importlib.util.find_spec("psycopg") is not None:
+        return url
+    return f"postgresql+psycopg2://{rest}" if importlib.util.find_spec("psycopg2") is not None else url
 
 
 def one_line(e: BaseException) -> str:
@@ -270,7 +286,7 @@ class Evolution:
     """One worker of the search: trials until the study has `trials` completed ones, then the outputs."""
 
     def __init__(self, study: optuna.Study, trials: int, space: dict, hyp: dict, folder: Path,
-                 train_trial: Callable[[dict, Path], Sequence[float]], metric_names: Sequence[str], where: str,
+                 train_trial: Callable[[dict, Path, int], Sequence[float]], metric_names: Sequence[str], where: str,
                  poll_s: float):
         self.study, self.trials, self.space, self.hyp, self.folder = study, trials, space, hyp, folder
         self.train_trial, self.metric_names, self.where, self.poll_s = train_trial, list(metric_names), where, poll_s
@@ -318,7 +334,7 @@ class Evolution:
         changed = ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in hyp.items()
                             if k in self.space)
         LOGGER.info(f"\nevolve: trial {trial.number} ({ahead + 1} of {self.trials}) by {WORKER} in {folder}: {changed}")
-        results = [float(x) for x in self.train_trial(hyp, folder)]
+        results = [float(x) for x in self.train_trial(hyp, folder, trial.number)]
         shutil.rmtree(folder / "weights", ignore_errors=True)  # a trial keeps no checkpoints (nor does YOLOv5's)
         trial.set_user_attr("metrics", dict(zip(self.metric_names, results)))
         self.ran.append(trial.number)
@@ -430,14 +446,19 @@ def run_evolution(opt: argparse.Namespace, hyp: dict, folder: Path,
         space = search_space(hyp)
         study = join_study(storage, opt.evolve_study, study_flags(opt), hyp, space, where)
 
-        def train_trial(trial_hyp: dict, trial_folder: Path) -> Sequence[float]:
+        tracking = StudyTracking(opt, opt.evolve_study) if wanted(opt) else None
+
+        def train_trial(trial_hyp: dict, trial_folder: Path, number: int) -> Sequence[float]:
             # An ordinary run in its own folder, validated and saved at its last epoch only (YOLOv5's --evolve too).
             trial_opt = argparse.Namespace(**{**vars(opt), "save_dir": str(trial_folder), "noval": True,
                                               "nosave": True, "noplots": True, "no_tensorboard": True})
-            return train_run(trial_hyp, trial_opt)
+            with tracking.trial(number) if tracking is not None else contextlib.nullcontext():
+                return train_run(trial_hyp, trial_opt)
 
         LOGGER.info(f"evolve: {opt.evolve} trials in all, study {opt.evolve_study!r} in {where}, worker {WORKER}, "
                     f"searching {', '.join(space)}")
         Evolution(study, opt.evolve, space, hyp, folder, train_trial, metric_names, where,
                   poll_s=min(WAIT_POLL_S, heartbeat / 2)).run()
+        if tracking is not None:
+            tracking.finish(study.best_value, study.best_trial.number, opt.evolve)
     return study
