@@ -167,6 +167,19 @@ class Oracle(torch.nn.Module):
         return self.outputs.pop(0), None
 
 
+def test_val_on_a_handmade_json_without_areas_or_ids(tmp_path, caplog):
+    """Annotation tools may leave out 'area' and annotation ids, which COCOeval needs: exact boxes still score 1."""
+    caplog.set_level(logging.INFO, logger="yolo")
+    anns = [{"image_id": 10, "category_id": 7, "bbox": [10, 20, 30, 40]}, {"image_id": 11, "category_id": 3, "bbox": [50, 10, 40, 60]}]
+    file = handmade(tmp_path, anns)
+    data = check_dataset(write_yaml(tmp_path, train=file.name, val=file.name))
+    loader, ds = create_dataloader(data["val"], 64, 4, 32, workers=0, nc=2)
+    boxes = {ds.im_files[0]: [[10, 20, 40, 60, 0.9, 1]], ds.im_files[1]: [[50, 10, 90, 70, 0.8, 0]]}
+    results = val.run(data, model=Oracle(loader, boxes, 2), dataloader=loader, plots=False, copy_model=False)
+    assert results[0][2] == pytest.approx(1.0) and results[0][3] == pytest.approx(1.0)
+    assert "COCOeval against" in caplog.text
+
+
 def noisy_predictions(yolo_labels, im_file, w0, h0):
     """Jittered hits, misses, a wrong class and a false positive per image, drawn from the image's own seed."""
     rng = np.random.default_rng(int(im_file.rsplit("/", 1)[1][:-4]))
@@ -243,3 +256,21 @@ def test_val_scores_crowd_regions_and_ids_as_coco_does(coco128, coco128_json, tm
     written = json.loads((tmp_path / "model_predictions.json").read_text())
     assert {d["image_id"] for d in written} == {a["image_id"] for a in coco128_json["annotations"]}
     assert {d["category_id"] for d in written} == {a["category_id"] for a in coco128_json["annotations"]}
+
+
+def test_train_runs_on_a_json_with_no_conversion(coco128, coco128_json, tmp_path):
+    """train.py --data on a json split (eight coco128 images, crowd regions among them): it trains, and each epoch's
+    validation is COCOeval against the json."""
+    from tests.train_helpers import run_train, tiny_model_yaml, tiny_run_args
+
+    images = [im for im in coco128_json["images"] if im["id"] in (9, 25, 30, 34, 36, 42, 149, 257)]  # 149, 257: crowds
+    subset = {"images": images, "categories": coco128_json["categories"],
+              "annotations": [a for a in coco128_json["annotations"] if a["image_id"] in {im["id"] for im in images}]}
+    (tmp_path / "instances_eight.json").write_text(json.dumps(subset))
+    data = write_yaml(tmp_path, train="instances_eight.json", val="instances_eight.json",
+                      images=str(coco128 / "images" / "train2017"))
+    proc = run_train(tiny_run_args(data, tiny_model_yaml(tmp_path), tmp_path / "runs", "json", 1))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "8 images, 0 backgrounds, 0 skipped, 0 duplicate boxes dropped, 2 crowd regions not trained on" in proc.stdout
+    assert f"COCOeval against {tmp_path / 'instances_eight.json'}" in proc.stdout
+    assert (tmp_path / "runs" / "json" / "weights" / "best.pt").is_file()

@@ -220,4 +220,23 @@ class CocoSource:
 
         left_out = set(map(str, excluded))
         img_ids = [i for f, i in self.image_ids.items() if f not in left_out]
-        return coco_evaluate(self.json_file, predictions, img_ids=img_ids, max_det=max_det, use_cats=use_cats)
+        return coco_evaluate(scorable(load_json(self.json_file)), predictions, img_ids=img_ids, max_det=max_det,
+                             use_cats=use_cats)
+
+
+def scorable(data: dict) -> dict:
+    """The json as pycocotools can index and score it: entries that are not objects dropped, and the optional keys
+    that annotation tools leave out filled in (COCOeval reads every box's 'area' and 'iscrowd', indexes by 'id',
+    and takes an id of 0 for 'unmatched'). The boxes themselves are left as they are."""
+    images = [im for im in data["images"] if isinstance(im, dict) and isinstance(im.get("id"), int)]
+    anns = [a for a in data.get("annotations", []) if isinstance(a, dict)]
+    ids = [a.get("id") for a in anns]
+    renumber = not all(isinstance(i, int) and i > 0 for i in ids) or len(set(ids)) != len(ids)
+    for k, a in enumerate(anns, 1):
+        if renumber:
+            a["id"] = k
+        box = a.get("bbox")
+        if "area" not in a and isinstance(box, (list, tuple)) and len(box) == 4:
+            a["area"] = float(box[2]) * float(box[3])
+        a.setdefault("iscrowd", 0)
+    return {**data, "images": images, "annotations": anns}

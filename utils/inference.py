@@ -207,7 +207,7 @@ class ExportedModel(nn.Module):
 
 class OnnxModel(ExportedModel):
     """An .onnx file run by onnxruntime (CPUExecutionProvider; CUDA's when the device is a GPU and the
-    installed onnxruntime has it)."""
+    installed onnxruntime has it), with torch.get_num_threads() intra-op threads."""
 
     def __init__(self, file: Path, device: torch.device):
         super().__init__(file, device)
@@ -215,8 +215,10 @@ class OnnxModel(ExportedModel):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch's and OpenVINO's: OMP_NUM_THREADS where set
         try:
-            self.session = ort.InferenceSession(str(file), providers=providers)
+            self.session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid files
             raise CheckpointError(f"{file} is not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
         meta = {k: _parse_meta_value(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
