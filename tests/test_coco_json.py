@@ -95,6 +95,9 @@ def test_handmade_json_classes_backgrounds_crowd_and_overhang(tmp_path, caplog):
     assert ds.labels[2].shape == (0, 5)  # no annotations: a background
     assert "3 images, 1 backgrounds, 0 skipped, 0 duplicate boxes dropped, 1 crowd regions not trained on" in caplog.text
     assert ds.coco.category_ids == [3, 7] and list(ds.coco.image_ids.values()) == [10, 11, 12]
+    assert (tmp_path / "a" / "instances_x.cache").is_file()  # beside the json, as labels/NAME.cache beside labels
+    handmade(tmp_path / "a", [{**GOOD, "bbox": [0, 0, 50, 40]}])  # the json changes: scanned again
+    np.testing.assert_allclose(LoadImagesAndLabels(data["train"], 64, nc=2).labels[0], [[1, 0.25, 0.25, 0.5, 0.5]])
 
 
 BAD = [
