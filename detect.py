@@ -27,7 +27,7 @@ from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Detect objects with a YOLOv5-style detector", formatter_class=HelpFormatter)
     p.add_argument("--weights", type=str, default=None,
-                   help="best.pt, an original YOLOv5 .pt, best.onnx or best.torchscript "
+                   help="best.pt, an original YOLOv5 .pt, best.onnx, best.torchscript or best_openvino_model/ "
                         "(default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--source", type=str, required=True,
                    help="an image or video, a folder, a glob, a .txt list of paths, or an image URL")

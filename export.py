@@ -1,8 +1,10 @@
-"""Export trained weights to ONNX and TorchScript, written beside the weights (best.onnx, best.torchscript).
+"""Export trained weights to ONNX, TorchScript and OpenVINO, written beside the weights (best.onnx,
+best.torchscript, best_openvino_model/).
 
     python export.py --weights runs/train/exp/weights/best.pt --include onnx torchscript
     python export.py --weights best.pt --include onnx --dynamic          # any batch size and image size
     python export.py --weights best.pt --include onnx --half --device 0  # FP16, on a GPU
+    python export.py --weights best.pt --include openvino --half         # FP16 weights for the CPU
 
 The exported graph has one output, (batch, anchors, 5 + nc): boxes (cx, cy, w, h) in input pixels, then
 objectness and class scores, as YOLOv5's exports. Without --weights the latest runs/train/*/weights/best.pt
@@ -20,11 +22,11 @@ if str(ROOT) not in sys.path:
 
 from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "openvino")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a YOLOv5-style detector to ONNX and TorchScript",
+    p = argparse.ArgumentParser(description="Export a YOLOv5-style detector to ONNX, TorchScript and OpenVINO",
                                 formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--weights", type=str, default=None,
                    help="checkpoint to export (default: the latest runs/train/*/weights/best.pt)")
@@ -32,8 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=None,
                    help="input size: one number, or h w (default: the size the weights were trained at, else 640)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: free batch size and image size (multiples of the stride)")
-    p.add_argument("--half", action="store_true", help="FP16 weights and input (needs a CUDA --device)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX, OpenVINO: free batch size and image size (multiples of the stride)")
+    p.add_argument("--half", action="store_true",
+                   help="FP16 weights and input (needs a CUDA --device); OpenVINO: FP16 weights, on any device")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or a GPU index such as 0")
     return p
@@ -46,23 +50,29 @@ def parse_opt(argv=None) -> argparse.Namespace:
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
 
+import copy  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from models.yolo import Detect, size_multiple  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.inference import (  # noqa: E402
-    EXPORT_SUFFIXES,
     JIT_DEPRECATION,
+    OPENVINO_DIR_SUFFIX,
     TORCHSCRIPT_CONFIG,
     MissingPackageError,
     default_imgsz,
     export_metadata,
     image_size,
     inference_size,
+    is_exported,
     load_model,
     require,
 )
@@ -76,7 +86,9 @@ class ExportError(Exception):
 
 
 def _size_mb(file: Path) -> float:
-    return file.stat().st_size / 2**20
+    """Size of a file, or of a folder's files."""
+    files = file.rglob("*") if file.is_dir() else [file]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
 
 
 def export_torchscript(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict) -> Path:
@@ -120,6 +132,33 @@ def export_onnx(model: torch.nn.Module, im: torch.Tensor, file: Path, meta: dict
     return file
 
 
+def export_openvino(model: torch.nn.Module, im: torch.Tensor, folder: Path, stem: str, meta: dict,
+                    opset: int | None, dynamic: bool, stride: int, half: bool, onnx_file: Path | None = None) -> Path:
+    """YOLOv5's OpenVINO folder: STEM.xml and STEM.bin converted from the ONNX graph (this run's .onnx when it
+    wrote one, else a temporary one), and STEM.yaml with the metadata YOLOv5's loader reads (stride, names).
+    `half` compresses the weights to FP16. Built beside `folder` and renamed into place, so a failed export
+    leaves an earlier folder as it was."""
+    ov = require("openvino", "OpenVINO export")
+    LOGGER.info(f"\nOpenVINO: starting export with openvino {ov.__version__}...")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        if onnx_file is None:
+            if next(model.parameters()).dtype != torch.float32:  # an FP16 CUDA export: OpenVINO gets FP32 to compress
+                model, im = copy.deepcopy(model).float().cpu(), im.float().cpu()
+            onnx_file = export_onnx(model, im, staging / f"{stem}.onnx", meta, opset, dynamic, stride)
+        ov_model = ov.convert_model(str(onnx_file))
+        ov.save_model(ov_model, str(staging / f"{stem}.xml"), compress_to_fp16=half)
+        (staging / f"{stem}.onnx").unlink(missing_ok=True)
+        (staging / f"{stem}.yaml").write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1, dynamic: bool = False,
         half: bool = False, opset: int | None = None, device="cpu") -> list[Path]:
     """Write each format in `include` beside `weights`; returns the files written."""
@@ -138,15 +177,18 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
         device = select_device(device)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if half and device.type != "cuda":
-        raise ExportError("--half export needs a CUDA device (--device 0): FP16 models are for GPU inference")
-    if "onnx" in include:  # missing packages fail before any work
+    if half and device.type != "cuda" and set(include) != {"openvino"}:  # OpenVINO's FP16 weights suit CPUs too
+        raise ExportError("--half export needs a CUDA device (--device 0): FP16 models are for GPU inference "
+                          "(--include openvino alone compresses to FP16 on any device)")
+    if "onnx" in include or "openvino" in include:  # missing packages fail before any work
         require("onnx", "ONNX export")
         require("onnxscript", "ONNX export")
+    if "openvino" in include:
+        require("openvino", "OpenVINO export")
     if weights is None:
         weights = latest_best_weights(TRAIN_RUNS)
     weights = Path(weights)
-    if weights.suffix.lower() in EXPORT_SUFFIXES:
+    if is_exported(weights):
         raise ExportError(f"{weights} is already exported; export.py starts from PyTorch weights (.pt)")
 
     t0 = time.time()
@@ -160,7 +202,7 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
     im = torch.zeros(batch_size, 3, *inference_size(imgsz, stride), device=device)
     for p in model.parameters():
         p.requires_grad_(False)
-    if half:
+    if half and device.type == "cuda":  # on the CPU only OpenVINO is exported, which compresses the weights itself
         im, model = im.half(), model.half()
     with torch.no_grad():
         shape = tuple(model(im).shape)
@@ -172,13 +214,17 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
         if fmt not in include:
             continue
         t = time.time()
-        file = weights.with_suffix(".torchscript" if fmt == "torchscript" else ".onnx")
-        name = "TorchScript" if fmt == "torchscript" else "ONNX"
+        file = {"torchscript": weights.with_suffix(".torchscript"), "onnx": weights.with_suffix(".onnx"),
+                "openvino": weights.with_name(weights.stem + OPENVINO_DIR_SUFFIX)}[fmt]
+        name = {"torchscript": "TorchScript", "onnx": "ONNX", "openvino": "OpenVINO"}[fmt]
         try:
             if fmt == "torchscript":
                 export_torchscript(model, im, file, meta)
-            else:
+            elif fmt == "onnx":
                 export_onnx(model, im, file, meta, opset, dynamic, stride)
+            else:  # from this run's .onnx when it is FP32 (OpenVINO compresses to FP16 itself)
+                reuse = file.with_name(weights.stem + ".onnx") if "onnx" in include and im.dtype == torch.float32 else None
+                export_openvino(model, im, file, weights.stem, meta, opset, dynamic, stride, half, reuse)
         except MissingPackageError:
             raise
         except Exception as e:  # the exporters' many error types: one line, naming the format

@@ -49,8 +49,8 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
 
 
 def custom(path: str = "best.pt", autoshape: bool = True, _verbose: bool = True, device=None):
-    """Your weights: our checkpoint (EMA weights), an original YOLOv5 .pt, an .onnx or a .torchscript file,
-    a local path or an http(s) URL (fetched into torch.hub's cache folder)."""
+    """Your weights: our checkpoint (EMA weights), an original YOLOv5 .pt, an .onnx or a .torchscript file or an
+    OpenVINO folder (*_openvino_model/), a local path or an http(s) URL (fetched into torch.hub's cache folder)."""
     from utils.inference import Detector, fetch_weights, load_model
     from utils.log import set_logging
     from utils.torch_utils import select_device

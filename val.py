@@ -79,9 +79,9 @@ from utils.boxes import non_max_suppression, scale_boxes, xywhn2xyxy, xyxy2xywh 
 from utils.checkpoint import (CheckpointError, check_checkpoint_classes, load_checkpoint,  # noqa: E402
                               model_from_checkpoint, trained_imgsz)
 from utils.inference import (  # noqa: E402
-    EXPORT_SUFFIXES,
     MissingPackageError,
     autocast_dtype,
+    is_exported,
     load_model,
     speed_line,
     write_yolo_labels,
@@ -244,7 +244,7 @@ def run(
         if weights is None:
             weights = latest_best_weights(TRAIN_RUNS)
             LOGGER.info(f"No --weights given: validating the latest run's {shown_path(weights)}")
-        if Path(weights).suffix.lower() in EXPORT_SUFFIXES:  # .onnx / .torchscript, run as detect.py runs them
+        if is_exported(weights):  # .onnx / .torchscript / OpenVINO, run as detect.py runs them
             if augment:  # the flipped and scaled passes are the PyTorch model's own forward
                 raise ValError(f"--augment (test-time augmentation) needs PyTorch weights, not {Path(weights).name}")
             model = load_model(weights, device)
@@ -299,6 +299,9 @@ def run(
 
     dataset = dataloader.dataset
     dataset_labels = {str(Path(f)): lb for f, lb in zip(dataset.im_files, dataset.labels)}
+    coco_gt = getattr(dataset, "coco", None) if task != "speed" else None  # read from a COCO json: scored on it
+    if coco_gt is not None:
+        class_map = coco_gt.category_ids
 
     with eval_mode(model):
         waited_from = time.perf_counter()
@@ -348,8 +351,9 @@ def run(
                         confusion.process_batch(predn, torch.cat((gt[:, 0:1], tbox), 1))
                     if save_txt:
                         write_yolo_labels(predn, shape, save_dir / "labels" / f"{path.stem}.txt", save_conf)
-                    if save_json:
-                        jdict += predictions_to_coco(predn, image_id_from_path(path), class_map)
+                    if save_json or coco_gt is not None:
+                        image_id = coco_gt.image_ids[str(path)] if coco_gt is not None else image_id_from_path(path)
+                        jdict += predictions_to_coco(predn, image_id, class_map)
 
             if plots and batch_i < PLOTTED_BATCHES:
                 with phases("plots"):
@@ -391,9 +395,13 @@ def run(
             for curve, label, stem in ((result.f1_curve, "F1", "F1"), (result.p_curve, "Precision", "P"), (result.r_curve, "Recall", "R")):
                 plot_mc_curve(CONFIDENCE_GRID, curve, save_dir / f"{stem}_curve.png", names, result.classes, ylabel=label)
 
+    if coco_gt is not None:  # COCO's official figures (crowd regions, original ids) replace ours
+        with phases("COCOeval"):
+            map50_95, map50 = _score_with_coco_json(jdict, coco_gt, save_dir, weights, max_det, single_cls, excluded,
+                                                    save_json, map50_95, map50)  # fmt: skip
     if save_json and not jdict:
         LOGGER.info("No predictions above --conf-thres: nothing to write or score with COCOeval")
-    if save_json and jdict:
+    if save_json and jdict and coco_gt is None:
         with phases("COCOeval"):
             _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls,
                                  map50_95, map50, excluded)
@@ -408,6 +416,21 @@ def run(
     maps[result.classes] = result.ap50_95
     losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
     return (mp, mr, map50, map50_95, *losses), maps, times
+
+
+def _score_with_coco_json(jdict, coco_gt, save_dir, weights, max_det, single_cls, excluded, save_json, our_map,
+                          our_map50) -> tuple[float, float]:
+    """COCOeval against the dataset's own json (utils/coco_json.py); returns its (mAP50-95, mAP50)."""
+    if save_json:
+        pred_json = save_dir / f"{Path(weights).stem if weights else 'model'}_predictions.json"
+        pred_json.write_text(json.dumps(jdict))
+        LOGGER.info(f"Predictions saved to {pred_json}")
+    LOGGER.info(f"\nCOCOeval against {coco_gt.json_file} (the dataset's json: its ids, crowd regions as COCO scores "
+                f"them; maxDets={max_det}):")
+    coco_map, coco_map50, _ = coco_gt.evaluate(jdict, excluded, max_det=max_det, use_cats=not single_cls)
+    LOGGER.info(f"mAP50-95 {coco_map:.6f}, mAP50 {coco_map50:.6f} (reported; without crowd regions ours are "
+                f"{our_map:.6f}, {our_map50:.6f})")
+    return coco_map, coco_map50
 
 
 def _score_with_cocoeval(jdict, dataset, data_dict, task, names, save_dir, weights, max_det, single_cls, our_map, our_map50,

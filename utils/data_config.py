@@ -4,7 +4,9 @@ A dataset yaml holds `path` (the dataset root), `train` and `val` (image folders
 paths, or lists of either, relative to `path`), optional `test`, `names` (a list or an {id: name} map),
 an optional `nc` that must agree with `names`, an optional `download` URL of a .zip/.tar archive, and an
 optional `make`: the command that makes a dataset built locally (e.g. `python data/make_digits.py`), named in
-the error when the dataset is missing and never run.
+the error when the dataset is missing and never run. A split may instead name a COCO `instances_*.json`
+(utils/coco_json.py), its images beside it or in the yaml's `images:` (a folder, or a {split: folder} map);
+`names` may then be left out and are the json's.
 
 A relative `path` is looked up, in order, under $DATASETS_DIR, ROOT.parent/'datasets' and
 ROOT.parent/'shared'/'datasets' (ROOT is this repository); an absolute `path` is used as it is; a yaml
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from utils import coco_json
 from utils.cli import read_text_file
 from utils.log import LOGGER
 
@@ -233,6 +236,8 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
 def _resolve_images(value, root: Path, key: str, where) -> str | list[str]:
     """Absolute image source(s) for train/val/test; every folder or list file must exist."""
     items = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and any(coco_json.is_coco_json(i) for i in items):
+        raise DatasetError(f"{where}: '{key}' lists a COCO json among other sources; give one json per split")
     out = []
     for item in items:
         p = Path(str(item)).expanduser()
@@ -241,6 +246,35 @@ def _resolve_images(value, root: Path, key: str, where) -> str | list[str]:
             raise DatasetError(f"{where}: '{key}' images not found: {p} does not exist")
         out.append(str(p.resolve()))
     return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def _coco_json_splits(d: dict, root: Path, jsons: dict, names, where) -> list[str]:
+    """Record the `images:` folder of each json split for the loader; the class names (the json's when the yaml
+    has none). Reads the first json only when the names must come from it."""
+    images = d.get("images")
+    if images not in (None, ""):
+        per_split = images if isinstance(images, dict) else {k: images for k in jsons}
+        resolved = {}
+        for key, folder in per_split.items():
+            if key not in jsons:
+                raise DatasetError(f"{where}: 'images' names split '{key}', which is not a COCO json split")
+            p = Path(str(folder)).expanduser()
+            p = p if p.is_absolute() else root / p
+            if not p.is_dir():
+                raise DatasetError(f"{where}: 'images' folder {p} does not exist")
+            coco_json.set_image_folder(d[key], p)
+            resolved[key] = str(p.resolve())
+        d["images"] = resolved if isinstance(images, dict) else next(iter(resolved.values()))
+    if names is not None:
+        return names
+    key = next(iter(jsons))
+    try:
+        names = coco_json.read_names(d[key])
+    except coco_json.CocoJsonError as e:
+        raise DatasetError(f"{where}: '{key}': {e}") from None
+    if d.get("nc") is not None and int(d["nc"]) != len(names):
+        raise DatasetError(f"{where}: nc={d['nc']} disagrees with the {len(names)} categories of {d[key]}")
+    return names
 
 
 def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
@@ -257,11 +291,12 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
         d = _load_yaml(yaml_file)
     where = yaml_file or "dataset dict"
 
-    missing = [k for k in ("train", "val", "names") if d.get(k) in (None, "", [])]
+    jsons = {k: d[k] for k in ("train", "val", "test") if coco_json.is_coco_json(d.get(k))}
+    missing = [k for k in ("train", "val", "names") if d.get(k) in (None, "", []) and not (k == "names" and jsons)]
     if missing:
         raise DatasetError(f"{where}: missing required key{'s' if len(missing) > 1 else ''} "
                            f"{', '.join(repr(k) for k in missing)}")
-    names = _names_list(d["names"], d.get("nc"), where)
+    names = _names_list(d["names"], d.get("nc"), where) if d.get("names") not in (None, "", []) else None
 
     root = resolve_dataset_root(d.get("path"), yaml_file, d.get("download"), autodownload, d.get("make"))
     d["path"] = str(root)
@@ -270,6 +305,8 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             d[key] = _resolve_images(d[key], root, key, where)
         elif key == "test":
             d.pop("test", None)
+    if jsons:
+        names = _coco_json_splits(d, root, jsons, names, where)
     d["names"], d["nc"] = names, len(names)
     d["yaml_file"] = str(yaml_file) if yaml_file else None
     return d

@@ -16,6 +16,10 @@ into whichever worker process loads it; the same seed therefore gives identical 
 number of workers, and persistent workers need no per-epoch signal. The shuffle order of an epoch comes
 from a torch.Generator seeded from (seed, epoch); under DDP each rank takes a strided share of it.
 
+COCO-JSON splits (utils/coco_json.py): the json's boxes are the labels; each image is verified as above and the
+result cached beside the json (`instances_NAME.cache`, else in the user cache folder), keyed by the json's and
+every image's path, size and mtime; the dataset's `coco` then holds what val.py scores it with.
+
 Images that cannot be read any more (removed or damaged after the label scan) do not stop a run. In
 training, such an image (a mosaic tile too) is replaced by the first readable image of a permutation that
 is a pure function of (seed, epoch, index), so within a run every worker and every DDP rank picks the same
@@ -40,6 +44,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils import coco_json
 from utils.augmentations import (FILL_VALUE, augment_hsv, letterbox, mixup, mosaic4, random_flips,
                                  random_perspective)
 from utils.boxes import xywhn2xyxy, xyxy2xywhn
@@ -272,11 +277,14 @@ def label_cache_paths(label_files, source) -> tuple[Path, Path]:
     return beside, user_cache_dir() / "labels" / f"{name}-{key}.cache"
 
 
-def _read_label_cache(path: Path, signature: str) -> dict | None:
+def _read_label_cache(path: Path, signature) -> dict | None:
+    """The cache at path when it is current: its signature equals `signature` (a str, or a function of the cached
+    dict, for caches that list the files they were made from)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-        if int(d["version"]) == LABEL_CACHE_VERSION and str(d["signature"]) == signature:
+        expected = signature(d) if callable(signature) else signature
+        if int(d["version"]) == LABEL_CACHE_VERSION and str(d["signature"]) == expected:
             return d
     except FileNotFoundError:
         return None
@@ -330,20 +338,7 @@ def scan_labels(im_files, label_files, nc=None, source=None, prefix: str = "") -
             "duplicates": np.array([r[3] for r in results], np.int64),
             "messages": np.array([r[4] for r in results], dtype=np.str_),
         }
-        targets = [beside, fallback]
-        if not beside.parent.is_dir() or not writable_dir(beside.parent):
-            targets = [fallback]
-            LOGGER.info(f"{prefix}Folder {beside.parent} is read-only or absent; label cache kept at {fallback}")
-        where = None
-        for target in targets:
-            try:
-                _write_atomic(target, lambda f: np.savez(f, **cached))
-                where = target
-                break
-            except OSError as e:  # e.g. a read-only file system that the mode bits did not reveal
-                LOGGER.warning(f"{prefix}WARNING: cannot write label cache {target}: {e}")
-        if where is not None and where != targets[0]:
-            LOGGER.info(f"{prefix}Label cache kept at {where}")
+        where = _write_label_cache(cached, beside, fallback, prefix)
 
     if nc is not None:
         cached = dict(cached)
@@ -358,6 +353,112 @@ def scan_labels(im_files, label_files, nc=None, source=None, prefix: str = "") -
     LOGGER.info(f"{prefix}Scanning {Path(label_files[0]).parent}... {len(status) - n_corrupt} images, "
                 f"{n_background} backgrounds ({n_missing} without a label file), {n_corrupt} corrupt, "
                 f"{int(cached['duplicates'].sum())} duplicate rows dropped (cache: {where})")
+    cached["cache"] = str(where)
+    return cached
+
+
+def _write_label_cache(cached: dict, beside: Path, fallback: Path, prefix: str) -> Path | None:
+    """Write the cache beside the labels, else (read-only) at fallback; returns where it went (None: nowhere)."""
+    targets = [beside, fallback]
+    if not beside.parent.is_dir() or not writable_dir(beside.parent):
+        targets = [fallback]
+        LOGGER.info(f"{prefix}Folder {beside.parent} is read-only or absent; label cache kept at {fallback}")
+    where = None
+    for target in targets:
+        try:
+            _write_atomic(target, lambda f: np.savez(f, **cached))
+            where = target
+            break
+        except OSError as e:  # e.g. a read-only file system that the mode bits did not reveal
+            LOGGER.warning(f"{prefix}WARNING: cannot write label cache {target}: {e}")
+    if where is not None and where != targets[0]:
+        LOGGER.info(f"{prefix}Label cache kept at {where}")
+    return where
+
+
+def _coco_signature(json_file: Path, image_dir, im_files) -> str:
+    h = hashlib.sha256(f"v{LABEL_CACHE_VERSION}\ncoco\n{image_dir}\n".encode())
+    h.update(_files_signature([str(json_file)], [str(f) for f in im_files]).encode())
+    return h.hexdigest()
+
+
+def _verify_coco_image(split: coco_json.CocoSplit, i: int):
+    """verify_image_label's result for image entry i of a COCO json."""
+    empty = np.zeros((0, 5), np.float32)
+    if split.problems[i]:
+        return CORRUPT, (0, 0), empty, 0, split.problems[i]
+    im_file, iid = split.im_files[i], split.image_ids[i]
+    size, reason = _check_image(im_file)
+    if size is None or tuple(size) != tuple(split.sizes[i]):
+        reason = reason or f"the image is {size[0]}x{size[1]}, the json says {split.sizes[i][0]}x{split.sizes[i][1]}"
+        return CORRUPT, (0, 0), empty, 0, f"{split.json_file}: skipped image id {iid} ({Path(im_file).name}): {reason}"
+    labels = split.labels[i]
+    _, first = np.unique(labels, axis=0, return_index=True)
+    n_dup = len(labels) - len(first)
+    msg = ""
+    if n_dup:
+        labels = labels[np.sort(first)]
+        msg = f"{split.json_file}: image id {iid}: {n_dup} duplicate box{'es' if n_dup > 1 else ''} dropped"
+    return (LABELLED if len(labels) else BACKGROUND_EMPTY), size, labels, n_dup, msg
+
+
+def scan_coco_json(json_file, nc=None, prefix: str = "") -> dict:
+    """scan_labels for a COCO instances json: the same dict, plus im_files, image_ids, category_ids, names,
+    notes and n_crowd over the json's image entries. Bad entries are logged and marked CORRUPT."""
+    json_file = Path(json_file).resolve()
+    given = coco_json.given_image_folder(json_file)
+    beside = json_file.with_suffix(".cache")
+    fallback = user_cache_dir() / "labels" / f"{json_file.stem}-{hashlib.sha1(str(beside).encode()).hexdigest()[:16]}.cache"
+
+    def current(d):  # the signature the cached file list has now
+        return _coco_signature(json_file, given if given is not None else str(d["image_dir"]), d["im_files"])
+
+    cached, where = None, None
+    for candidate in (beside, fallback):
+        cached = _read_label_cache(candidate, current)
+        if cached is not None:
+            where = candidate
+            break
+    if cached is None:
+        try:
+            split = coco_json.parse(json_file, given)
+        except coco_json.CocoJsonError as e:
+            raise DatasetError(f"{prefix}{e}") from None
+        with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+            results = pool.starmap(_verify_coco_image, [(split, i) for i in range(len(split.im_files))])
+        labels = [r[2] for r in results]
+        cached = {
+            "version": np.array(LABEL_CACHE_VERSION),
+            "signature": np.array(_coco_signature(json_file, given if given is not None else split.image_dir,
+                                                  split.im_files)),
+            "status": np.array([r[0] for r in results], np.int8),
+            "shapes": np.array([r[1] for r in results], np.int64).reshape(-1, 2),
+            "counts": np.array([len(lb) for lb in labels], np.int64),
+            "labels": np.concatenate(labels, 0) if labels else np.zeros((0, 5), np.float32),
+            "duplicates": np.array([r[3] for r in results], np.int64),
+            "messages": np.array([r[4] for r in results], dtype=np.str_),
+            "im_files": np.array(split.im_files, dtype=np.str_),
+            "image_ids": np.array(split.image_ids, np.int64),
+            "category_ids": np.array(split.category_ids, np.int64),
+            "names": np.array(split.names, dtype=np.str_),
+            "notes": np.array(split.notes, dtype=np.str_),
+            "n_crowd": np.array(split.n_crowd),
+            "image_dir": np.array(split.image_dir),
+        }
+        where = _write_label_cache(cached, beside, fallback, prefix)
+    cached = dict(cached)
+    if nc is not None and len(cached["category_ids"]) != int(nc):
+        raise DatasetError(f"{prefix}{json_file} has {len(cached['category_ids'])} categories but the data yaml "
+                           f"names {nc} classes")
+    for msg in (*cached["notes"], *cached["messages"]):
+        if msg:
+            LOGGER.warning(f"{prefix}WARNING: {msg}")
+    status = cached["status"]
+    n_corrupt = int((status == CORRUPT).sum())
+    n_background = int((status == BACKGROUND_EMPTY).sum())
+    LOGGER.info(f"{prefix}Scanning {json_file}... {len(status) - n_corrupt} images, {n_background} backgrounds, "
+                f"{n_corrupt} skipped, {int(cached['duplicates'].sum())} duplicate boxes dropped, "
+                f"{int(cached['n_crowd'])} crowd regions not trained on (cache: {where})")
     cached["cache"] = str(where)
     return cached
 
@@ -408,14 +509,22 @@ class LoadImagesAndLabels(Dataset):
             LOGGER.info(f"{prefix}copy_paste={self.hyp['copy_paste']} ignored: it needs segment labels, "
                         "which box labels do not have")
 
-        files = list_image_files(path, prefix)
-        scan = scan_labels(files, img2label_paths(files), nc=nc, source=path, prefix=prefix)
+        is_json = coco_json.is_coco_json(path)
+        if is_json:
+            scan = scan_coco_json(path, nc=nc, prefix=prefix)
+            files = [str(f) for f in scan["im_files"]]
+        else:
+            files = list_image_files(path, prefix)
+            scan = scan_labels(files, img2label_paths(files), nc=nc, source=path, prefix=prefix)
         per_image = np.split(scan["labels"], np.cumsum(scan["counts"])[:-1]) if len(files) else []
         keep = scan["status"] != CORRUPT
         self.im_files = [f for f, k in zip(files, keep) if k]
         if not self.im_files:
             raise DatasetError(f"{prefix}no usable images in {path}: every image was skipped (see warnings)")
-        self.label_files = img2label_paths(self.im_files)
+        self.label_files = [str(path)] * len(self.im_files) if is_json else img2label_paths(self.im_files)
+        self.coco = coco_json.CocoSource(
+            str(Path(path).resolve()), dict(zip(self.im_files, (int(i) for i, k in zip(scan["image_ids"], keep) if k))),
+            [int(c) for c in scan["category_ids"]]) if is_json else None  # fmt: skip
         self.labels = [lb.astype(np.float32).copy() for lb, k in zip(per_image, keep) if k]
         self.shapes = scan["shapes"][keep]  # (n, 2) width, height
         if single_cls:

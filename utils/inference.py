@@ -1,7 +1,8 @@
 """Running a trained detector on pictures: the one inference path of detect.py, the torch.hub model
 (hubconf.py) and val.py's support for exported files.
 
-    model = load_model("best.pt")             # our checkpoint (EMA weights), a YOLOv5 .pt, best.onnx, best.torchscript
+    model = load_model("best.pt")             # our checkpoint (EMA weights), a YOLOv5 .pt, best.onnx, best.torchscript,
+                                              # best_openvino_model/ (or the .xml in it)
     detector = Detector(model)                # letterbox -> model -> NMS -> boxes in each image's own pixels
     results = detector(["a.jpg", pil_image])  # Results: .xyxy .xywh .xyxyn .xywhn .print() .save() .crop() .pandas()
 
@@ -31,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from models.yolo import Model, check_img_size, size_multiple
 from utils.augmentations import FILL_VALUE, letterbox
@@ -46,6 +48,7 @@ from utils.torch_utils import autocast
 
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 EXPORT_SUFFIXES = (".onnx", ".torchscript")
+OPENVINO_DIR_SUFFIX = "_openvino_model"  # YOLOv5's folder name: best.pt -> best_openvino_model/{best.xml,.bin,.yaml}
 TORCHSCRIPT_CONFIG = "config.txt"  # the extra file of a .torchscript archive that holds its metadata (as YOLOv5's)
 DOWNLOAD_TIMEOUT_S = 10
 # torch 2.14 marks torch.jit deprecated; TorchScript stays one of the export formats YOLOv5 users expect.
@@ -70,20 +73,29 @@ def require(package: str, purpose: str):
 
 
 # ------------------------------------------------------------------------------------------- loading
+def is_exported(weights) -> bool:
+    """True for a file export.py writes (.onnx, .torchscript, an OpenVINO folder or its .xml), not PyTorch weights."""
+    path = Path(weights)
+    return path.suffix.lower() in (*EXPORT_SUFFIXES, ".xml") or path.name.endswith(OPENVINO_DIR_SUFFIX)
+
+
 def load_model(weights, device: torch.device | str = "cpu", fuse: bool = True) -> nn.Module:
     """The detector in `weights`, in eval mode on `device`.
 
     .pt: our checkpoint's EMA weights (else its raw ones) or an original YOLOv5 file, read without running
     code (utils.checkpoint), in FP32 and with Conv+BatchNorm folded when `fuse`. .onnx: an onnxruntime
-    session. .torchscript: torch.jit.load. Raises CheckpointError (or MissingPackageError) with one line.
+    session. .torchscript: torch.jit.load. *_openvino_model/ or its .xml: OpenVINO on the CPU. Raises
+    CheckpointError (or MissingPackageError) with one line.
     """
     path = Path(weights)
     device = torch.device(device)
     suffix = path.suffix.lower()
-    if suffix in EXPORT_SUFFIXES:
-        if not path.is_file():
+    if is_exported(path):
+        if not path.exists():
             raise CheckpointError(f"weights {path} not found")
-        return OnnxModel(path, device) if suffix == ".onnx" else TorchScriptModel(path, device)
+        if suffix == ".onnx":
+            return OnnxModel(path, device)
+        return TorchScriptModel(path, device) if suffix == ".torchscript" else OpenVinoModel(path, device)
     model = model_from_checkpoint(load_checkpoint(path), use_ema=True)
     if fuse:
         model.fuse()
@@ -195,7 +207,7 @@ class ExportedModel(nn.Module):
 
 class OnnxModel(ExportedModel):
     """An .onnx file run by onnxruntime (CPUExecutionProvider; CUDA's when the device is a GPU and the
-    installed onnxruntime has it)."""
+    installed onnxruntime has it), with torch.get_num_threads() intra-op threads."""
 
     def __init__(self, file: Path, device: torch.device):
         super().__init__(file, device)
@@ -203,8 +215,10 @@ class OnnxModel(ExportedModel):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch's and OpenVINO's: OMP_NUM_THREADS where set
         try:
-            self.session = ort.InferenceSession(str(file), providers=providers)
+            self.session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid files
             raise CheckpointError(f"{file} is not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
         meta = {k: _parse_meta_value(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
@@ -240,6 +254,50 @@ class TorchScriptModel(ExportedModel):
         out = self.module(im.half() if self.half else im.float())
         out = out[0] if isinstance(out, (list, tuple)) else out  # YOLOv5's TorchScript files return a tuple
         return out.float()
+
+
+class OpenVinoModel(ExportedModel):
+    """An OpenVINO model (YOLOv5's *_openvino_model/ folder: NAME.xml, NAME.bin and NAME.yaml with stride and
+    names), compiled for the CPU whatever `device` is (outputs come back on it).
+
+    Computed in float32 (INFERENCE_PRECISION_HINT): on CPUs with AMX the plugin would otherwise pick bfloat16 and
+    lose parity with PyTorch; an --half export stores FP16 weights, which the CPU widens when compiling. The
+    plugin's threads follow torch.get_num_threads() (so OMP_NUM_THREADS), as PyTorch's own do."""
+
+    def __init__(self, file: Path, device: torch.device):
+        super().__init__(file, device)
+        ov = require("openvino", "running an OpenVINO model")
+        xml = file
+        if file.is_dir():
+            found = sorted(file.glob("*.xml"))
+            if len(found) != 1:
+                raise CheckpointError(f"{file} holds {len(found)} .xml files; an OpenVINO model folder holds one")
+            xml = found[0]
+        core = ov.Core()
+        try:
+            model = core.read_model(str(xml), str(xml.with_suffix(".bin")))
+            self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        except Exception as e:  # OpenVINO raises RuntimeError for unreadable or mismatched files
+            raise CheckpointError(f"{xml} is not a readable OpenVINO model ({str(e).splitlines()[0][:200]})") from None
+        meta_file = xml.with_suffix(".yaml")
+        meta = {}
+        if meta_file.is_file():
+            with contextlib.suppress(yaml.YAMLError, OSError, UnicodeDecodeError):
+                meta = yaml.safe_load(meta_file.read_text(encoding="utf-8")) or {}
+        meta = meta if isinstance(meta, dict) else {}
+        self.file = xml.parent if file.is_dir() else xml
+        shape = model.inputs[0].get_partial_shape()
+        input_shape = [d.get_length() if d.is_static else None for d in shape]
+        out = model.outputs[0].get_partial_shape()
+        width = out[out.rank.get_length() - 1]
+        self._configure({**meta, "dynamic": bool(meta.get("dynamic", shape.is_dynamic))}, input_shape,
+                        width.get_length() if width.is_static else None)
+        self.output = self.compiled.output(0)
+
+    def _run(self, im: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(im.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.array(self.compiled(x)[self.output], np.float32))
 
 
 # ------------------------------------------------------------------------------------------- sources
