@@ -1096,15 +1096,16 @@ def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
 
 def build_checkpoint(run: Run, epoch: int) -> dict:
     """last.pt's contents at the end of `epoch`: FP16 weights for use, and the FP32 state an exact resume needs,
-    its weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors)."""
+    its weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors).
+    Every tensor is copied to the CPU once, straight into those buffers; the FP16 weights are made there from them."""
     raw, ema = de_parallel(run.model), run.ema
-    model_state, ema_state = raw.state_dict(), ema.ema.state_dict()
+    model_packed, ema_packed = pack_state_dict(raw.state_dict()), pack_state_dict(ema.ema.state_dict())
     ckpt = {
         "format": "yolo-ema", "version": VERSION,
         "epoch": epoch,
         "best_fitness": float(run.best_fitness),
-        "model": half_state_dict(model_state),
-        "ema": half_state_dict(ema_state),
+        "model": half_state_dict(unpacked_state_dict(model_packed)),
+        "ema": half_state_dict(unpacked_state_dict(ema_packed)),
         "updates": int(ema.updates),
         "optimizer": pack_tree(run.optimizer.state_dict()),  # a copy: the writer's thread saves it while training goes on
         "opt": plain_opt(run.opt),
@@ -1120,8 +1121,8 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
                         **({"teacher": run.step.distiller.teacher.record} if run.step.distiller else {})},
         # Stripped when the run finishes (strip_resume_state).
         "resume": {
-            "model": pack_state_dict(model_state),
-            "ema": {**ema.state_dict(weights=False), "ema": pack_state_dict(ema_state)},
+            "model": model_packed,
+            "ema": {**ema.state_dict(weights=False), "ema": ema_packed},
             "scaler": run.scaler.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": capture_rng_state(),

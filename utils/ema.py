@@ -294,6 +294,13 @@ def _existing_flat(tensors: list[torch.Tensor], offsets: list[int], total: int) 
     return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device).set_(storage, 0, (total,), (1,))
 
 
+def host_copies(state_dict: dict) -> dict:
+    """Detached copies of a state dict's tensors on the CPU, in the standard layout: what a checkpoint stores.
+    Copied straight from the device (one transfer per tensor), not cloned there first: a state dict built for
+    saving would otherwise take the model's size again in GPU memory while it is written."""
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in state_dict.items()}
+
+
 def shadow_copy(model: nn.Module) -> nn.Module:
     """An FP32, eval-mode copy of the model (wrappers looked through) without gradients: what an EMA holds."""
     shadow = copy.deepcopy(de_parallel(model)).float().eval()
@@ -789,10 +796,10 @@ class ModelEMA:
                     m.tensor.detach().copy_(s)
 
     def state_dict(self, weights: bool = True) -> dict:
-        """EMA weights (an FP32 state dict of ``ema``, detached copies), counters and schedule settings:
+        """EMA weights (an FP32 state dict of ``ema``, detached copies on the CPU), counters and schedule settings:
         plain values only, so it loads with ``torch.load(weights_only=True)``. With ``weights=False`` the
         'ema' entry is left out, for a caller that stores ``ema.ema``'s weights its own way (train.py packs them)."""
-        state = {"ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()}} if weights else {}
+        state = {"ema": host_copies(self.ema.state_dict())} if weights else {}
         return state | {
             "updates": self.updates,
             "skipped": self.skipped,
