@@ -166,8 +166,8 @@ from utils.autoanchor import check_anchors  # noqa: E402
 from utils.bema import ema_from_hyp  # noqa: E402
 from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
-                              half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
-                              strip_resume_state, unpacked_state_dict, unpacked_tree)
+                              half_state_dict, load_checkpoint, load_optimizer_state, model_from_checkpoint,
+                              pack_state_dict, pack_tree, strip_resume_state, unpacked_state_dict)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
 from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
@@ -911,7 +911,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
     state = ckpt.get("train_state", {})
     resume = ckpt.get("resume")
     if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(unpacked_tree(ckpt["optimizer"]))
+        load_optimizer_state(optimizer, ckpt["optimizer"])
     if state.get("early_stopping"):
         stopper.load_state_dict(state["early_stopping"])
     if ema is not None:

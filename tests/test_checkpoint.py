@@ -445,3 +445,38 @@ def test_build_checkpoint_copies_every_device_tensor_to_the_cpu_once(tmp_path, m
     monkeypatch.undo()
     file = save_checkpoint(ckpt, tmp_path / "last.pt")
     assert torch.load(file, weights_only=True)["resume"]["ema"]["bema_anchor"].keys() == ema.ema.state_dict().keys()
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                            lambda ps: torch.optim.Adam(ps, lr=0.1)], ids=["SGD", "Adam"])
+def test_resumed_optimizer_state_is_laid_out_like_its_parameters(make_optimizer):
+    """--resume: the packed optimizer state comes back as contiguous views into the packed buffers, while the
+    model trains channels_last; every state tensor of a parameter's shape must get its parameter's strides (the
+    foreach kernels on CUDA otherwise go one tensor at a time), the same values, and memory of its own (a view would
+    keep the whole packed buffer alive)."""
+    import argparse
+
+    from train import restore_training_state
+    from utils.early_stopping import EarlyStopping
+
+    model = Model(copy.deepcopy(TINY_YAML), ch=3, nc=3, verbose=False).to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    ckpt = {"epoch": 0, "optimizer": pack_tree(optimizer.state_dict()), "opt": {"epochs": 3}, "updates": 1,
+            "best_fitness": 0.0}
+    resumed = make_optimizer(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(resumed, lambda e: 1.0)
+    restore_training_state(ckpt, argparse.Namespace(epochs=3, resume="last.pt"), resumed, scheduler,
+                           torch.amp.GradScaler("cpu", enabled=False), EarlyStopping(), None, lambda e: 1.0, 1)
+    four_d = [p for p in params if p.dim() == 4]
+    assert any(not p.is_contiguous() for p in four_d)  # channels_last weights (3x3 kernels), as training has them
+    for i, p in enumerate(params):
+        for key, value in resumed.state[p].items():
+            assert torch.equal(value, saved["state"][i][key])
+            if value.shape == p.shape:
+                assert value.stride() == p.stride(), (i, key)
+            assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), (i, key)

@@ -241,6 +241,23 @@ def unpacked_tree(entry: Any) -> Any:
     return walk(entry["tree"])
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, entry: Any) -> None:
+    """``optimizer.load_state_dict`` of a pack_tree() entry (or a plain state dict), then every state tensor in
+    memory of its own, each one of a parameter's shape laid out like its parameter (channels_last weights get
+    channels_last momenta). The unpacked tensors are contiguous views into the packed buffers: a view would keep the
+    whole buffer alive for the run, and on CUDA the foreach/fused optimizer kernels take tensors whose strides
+    differ from their parameters' one at a time, so a resumed run would run other (slower) kernels than a fresh one."""
+    optimizer.load_state_dict(unpacked_tree(entry))
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype, device=value.device).copy_(value)
+            elif value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                state[key] = value.clone()
+
+
 def half_state_dict(state_dict: dict) -> dict:
     """FP16 copy of a state dict for storage: floating tensors halved (detached, contiguous, own memory),
     integer tensors such as ``num_batches_tracked`` cloned unchanged."""
