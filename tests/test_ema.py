@@ -858,3 +858,18 @@ def test_exp_schedule_without_a_length_names_the_unit():
     with pytest.raises(ValueError, match="nominal batches of 32 images") as e:
         ModelEMA(make_net(), schedule="exp", unit="images", nbs=32)
     assert "optimizer steps" not in str(e.value)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_an_ema_built_before_model_to_device_follows_the_model(flat, caplog):
+    """The EMA built on the CPU, then the model moved (meta stands in for CUDA): the next update says the EMA sits on
+    another device than the model and moves it there, instead of averaging across devices one tensor at a time."""
+    model = make_net(3)
+    ema = ModelEMA(model, decay=0.75, schedule="constant", flat=flat)
+    ema.update(model)
+    model.to("meta")
+    ema.update(model)
+    assert "ModelEMA: the model is on meta but the EMA on cpu" in caplog.text
+    assert {t.device.type for t in [*ema.ema.parameters(), *ema.ema.buffers()]} == {"meta"}
+    assert ema.path == ("flat" if flat else "foreach") and not ema.storage._cast_ema  # no cross-device pairs
+    assert ema.updates == 2

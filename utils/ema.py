@@ -12,7 +12,8 @@ tensors' addresses and falls back to cached per-tensor lists with ``torch._forea
 says which is in use; ``ema.attach(model)`` flattens again). What is watched is every (module, name) slot that
 held a tensor when the EMA was attached; after swapping whole submodules for new ones holding new tensors
 (fusing, re-heading), call ``ema.attach(model)``. Module swaps that keep the tensors, such as
-``SyncBatchNorm.convert_sync_batchnorm``, need nothing.
+``SyncBatchNorm.convert_sync_batchnorm``, need nothing. A model moved to another device after the EMA was built
+(``model.to(device)``) is followed: the next update moves the EMA there too, and says so.
 
 Two classes: :class:`EMAStorage` owns that layout (the pairing, the flat buffers or lists, the checks that they
 are still the model's, and the ``copy_``/``lerp_`` operations on them); :class:`ModelEMA` owns the averaging (the
@@ -512,6 +513,17 @@ class EMAStorage:
         t = store.get(key)
         return t is None or t.data_ptr() != self._shadow_probe_ptr
 
+    @staticmethod
+    def _devices(module: nn.Module) -> set[torch.device]:
+        return {e.tensor.device for e in _scan(module)}
+
+    def _model_moved(self, model: nn.Module) -> torch.device | None:
+        """The one device the model's tensors are all on, when the shadow's are elsewhere; else None."""
+        model_devices = self._devices(model)
+        if len(model_devices) != 1 or model_devices == self._devices(self.shadow):
+            return None
+        return next(iter(model_devices))
+
     def _repair(self, model: nn.Module) -> None:
         if self._shadow_replaced():
             LOGGER.warning("ModelEMA: ema.ema's tensors were replaced (.half(), .to() or load_state_dict(assign=True) "
@@ -521,6 +533,16 @@ class EMAStorage:
             if not self._model_changed(model):
                 self._bind(model, self.path == "flat", "flat=False")
                 return
+        moved_to = self._model_moved(model)
+        if moved_to is not None:
+            # An EMA built before model.to(device): averaging across devices would cost one blocking transfer per
+            # tensor per update and validate the EMA on the old device; the EMA follows the model instead.
+            LOGGER.warning(f"ModelEMA: the model is on {moved_to} but the EMA on "
+                           f"{', '.join(sorted(map(str, self._devices(self.shadow))))} (built before the model was "
+                           f"moved); moving the EMA to {moved_to}, its values kept")
+            self.shadow.to(moved_to)
+            self._bind(model, self.flat, "flat=False")
+            return
         was = self.path
         self._bind(model, False, "the model's tensors were replaced")
         if was == "flat":
