@@ -169,7 +169,7 @@ from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finish
                               half_state_dict, load_checkpoint, load_optimizer_state, model_from_checkpoint,
                               pack_state_dict, pack_tree, strip_resume_state, unpacked_state_dict)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
-from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
+from utils.dataloaders import ReplayLoader, create_dataloader, dataloader_workers  # noqa: E402
 from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
 from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
@@ -380,7 +380,9 @@ def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
             raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {procs.world_size}")
         # The other ranks wait in a collective while rank 0 validates and saves; NCCL's default 10-minute
         # timeout would kill the run on a large validation set.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
+        # device_id binds the NCCL communicator to this rank's GPU up front (without it barriers warn and guess).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -859,7 +861,8 @@ def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: i
     if procs.main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
-            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+            cache=None if opt.noval else opt.cache, rect=True, rank=-1, pad=0.5,
+            workers=dataloader_workers(opt.workers * 2, batch_size * 2, procs.world_size),  # rank 0's share of CPUs
             seed=opt.seed, nc=data["nc"], prefix="val: ", pin_memory=device.type == "cuda")
         if ReplayLoader.suits(val_loader):  # the same batches every epoch: collated once, now
             val_loader = ReplayLoader(val_loader)

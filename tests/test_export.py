@@ -323,3 +323,25 @@ def test_torchscript_holds_no_device_and_runs_on_another_device_dtype_and_size(t
         got = torch.jit.load(str(file)).double()(im)
     assert got.shape == expected.shape == (1, cells, 7)
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_onnx_on_a_gpu_without_the_cuda_provider_says_it_runs_on_the_cpu(tmp_path, monkeypatch, caplog):
+    """An onnxruntime without CUDAExecutionProvider (the CPU-only package) asked to run on cuda:0 falls back to its
+    CPU provider: one warning line says so instead of a silent, slow CPU run."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
+    sd = half_state_dict(model.state_dict())
+    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
+                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
+    weights = save_checkpoint(ckpt, tmp_path / "best.pt")
+    assert export.main(["--weights", str(weights), "--include", "onnx", "--img", "64"]) == 0
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="yolo"):
+        runner = OnnxModel(weights.with_suffix(".onnx"), torch.device("cuda:0"))
+    assert runner.session.get_providers() == ["CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "WARNING: the installed onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it); best.onnx runs "
+        "on the CPU, not cuda:0"]

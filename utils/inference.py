@@ -203,6 +203,9 @@ class OnnxModel(ExportedModel):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        elif device.type == "cuda":
+            LOGGER.warning(f"WARNING: the installed onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it); "
+                           f"{file.name} runs on the CPU, not {device}")
         try:
             self.session = ort.InferenceSession(str(file), providers=providers)
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid files
