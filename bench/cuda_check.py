@@ -78,9 +78,10 @@ def find_dataset(data: str, env: dict | None = None) -> tuple[Path, dict]:
 
     given = Path(data)
     spec: dict = {}
-    if given.is_dir():
-        candidates = [given]
-        name = given.name
+    if given.is_dir():  # the class names from data/<folder name>.yaml when the project has it (coco128)
+        candidates, name = [given], given.name
+        known = ROOT / "data" / f"{name}.yaml"
+        spec = (yaml.safe_load(known.read_text()) or {}) if known.is_file() else {}
     else:
         file = given if given.suffix in (".yaml", ".yml") and given.is_file() else None
         name = given.stem if given.suffix in (".yaml", ".yml") else given.name

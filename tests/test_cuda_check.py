@@ -28,7 +28,7 @@ def test_dataset_lookup_by_name_folder_and_yaml_and_the_yaml_written(tmp_path):
     folder, spec = find_dataset("coco128", env)  # the name: data/coco128.yaml's names, the images from DATASETS_DIR
     assert folder == found.resolve() and len(spec["names"]) == 80
     assert find_dataset("coco128.yaml", env)[0] == found.resolve()
-    assert find_dataset(str(found), env)[0] == found.resolve()  # a folder as it is
+    assert find_dataset(str(found), env) == (found.resolve(), spec)  # a folder as it is, the names by its name
     own = tmp_path / "own.yaml"
     own.write_text(yaml.safe_dump({"path": str(found), "train": "images/train2017", "names": {0: "a"}}))
     assert find_dataset(str(own), {}) == (found.resolve(), yaml.safe_load(own.read_text()))
