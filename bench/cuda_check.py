@@ -237,13 +237,26 @@ def step_fp16(ctx: Context):
     return _trained(ctx, "ref", "--amp", "fp16", "--deterministic", epochs=3)
 
 
+def kill_iteration(data_yaml: Path, batch_size: int = 16) -> int:
+    """The global training iteration in the middle of epoch 1 (0-based) for the yaml's train split: 12 for coco128
+    (128 images, 8 batches of 16 per epoch)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(data_yaml).read_text())
+    images = Path(spec["path"]) / spec["train"]
+    n = sum(1 for f in images.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    batches = max(1, -(-n // batch_size))
+    return batches + batches // 2
+
+
 def step_resume(ctx: Context):
     import torch
 
     from tests.train_helpers import checkpoint_differences
     from train import KILL_HOOK_ENV
 
-    rc_kill, _ = ctx.train("killed", "--amp", "fp16", "--deterministic", epochs=3, env={KILL_HOOK_ENV: "12"})
+    kill_at = kill_iteration(ctx.data)
+    rc_kill, _ = ctx.train("killed", "--amp", "fp16", "--deterministic", epochs=3, env={KILL_HOOK_ENV: str(kill_at)})
     rc_res, log = ctx.run("train_resumed", [ctx.py, "train.py", "--resume", ctx.weights("killed", "last.pt")],
                           {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
     if rc_kill != -9 or rc_res != 0:

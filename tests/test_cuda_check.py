@@ -115,3 +115,16 @@ def test_the_cpu_load_step_reads_last_pt_with_no_gpu_visible(tmp_path):
     assert cuda_check.step_cpu_load(ctx) == (True, "2 tensors on ['cpu']")
     torch.save({"w": torch.ones(3, device="meta")}, last)
     assert not cuda_check.step_cpu_load(ctx)[0]
+
+
+def test_the_kill_falls_in_the_middle_of_epoch_1(tmp_path):
+    """SIGKILL at global iteration batches + batches // 2: 12 for coco128's 128 images (8 batches of 16 per epoch),
+    1 for a split of one batch."""
+    for n, expected in ((128, 12), (8, 1), (33, 4)):
+        images = tmp_path / str(n) / "images" / "train"
+        images.mkdir(parents=True)
+        for i in range(n):
+            (images / f"{i}.jpg").write_bytes(b"")
+        data = tmp_path / f"{n}.yaml"
+        data.write_text(yaml.safe_dump({"path": str(tmp_path / str(n)), "train": "images/train"}))
+        assert cuda_check.kill_iteration(data) == expected
