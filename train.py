@@ -169,10 +169,10 @@ from utils.autoanchor import check_anchors  # noqa: E402
 from utils.bema import ema_from_hyp  # noqa: E402
 from utils.bn_recompute import FixedBatches, bn_recompute_batches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import (VERSION, CheckpointError, CheckpointWriter, finished_checkpoint,  # noqa: E402
-                              half_state_dict, load_checkpoint, model_from_checkpoint, pack_state_dict, pack_tree,
-                              strip_resume_state, unpacked_state_dict, unpacked_tree)
+                              half_state_dict, load_checkpoint, load_optimizer_state, model_from_checkpoint,
+                              pack_state_dict, pack_tree, strip_resume_state, unpacked_state_dict)
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
-from utils.dataloaders import ReplayLoader, create_dataloader  # noqa: E402
+from utils.dataloaders import ReplayLoader, create_dataloader, dataloader_workers  # noqa: E402
 from utils.distill import HYP_DEFAULTS as KD_HYP_DEFAULTS  # noqa: E402
 from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
@@ -385,7 +385,9 @@ def setup_processes(opt: argparse.Namespace, procs: Processes) -> torch.device:
             raise TrainError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {procs.world_size}")
         # The other ranks wait in a collective while rank 0 validates and saves; NCCL's default 10-minute
         # timeout would kill the run on a large validation set.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT)
+        # device_id binds the NCCL communicator to this rank's GPU up front (without it barriers warn and guess).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DDP_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 
@@ -866,7 +868,8 @@ def build_loaders(opt, hyp: dict, data: dict, imgsz: int, batch_size: int, gs: i
     if procs.main:
         val_loader, _ = create_dataloader(
             data["val"], imgsz, batch_size * 2, gs, single_cls=opt.single_cls, hyp=hyp,
-            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+            cache=None if opt.noval else opt.cache, rect=True, rank=-1, pad=0.5,
+            workers=dataloader_workers(opt.workers * 2, batch_size * 2, procs.world_size),  # rank 0's share of CPUs
             seed=opt.seed, nc=data["nc"], prefix="val: ", pin_memory=device.type == "cuda")
         if ReplayLoader.suits(val_loader):  # the same batches every epoch: collated once, now
             val_loader = ReplayLoader(val_loader)
@@ -921,7 +924,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
     state = ckpt.get("train_state", {})
     resume = ckpt.get("resume")
     if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(unpacked_tree(ckpt["optimizer"]))
+        load_optimizer_state(optimizer, ckpt["optimizer"])
     if state.get("early_stopping"):
         stopper.load_state_dict(state["early_stopping"])
     if ema is not None:
@@ -1108,15 +1111,16 @@ def validate_model(run: Run, model: nn.Module, compute_loss=None) -> tuple:
 
 def build_checkpoint(run: Run, epoch: int) -> dict:
     """last.pt's contents at the end of `epoch`: FP16 weights for use, and the FP32 state an exact resume needs,
-    its weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors)."""
+    its weights packed into a few contiguous buffers (quicker to copy and write every epoch than ~700 tensors).
+    Every tensor is copied to the CPU once, straight into those buffers; the FP16 weights are made there from them."""
     raw, ema = de_parallel(run.model), run.ema
-    model_state, ema_state = raw.state_dict(), ema.ema.state_dict()
+    model_packed, ema_packed = pack_state_dict(raw.state_dict()), pack_state_dict(ema.ema.state_dict())
     ckpt = {
         "format": "yolo-ema", "version": VERSION,
         "epoch": epoch,
         "best_fitness": float(run.best_fitness),
-        "model": half_state_dict(model_state),
-        "ema": half_state_dict(ema_state),
+        "model": half_state_dict(unpacked_state_dict(model_packed)),
+        "ema": half_state_dict(unpacked_state_dict(ema_packed)),
         "updates": int(ema.updates),
         "optimizer": pack_tree(run.optimizer.state_dict()),  # a copy: the writer's thread saves it while training goes on
         "opt": plain_opt(run.opt),
@@ -1133,8 +1137,8 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
                         **(run.tracker.state() if run.tracker is not None else {})},  # MLflow run id
         # Stripped when the run finishes (strip_resume_state).
         "resume": {
-            "model": pack_state_dict(model_state),
-            "ema": {**ema.state_dict(weights=False), "ema": pack_state_dict(ema_state)},
+            "model": model_packed,
+            "ema": {**ema.state_dict(weights=False), "ema": ema_packed},
             "scaler": run.scaler.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": capture_rng_state(),

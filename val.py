@@ -117,7 +117,9 @@ class InferenceCopy:
     """
 
     def __init__(self, model: torch.nn.Module, memory_format: torch.memory_format = torch.channels_last):
-        self.model = copy.deepcopy(model)
+        # The buffers cloned one by one first: deepcopy of a view copies its whole storage (parameters clone
+        # only their own values), and ema.ema's buffers are views into the EMA's flat buffer of the whole model.
+        self.model = copy.deepcopy(model, {id(b): b.detach().clone() for b in model.buffers()})
         if hasattr(self.model, "fuse"):
             self.model.fuse(verbose=False)
         self.model.to(memory_format=memory_format)

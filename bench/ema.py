@@ -14,7 +14,8 @@ For each model, in one run and interleaved (so machine noise hits all three alik
       snapshot of both EMAs is timed apart, it happens posthoc_snapshots times per run).
   (e) utils.bema.BEMA.update (hyp ema_bema) on the same flattened model: its EMA's lerp_ plus the corrected
       output, alpha * (model - theta_0) + EMA, written into ema.ema.
-Targets (issue 3): yolov5s (a)/(b) >= 3 and (b)/(c) <= 1.3; yolov5l (b)/(c) <= 1.15.
+Targets (issue 3): yolov5s (a)/(b) >= 3 and (b)/(c) <= 1.3; yolov5l (b)/(c) <= 1.15; on a GPU GPU_TARGETS. The exit
+status is 1 when a target is missed.
 What (b) pays above (c) is mostly the per-update check that the model's ~350 tensors still are the flat views
 (one address each, read with cold caches: 0.1-0.25 ms); on yolov5n, whose two buffers fit in the L3 cache,
 that fixed cost is a large part of a 0.3 ms floor.
@@ -46,6 +47,10 @@ from utils.torch_utils import select_device  # noqa: E402
 
 DECAY, TAU = 0.9999, 2000
 TARGETS = {"yolov5s": {"a/b": 3.0, "b/c": 1.3}, "yolov5l": {"b/c": 1.15}}
+# On a GPU the floor is tens of microseconds (a data-centre GPU moves yolov5s's 84 MB in ~30 us), so (b)'s fixed host
+# cost, the per-update address check, is most of it: (b)/(c) is bounded loosely there; the loop's ~700 kernel
+# launches make (a)/(b) larger than on the CPU. Not yet measured on a GPU: bounds from that arithmetic.
+GPU_TARGETS = {"yolov5s": {"a/b": 3.0, "b/c": 10.0}, "yolov5l": {"b/c": 3.0}}
 
 
 class LoopEMA:
@@ -157,7 +162,7 @@ def posthoc_precision(name: str, values: int = 100_000, steps: int = 3200, snaps
               f"{err / one_rounding:>21.1f}")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["n", "s", "l"], help="sizes: n s m l x")
     parser.add_argument("--device", default="cpu", help="cpu, 0, cuda:0")
@@ -196,15 +201,19 @@ def main() -> None:
     print(f"{'model':<9}{'(b) ModelEMA':>14}{'(e) BEMA':>10}{'(e)/(b)':>9}{'(e)/(c)':>9}  path")
     for r in results:
         print(f"{r['name']:<9}{r['b']:>14.3f}{r['e']:>10.3f}{r['e/b']:>9.2f}{r['e'] / r['c']:>9.2f}  {r['bema_path']}")
+    missed = 0
+    targets = GPU_TARGETS if device.type == "cuda" else TARGETS
     for r in results:
-        for ratio, bound in TARGETS.get(r["name"], {}).items():
+        for ratio, bound in targets.get(r["name"], {}).items():
             ok = r[ratio] >= bound if ratio == "a/b" else r[ratio] <= bound
             sign = ">=" if ratio == "a/b" else "<="
             verdict = "met" if ok else "MISSED"
+            missed += not ok
             print(f"target {r['name']} ({ratio[0]})/({ratio[2]}) {sign} {bound}: {r[ratio]:.2f} {verdict}")
     if args.posthoc_precision:
         posthoc_precision(f"yolov5{args.models[0]}")
+    return 1 if missed else 0  # a missed target is a failed check (bench/cuda_check.py reads the exit status)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

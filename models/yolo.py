@@ -145,7 +145,7 @@ class Detect(nn.Module):
         for i, y in enumerate(raw):
             bs, _, ny, nx, _ = y.shape
             s = self._stride_values[i]
-            grid = self._grid(i, ny, nx, y.device)
+            grid = self._grid(i, ny, nx, y)
             anchor_wh = (self.anchors[i].float() * s).view(1, self.na, 1, 1, 2)
             p = y.float().sigmoid()
             xy = (p[..., 0:2] * 2 + grid) * s
@@ -158,16 +158,19 @@ class Detect(nn.Module):
             out.append(p.view(bs, -1, self.no))
         return torch.cat(out, 1)
 
-    def _grid(self, i: int, ny: int, nx: int, device: torch.device) -> torch.Tensor:
+    def _grid(self, i: int, ny: int, nx: int, like: torch.Tensor) -> torch.Tensor:
         # A tracer (torch.jit.trace, torch.export) would freeze a cached grid into the graph as a constant of
         # one size and bake the cache lookup's Python comparisons in: build it from the shape instead.
         tracing = self.export or torch.jit.is_tracing() or torch.compiler.is_compiling()
-        key = (ny, nx, device)
+        key = (ny, nx, like.device)
         cached = None if tracing else self._grids.get(i)
         if cached is not None and cached[0] == key:
             return cached[1]
-        yv, xv = torch.meshgrid(torch.arange(ny, device=device, dtype=torch.float32),
-                                torch.arange(nx, device=device, dtype=torch.float32), indexing="ij")
+        # Counted up from new_ones rather than torch.arange(device=...): torch.jit.trace records a device argument
+        # as a constant, and a TorchScript file would build its grid on the device it was exported on whatever
+        # device it is loaded on; new_ones takes its device from `like` in the graph as well as here.
+        yv, xv = torch.meshgrid(like.new_ones(ny, dtype=torch.float32).cumsum(0) - 1,
+                                like.new_ones(nx, dtype=torch.float32).cumsum(0) - 1, indexing="ij")
         # -0.5 because predicted offsets 2*sigmoid-0.5 span (-0.5, 1.5) cells around the cell corner.
         grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2) - 0.5
         if not tracing:

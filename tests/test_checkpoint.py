@@ -314,22 +314,23 @@ def test_packed_optimizer_state_round_trip_is_a_copy(tmp_path):
     assert unpacked_tree(state) is state  # not packed (version 1): as it is
 
 
-def test_packing_keeps_devices_apart():
+def test_packing_mixed_devices_gives_one_cpu_buffer_per_dtype(monkeypatch):
     """An optimizer's state can mix devices: Adam keeps `step` on the CPU beside CUDA momenta (torch.cat of the two
-    raises). Each device gets its own buffer; the meta device stands in for CUDA here."""
+    raises). Both are copied into one CPU buffer per dtype, in the order taken; meta (values made ones by the
+    recorded copy) stands in for CUDA here."""
+    DeviceMoves(monkeypatch)
     tree = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3, device="meta")},
                       1: {"step": torch.tensor(4.0), "exp_avg": torch.ones(5, device="meta")}}}
     packed = pack_tree(tree)
-    assert sorted(packed["packed"]) == ["float32", "float32@meta"]
-    assert packed["packed"]["float32"].tolist() == [3.0, 4.0]
-    assert packed["packed"]["float32@meta"].shape == (11,)
+    assert list(packed["packed"]) == ["float32"] and packed["packed"]["float32"].device.type == "cpu"
+    assert packed["packed"]["float32"].tolist() == [3.0] + [1.0] * 6 + [4.0] + [1.0] * 5
     back = unpacked_tree(packed)
     assert [float(back["state"][i]["step"]) for i in (0, 1)] == [3.0, 4.0]
-    assert [back["state"][i]["exp_avg"].device.type for i in (0, 1)] == ["meta", "meta"]
+    assert [back["state"][i]["exp_avg"].device.type for i in (0, 1)] == ["cpu", "cpu"]
     assert [back["state"][i]["exp_avg"].shape for i in (0, 1)] == [(2, 3), (5,)]
     sd = {"a": torch.arange(3.0), "b": torch.zeros(4, device="meta")}
     back_sd = unpacked_state_dict(pack_state_dict(sd))
-    assert back_sd["a"].tolist() == [0.0, 1.0, 2.0] and back_sd["b"].device.type == "meta"
+    assert back_sd["a"].tolist() == [0.0, 1.0, 2.0] and back_sd["b"].device.type == "cpu"
 
 
 def test_checkpoint_writer_keeps_order_and_reports_a_failed_write(tmp_path, monkeypatch):
@@ -354,3 +355,128 @@ def test_checkpoint_writer_keeps_order_and_reports_a_failed_write(tmp_path, monk
     assert saved == [0, 1, 2] and torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2  # whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     writer.close()
+
+
+class DeviceMoves:
+    """A stand-in for a CUDA device: the run's tensors live on the meta device, which holds no values, and every
+    copy of a meta tensor to the CPU (Tensor.copy_ into a CPU tensor, Tensor.to("cpu"), Tensor.cpu()) is recorded
+    as (shape, dtype) and made of ones, as a transfer from the GPU would bring values over."""
+
+    def __init__(self, monkeypatch):
+        self.moves = []
+        copy_, to, cpu = torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.cpu
+
+        def patched_copy_(dst, src, non_blocking=False):
+            if isinstance(src, torch.Tensor) and src.is_meta and not dst.is_meta:
+                self.moves.append((tuple(src.shape), src.dtype))
+                return dst.fill_(1)
+            return copy_(dst, src, non_blocking)
+
+        def patched_to(t, *args, **kwargs):
+            kwargs.pop("copy", None)
+            device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+            if t.is_meta and device is not None and device.type == "cpu":
+                self.moves.append((tuple(t.shape), t.dtype))
+                return torch.ones(t.shape, dtype=dtype or t.dtype)
+            return to(t, *args, **kwargs)
+
+        def patched_cpu(t, *args, **kwargs):
+            if t.is_meta:
+                self.moves.append((tuple(t.shape), t.dtype))
+                return torch.ones(t.shape, dtype=t.dtype)
+            return cpu(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", patched_copy_)
+        monkeypatch.setattr(torch.Tensor, "to", patched_to)
+        monkeypatch.setattr(torch.Tensor, "cpu", patched_cpu)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_build_checkpoint_copies_every_device_tensor_to_the_cpu_once(tmp_path, monkeypatch):
+    """A run on a device (meta standing in for CUDA) with BEMA and a post-hoc bank: every tensor of last.pt's
+    contents is on the CPU (a bare torch.load(weights_only=True) then reads the file without CUDA), and each device
+    tensor behind them (model, EMA, BEMA's two copies, the post-hoc EMAs, the optimizer's momenta) is copied to the
+    CPU exactly once: the FP16 weights are made on the CPU from the FP32 copies, not moved a second time."""
+    import types
+
+    from train import build_checkpoint
+    from utils.bema import BEMA
+    from utils.early_stopping import EarlyStopping
+    from utils.posthoc import PosthocEMA
+
+    model = Model(copy.deepcopy(TINY_YAML), ch=3, nc=3, verbose=False).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # momentum buffers, on the device like their parameters
+    ema = BEMA(model)
+    posthoc = PosthocEMA(model, [0.05, 0.1], total_steps=10, folder=tmp_path / "posthoc")
+    run = types.SimpleNamespace(
+        model=model, ema=ema, optimizer=optimizer, best_fitness=0.0, opt=types.SimpleNamespace(epochs=1),
+        hyp={}, names=["a", "b", "c"], step=types.SimpleNamespace(last_opt_step=1, distiller=None), accumulate=1,
+        stopper=EarlyStopping(), scaler=torch.amp.GradScaler("cpu", enabled=False),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), posthoc=posthoc)
+    sources = [*model.state_dict().values(), *ema.ema.state_dict().values(),
+               *ema.average.shadow.state_dict().values(), *ema.anchor.shadow.state_dict().values(),
+               *(t for e in posthoc.emas for t in e.ema.state_dict().values()),
+               *(s["momentum_buffer"] for s in optimizer.state.values())]
+    assert all(t.is_meta for t in sources)
+    moves = DeviceMoves(monkeypatch)
+
+    ckpt = build_checkpoint(run, epoch=0)
+
+    saved = list(_tensors(ckpt))
+    assert saved and {t.device.type for t in saved} == {"cpu"}
+    assert sorted(moves.moves, key=str) == sorted(((tuple(t.shape), t.dtype) for t in sources), key=str)
+    # a post-hoc snapshot file is made on the CPU the same way, as its tensors are cast to its dtype
+    moves.moves.clear()
+    snapshot = posthoc._snapshot(0)["ema"]
+    assert {t.device.type for t in snapshot.values()} == {"cpu"} and len(moves.moves) == len(snapshot)
+    monkeypatch.undo()
+    file = save_checkpoint(ckpt, tmp_path / "last.pt")
+    assert torch.load(file, weights_only=True)["resume"]["ema"]["bema_anchor"].keys() == ema.ema.state_dict().keys()
+
+
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                                            lambda ps: torch.optim.Adam(ps, lr=0.1)], ids=["SGD", "Adam"])
+def test_resumed_optimizer_state_is_laid_out_like_its_parameters(make_optimizer):
+    """--resume: the packed optimizer state comes back as contiguous views into the packed buffers, while the
+    model trains channels_last; every state tensor of a parameter's shape must get its parameter's strides (the
+    foreach kernels on CUDA otherwise go one tensor at a time), the same values, and memory of its own (a view would
+    keep the whole packed buffer alive)."""
+    import argparse
+
+    from train import restore_training_state
+    from utils.early_stopping import EarlyStopping
+
+    model = Model(copy.deepcopy(TINY_YAML), ch=3, nc=3, verbose=False).to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    ckpt = {"epoch": 0, "optimizer": pack_tree(optimizer.state_dict()), "opt": {"epochs": 3}, "updates": 1,
+            "best_fitness": 0.0}
+    resumed = make_optimizer(params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(resumed, lambda e: 1.0)
+    restore_training_state(ckpt, argparse.Namespace(epochs=3, resume="last.pt"), resumed, scheduler,
+                           torch.amp.GradScaler("cpu", enabled=False), EarlyStopping(), None, lambda e: 1.0, 1)
+    four_d = [p for p in params if p.dim() == 4]
+    assert any(not p.is_contiguous() for p in four_d)  # channels_last weights (3x3 kernels), as training has them
+    for i, p in enumerate(params):
+        for key, value in resumed.state[p].items():
+            assert torch.equal(value, saved["state"][i][key])
+            if value.shape == p.shape:
+                assert value.stride() == p.stride(), (i, key)
+            assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), (i, key)

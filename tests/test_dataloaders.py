@@ -873,3 +873,26 @@ def test_replayed_validation_batches_equal_the_loaders_and_are_collated_once(tmp
     uncached, _ = create_dataloader(images, 64, 3, 32, rect=True, workers=0)
     augmented, _ = create_dataloader(images, 64, 3, 32, hyp=AUG_HYP, augment=True, cache="ram", workers=0)
     assert not ReplayLoader.suits(uncached) and not ReplayLoader.suits(augmented)
+
+
+def test_replayed_batches_are_not_pinned_and_count_in_the_auto_cache_budget(tmp_path, monkeypatch):
+    """ReplayLoader keeps its batches for the whole run: not pinned (page-locked memory rounded up to powers of two),
+    whatever the loader was built with. --cache auto counts them beside the cache for a split without augmentation:
+    3 images of 64x48, 48x64 and 64x64 in one rect batch at 64 px with pad 0.5 are letterboxed to
+    ceil(64 / 32 + 0.5) * 32 = 96 px square, 3 * 3 * 96 * 96 bytes beside the cache's 64 * 48 * 3 * 2 + 64 * 64 * 3."""
+    images = make_split(tmp_path / "ds", n=3, sizes=[(64, 48), (48, 64), (64, 64)])
+    need, replayed = 64 * 48 * 3 * 2 + 64 * 64 * 3, 3 * 3 * 96 * 96
+    probe = LoadImagesAndLabels(images, img_size=64, batch_size=3, rect=True, pad=0.5)
+    assert probe._resized_bytes() == need and probe.replay_bytes() == replayed
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * need)  # the cache alone would fit
+    tight = LoadImagesAndLabels(images, img_size=64, batch_size=3, rect=True, pad=0.5, cache_images="auto")
+    assert all(im is None for im in tight.ims)
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * (need + replayed))
+    loader, ds = create_dataloader(images, 64, 3, 32, rect=True, pad=0.5, cache="auto", workers=0, pin_memory=True)
+    assert all(im is not None for im in ds.ims) and ReplayLoader.suits(loader)
+    replay = ReplayLoader(loader)
+    assert not replay.pin_memory and not loader.pin_memory
+    assert [b.imgs.shape for b in replay] == [(3, 3, 96, 96)]
+    monkeypatch.setattr(dataloaders, "_available_memory", lambda: 10 * need)
+    augmented = LoadImagesAndLabels(images, img_size=64, augment=True, hyp=AUG_HYP, cache_images="auto")
+    assert all(im is not None for im in augmented.ims)  # trained on, not replayed: the cache alone counts

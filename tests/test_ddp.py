@@ -63,3 +63,44 @@ def test_ctrl_c_under_torchrun_ends_every_rank(tmp_path):
     assert len(lines) == 1, out[-4000:]
     assert f"continue with: python train.py --resume {last}" in lines[0]
     assert load_checkpoint(last)["epoch"] >= 0
+
+
+def test_the_process_group_is_bound_to_the_ranks_gpu(monkeypatch):
+    """Under NCCL, init_process_group gets device_id (the rank's GPU): without it every barrier warns that the
+    device is unknown and guesses one. A CUDA device is stood in for by select_device's answer; gloo gets None."""
+    import argparse
+
+    import train
+
+    calls = []
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    procs = train.Processes(rank=0, local_rank=0, world_size=1)
+    for device in (torch.device("cuda:0"), torch.device("cpu")):
+        monkeypatch.setattr(train, "select_device", lambda *a, _device=device, **k: _device)
+        opt = argparse.Namespace(device=str(device), batch_size=2, amp="off")
+        assert train.setup_processes(opt, procs) == device
+    assert [a for a, _ in calls] == [("nccl",), ("gloo",)]
+    assert [k["device_id"] for _, k in calls] == [torch.device("cuda:0"), None]
+
+
+def test_rank_0s_val_loader_takes_its_share_of_the_cpus(tmp_path, monkeypatch):
+    """The val loader is built on rank 0 alone (rank -1 for its sampler), but its workers share the machine with
+    every rank's training workers: with 8 CPUs and 2 ranks it gets 8 // 2 = 4 workers of the 2 * 4 asked, as each
+    rank's train loader does, not 8."""
+    import argparse
+
+    import yaml
+
+    import train
+    import utils.dataloaders as dataloaders
+
+    monkeypatch.setattr(dataloaders, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(train.dist, "barrier", lambda *a, **k: None)  # main_process_first, without a group
+    make_dataset(tmp_path / "data", n=8)
+    images = str(tmp_path / "data" / "images" / "train")
+    data = {"train": images, "val": images, "nc": 2}
+    opt = argparse.Namespace(single_cls=False, cache=None, rect=False, workers=4, seed=0, noval=False)
+    hyp = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
+    procs = train.Processes(rank=0, local_rank=0, world_size=2)
+    train_loader, _, val_loader = train.build_loaders(opt, hyp, data, 64, 4, 32, procs, torch.device("cpu"))
+    assert train_loader.num_workers == 4 and val_loader.num_workers == 4

@@ -889,3 +889,18 @@ def test_end_of_run_plan_states_the_closed_form_decay_horizon_and_the_short_run_
     assert ema_module.end_of_run_plan(flat, epochs=5) == [
         "EMA: constant schedule, decay 0.999; at the last of the run's 50 optimizer steps its decay will be 0.9990, "
         "averaging over about the last 1,000 optimizer steps (100.00 epochs)"]
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_an_ema_built_before_model_to_device_follows_the_model(flat, caplog):
+    """The EMA built on the CPU, then the model moved (meta stands in for CUDA): the next update says the EMA sits on
+    another device than the model and moves it there, instead of averaging across devices one tensor at a time."""
+    model = make_net(3)
+    ema = ModelEMA(model, decay=0.75, schedule="constant", flat=flat)
+    ema.update(model)
+    model.to("meta")
+    ema.update(model)
+    assert "ModelEMA: the model is on meta but the EMA on cpu" in caplog.text
+    assert {t.device.type for t in [*ema.ema.parameters(), *ema.ema.buffers()]} == {"meta"}
+    assert ema.path == ("flat" if flat else "foreach") and not ema.storage._cast_ema  # no cross-device pairs
+    assert ema.updates == 2

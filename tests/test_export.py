@@ -280,3 +280,68 @@ def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(train
     dims = [d.dim_value for d in onnx.load(str(weights.with_suffix(".onnx"))).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, TRAIN_SIZE, TRAIN_SIZE]
     assert f"Exporting at --img {TRAIN_SIZE}, the size the weights were trained at" in caplog.text
+
+
+def _script_module_to_meta(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """The loaded file's parameters and buffers moved to the meta device, tensor by tensor: neither
+    torch.jit.load(map_location="meta") nor ScriptModule.to("meta") can do it."""
+    for mod in [module, *module.modules()]:
+        for name, p in list(mod.named_parameters(recurse=False)):
+            setattr(mod, name, torch.nn.Parameter(p.detach().to("meta"), requires_grad=False))
+        for name, b in list(mod.named_buffers(recurse=False)):
+            setattr(mod, name, b.to("meta"))
+    assert {t.device.type for t in [*module.parameters(), *module.buffers()]} == {"meta"}
+    return module
+
+
+def test_torchscript_holds_no_device_and_runs_on_another_device_dtype_and_size(tmp_path):
+    """torch.jit.trace records a device argument as a constant, which torch.jit.load(map_location=...) leaves
+    alone: a file traced on the CPU would build its grid there when run on cuda:0. The traced graph must hold no
+    device constant, and the file must run on a device (meta, the stand-in for CUDA here) and a dtype (float64)
+    other than the ones it was traced with, at an image size other than the traced one."""
+    torch.manual_seed(0)
+    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
+    sd = half_state_dict(model.state_dict())
+    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
+                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
+    weights = save_checkpoint(ckpt, tmp_path / "best.pt")
+    assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "64"]) == 0
+    file = weights.with_suffix(".torchscript")
+    graph = str(torch.jit.load(str(file)).inlined_graph)
+    assert 'prim::Constant[value="cpu"]' not in graph
+    # 96x128: grids of 12x16, 6x8 and 3x4 cells, 3 anchors each, where the trace saw 8x8, 4x4 and 2x2
+    cells = 3 * (12 * 16 + 6 * 8 + 3 * 4)
+    on_meta = _script_module_to_meta(torch.jit.load(str(file)))
+    out = on_meta(torch.zeros(2, 3, 96, 128, device="meta"))
+    assert out.device.type == "meta" and tuple(out.shape) == (2, cells, 7)
+    # float64 weights and input: equal to the PyTorch model's output in float64 at the new size
+    im = torch.rand(1, 3, 96, 128, dtype=torch.float64)
+    reference = load_model(weights).double()
+    reference.model[-1].export = True
+    with torch.no_grad():
+        expected = reference(im)
+        got = torch.jit.load(str(file)).double()(im)
+    assert got.shape == expected.shape == (1, cells, 7)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_onnx_on_a_gpu_without_the_cuda_provider_says_it_runs_on_the_cpu(tmp_path, monkeypatch, caplog):
+    """An onnxruntime without CUDAExecutionProvider (the CPU-only package) asked to run on cuda:0 falls back to its
+    CPU provider: one warning line says so instead of a silent, slow CPU run."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
+    sd = half_state_dict(model.state_dict())
+    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
+                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
+    weights = save_checkpoint(ckpt, tmp_path / "best.pt")
+    assert export.main(["--weights", str(weights), "--include", "onnx", "--img", "64"]) == 0
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="yolo"):
+        runner = OnnxModel(weights.with_suffix(".onnx"), torch.device("cuda:0"))
+    assert runner.session.get_providers() == ["CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "WARNING: the installed onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it); best.onnx runs "
+        "on the CPU, not cuda:0"]

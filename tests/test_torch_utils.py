@@ -150,3 +150,38 @@ def test_deterministic_seeding_sets_what_cuda_needs(monkeypatch, deterministic):
     init_seeds(0, deterministic=deterministic)
     assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
     assert torch.backends.cudnn.benchmark is (not deterministic)
+
+
+def test_kernels_without_a_deterministic_implementation_are_said_once_each(monkeypatch, caplog):
+    """--deterministic runs torch in warn_only mode: Tensor.put_ (no deterministic CPU kernel) only warns. Each such
+    kernel is logged once, as one line saying the run may not resume bit-exactly, and counted; deterministic ops are
+    not. init_seeds(deterministic=True) installs the process's watch."""
+    import logging
+    import warnings
+
+    import utils.torch_utils as torch_utils
+    from utils.determinism import DeterminismWatch
+
+    watch = DeterminismWatch()
+    watch.install()
+    try:
+        with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="yolo"):
+            warnings.simplefilter("always")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            try:
+                x = torch.zeros(5)
+                for _ in range(3):
+                    x.put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+                x.add_(1).sum()
+            finally:
+                torch.use_deterministic_algorithms(False)
+    finally:
+        watch.uninstall()
+    assert watch.kernels == ["put_"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "WARNING: --deterministic: put_ has no deterministic implementation (torch only warns); 1 such kernel(s) so "
+        "far: this run may not resume bit-exactly"]
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
+    monkeypatch.setattr(torch_utils.WATCH, "install", lambda: watch.kernels.append("installed"))
+    init_seeds(0, deterministic=True)
+    assert watch.kernels[-1] == "installed"

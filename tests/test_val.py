@@ -363,3 +363,17 @@ def test_missing_onnxruntime_is_one_line(tiny_data, tmp_path, caplog, monkeypatc
     assert _one_error_line(caplog) == ("val: running an .onnx model needs the 'onnxruntime' package, which is not "
                                        "installed: pip install onnxruntime")  # fmt: skip
     assert not (tmp_path / "runs").exists()
+
+
+def test_inference_copy_of_the_ema_holds_only_its_own_tensors():
+    """ema.ema's tensors are views into one flat buffer of the whole model; the copy's memory must be its own
+    tensors' and no more: the bytes of the distinct storages behind its parameters and buffers equal the bytes of
+    those tensors (a deepcopied view would bring the whole flat buffer along, about the model's size again)."""
+    torch.manual_seed(0)
+    model = Model("yolov5n.yaml", nc=3, verbose=False)
+    ema = ModelEMA(model)
+    assert ema.path == "flat"
+    copied = val.InferenceCopy(ema.ema).model
+    tensors = [*copied.parameters(), *copied.buffers()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in tensors)

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn as nn
 
-from utils.ema import EMAStorage, ModelEMA, register_schedule, shadow_copy
+from utils.ema import EMAStorage, ModelEMA, host_copies, register_schedule, shadow_copy
 from utils.log import LOGGER
 
 # The main EMA's schedule settings, which BEMA's own schedule replaces: not used, and not refused, with ema_bema.
@@ -150,8 +150,8 @@ class BEMA(ModelEMA):
         return super().state_dict(weights) | {
             "bema_power": self.bema_power, "bema_bias_power": self.bema_bias_power, "bema_lag": self.bema_lag,
             "bema_multiplier": self.bema_multiplier,
-            "bema_average": {k: v.detach().clone() for k, v in self.average.shadow.state_dict().items()},
-            "bema_anchor": {k: v.detach().clone() for k, v in self.anchor.shadow.state_dict().items()},
+            "bema_average": host_copies(self.average.shadow.state_dict()),
+            "bema_anchor": host_copies(self.anchor.shadow.state_dict()),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -610,18 +610,29 @@ class LoadImagesAndLabels(Dataset):
         sizes = [self.resized_size(int(w), int(h)) for w, h in self.shapes]
         return int(sum(w * h * 3 for w, h in sizes))
 
+    def replay_bytes(self) -> int:
+        """Bytes of one pass's collated images, letterboxed to their batch's shape (uint8): what ReplayLoader keeps."""
+        if self.batch_shapes is not None:
+            hw = self.batch_shapes[self.batch]
+            return int((hw[:, 0] * hw[:, 1]).sum() * 3)
+        return self.n * 3 * self.img_size**2
+
     def cache_in_ram(self, auto: bool = False) -> None:
         """Decode and resize every image once and keep it in memory (skipped when memory is short). With `auto`,
         only when the images take at most AUTO_CACHE_SHARE of the available memory: a small dataset is then
-        decoded once instead of every epoch (JPEG decoding is most of a sample's cost), with identical samples."""
+        decoded once instead of every epoch (JPEG decoding is most of a sample's cost), with identical samples.
+        A split without augmentation, once cached, is also replayed (ReplayLoader keeps its collated batches for
+        the run): `auto` counts those batches too."""
         need, available = self._resized_bytes(), _available_memory()
         if auto and available is None:
             LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB): the available memory "
                         f"is unknown; --cache ram caches it")
             return
-        if auto and need > AUTO_CACHE_SHARE * available:
-            LOGGER.info(f"{self.prefix}Not caching images in RAM ({need / 2**20:.0f} MiB is more than "
-                        f"{AUTO_CACHE_SHARE:.0%} of the available memory); --cache ram caches it "
+        replayed = 0 if self.augment else self.replay_bytes()
+        if auto and need + replayed > AUTO_CACHE_SHARE * available:
+            with_replay = f" with {replayed / 2**20:.0f} MiB of replayed batches" if replayed else ""
+            LOGGER.info(f"{self.prefix}Not caching images in RAM ({(need + replayed) / 2**20:.0f} MiB{with_replay} "
+                        f"is more than {AUTO_CACHE_SHARE:.0%} of the available memory); --cache ram caches it "
                         f"(up to {RAM_CACHE_SHARE:.0%} of available memory)")
             return
         if available is not None and need > RAM_CACHE_SHARE * available:
@@ -928,8 +939,11 @@ class ReplayLoader:
     """
 
     def __init__(self, loader: DataLoader):
+        # Kept batches are not pinned: they stay for the whole run, and torch's pinned-memory allocator rounds each
+        # block up to a power of two, so a COCO-sized split would hold GBs of page-locked memory beyond the cache.
+        loader.pin_memory = False
         self.loader, self.dataset, self.batch_size = loader, loader.dataset, loader.batch_size
-        self.num_workers, self.pin_memory = loader.num_workers, loader.pin_memory
+        self.num_workers, self.pin_memory = loader.num_workers, False
         self._length = len(loader)
         self._batches: list | None = None
 

@@ -12,7 +12,8 @@ tensors' addresses and falls back to cached per-tensor lists with ``torch._forea
 says which is in use; ``ema.attach(model)`` flattens again). What is watched is every (module, name) slot that
 held a tensor when the EMA was attached; after swapping whole submodules for new ones holding new tensors
 (fusing, re-heading), call ``ema.attach(model)``. Module swaps that keep the tensors, such as
-``SyncBatchNorm.convert_sync_batchnorm``, need nothing.
+``SyncBatchNorm.convert_sync_batchnorm``, need nothing. A model moved to another device after the EMA was built
+(``model.to(device)``) is followed: the next update moves the EMA there too, and says so.
 
 Two classes: :class:`EMAStorage` owns that layout (the pairing, the flat buffers or lists, the checks that they
 are still the model's, and the ``copy_``/``lerp_`` operations on them); :class:`ModelEMA` owns the averaging (the
@@ -294,6 +295,13 @@ def _existing_flat(tensors: list[torch.Tensor], offsets: list[int], total: int) 
     return torch.empty(0, dtype=tensors[0].dtype, device=tensors[0].device).set_(storage, 0, (total,), (1,))
 
 
+def host_copies(state_dict: dict) -> dict:
+    """Detached copies of a state dict's tensors on the CPU, in the standard layout: what a checkpoint stores.
+    Copied straight from the device (one transfer per tensor), not cloned there first: a state dict built for
+    saving would otherwise take the model's size again in GPU memory while it is written."""
+    return {k: v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for k, v in state_dict.items()}
+
+
 def shadow_copy(model: nn.Module) -> nn.Module:
     """An FP32, eval-mode copy of the model (wrappers looked through) without gradients: what an EMA holds."""
     shadow = copy.deepcopy(de_parallel(model)).float().eval()
@@ -505,6 +513,17 @@ class EMAStorage:
         t = store.get(key)
         return t is None or t.data_ptr() != self._shadow_probe_ptr
 
+    @staticmethod
+    def _devices(module: nn.Module) -> set[torch.device]:
+        return {e.tensor.device for e in _scan(module)}
+
+    def _model_moved(self, model: nn.Module) -> torch.device | None:
+        """The one device the model's tensors are all on, when the shadow's are elsewhere; else None."""
+        model_devices = self._devices(model)
+        if len(model_devices) != 1 or model_devices == self._devices(self.shadow):
+            return None
+        return next(iter(model_devices))
+
     def _repair(self, model: nn.Module) -> None:
         if self._shadow_replaced():
             LOGGER.warning("ModelEMA: ema.ema's tensors were replaced (.half(), .to() or load_state_dict(assign=True) "
@@ -514,6 +533,16 @@ class EMAStorage:
             if not self._model_changed(model):
                 self._bind(model, self.path == "flat", "flat=False")
                 return
+        moved_to = self._model_moved(model)
+        if moved_to is not None:
+            # An EMA built before model.to(device): averaging across devices would cost one blocking transfer per
+            # tensor per update and validate the EMA on the old device; the EMA follows the model instead.
+            LOGGER.warning(f"ModelEMA: the model is on {moved_to} but the EMA on "
+                           f"{', '.join(sorted(map(str, self._devices(self.shadow))))} (built before the model was "
+                           f"moved); moving the EMA to {moved_to}, its values kept")
+            self.shadow.to(moved_to)
+            self._bind(model, self.flat, "flat=False")
+            return
         was = self.path
         self._bind(model, False, "the model's tensors were replaced")
         if was == "flat":
@@ -789,10 +818,10 @@ class ModelEMA:
                     m.tensor.detach().copy_(s)
 
     def state_dict(self, weights: bool = True) -> dict:
-        """EMA weights (an FP32 state dict of ``ema``, detached copies), counters and schedule settings:
+        """EMA weights (an FP32 state dict of ``ema``, detached copies on the CPU), counters and schedule settings:
         plain values only, so it loads with ``torch.load(weights_only=True)``. With ``weights=False`` the
         'ema' entry is left out, for a caller that stores ``ema.ema``'s weights its own way (train.py packs them)."""
-        state = {"ema": {k: v.detach().clone() for k, v in self.ema.state_dict().items()}} if weights else {}
+        state = {"ema": host_copies(self.ema.state_dict())} if weights else {}
         return state | {
             "updates": self.updates,
             "skipped": self.skipped,

@@ -215,6 +215,9 @@ class OnnxModel(ExportedModel):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        elif device.type == "cuda":
+            LOGGER.warning(f"WARNING: the installed onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it); "
+                           f"{file.name} runs on the CPU, not {device}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # as PyTorch's and OpenVINO's: OMP_NUM_THREADS where set
         try:

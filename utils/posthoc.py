@@ -216,8 +216,9 @@ class PosthocEMA:
             "sigma_rel": self.sigma_rels[j], "gamma": float(ema.gamma),
             "step": int(ema.updates), "position": _position(ema), "unit": ema.unit, "nbs": float(ema.nbs),
             "images": float(ema.images),
-            "ema": {k: (v.detach().to(SNAPSHOT_DTYPE) if v.is_floating_point() else v.detach()).clone(
-                    memory_format=torch.contiguous_format) for k, v in ema.ema.state_dict().items()},
+            # Copied to the CPU as they are cast: a snapshot file loads on a machine without CUDA
+            "ema": {k: v.detach().to("cpu", SNAPSHOT_DTYPE if v.is_floating_point() else v.dtype, copy=True,
+                                     memory_format=torch.contiguous_format) for k, v in ema.ema.state_dict().items()},
         }
 
     # ---------------------------------------------------------------- resume

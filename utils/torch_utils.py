@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.determinism import WATCH
 from utils.log import LOGGER
 
 
@@ -93,6 +94,7 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
     torch.cuda.manual_seed_all(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        WATCH.install()  # warn_only: each kernel without a deterministic implementation is said as it happens
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
