@@ -39,7 +39,7 @@ def test_coco128_json_gives_the_yolo_labels_and_is_cached(coco128, coco128_json,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # coco128 is read-only: the cache goes here
     caplog.set_level(logging.INFO, logger="yolo")
     data = check_dataset(write_yaml(tmp_path, path="coco128", train=COCO_JSON, val=COCO_JSON))
-    assert data["train"] == str(coco128 / COCO_JSON)
+    assert data["train"] == coco_json.JsonSplit(coco128 / COCO_JSON) and str(data["train"]) == str(coco128 / COCO_JSON)
     cats = sorted(coco128_json["categories"], key=lambda c: c["id"])
     assert data["names"] == [c["name"] for c in cats] and data["nc"] == 80
     ds = LoadImagesAndLabels(data["train"], 64, nc=80)
@@ -139,6 +139,27 @@ def test_json_errors_are_one_line(tmp_path):
         check_dataset(write_yaml(tmp_path / "j", train=file.name, val=file.name, images="nowhere"))
     with pytest.raises(DatasetError, match="nc=3 disagrees with the 2 categories"):
         check_dataset(write_yaml(tmp_path / "j", train=file.name, val=file.name, nc=3))
+
+
+def test_two_yamls_on_one_json_each_load_their_own_images(tmp_path):
+    """The `images:` folder travels with the split that check_dataset returns, not in a table keyed by the json: two
+    data yamls naming one json with different folders, resolved in one process, each load their own images (as
+    train.py and val.py load them, from data['train'] alone), and so does a split built without check_dataset."""
+    file = handmade(tmp_path / "ann", [GOOD])  # images beside it too: the yamls' folders must win over the search
+    for folder in ("a", "b"):
+        make_images(tmp_path / folder)
+    yamls = {f: write_yaml(tmp_path / "ann", path=str(tmp_path), train="ann/instances_x.json",
+                           val="ann/instances_x.json", images=f).rename(tmp_path / f"{f}.yaml") for f in ("a", "b")}
+    resolved = {f: check_dataset(y) for f, y in yamls.items()}  # b's resolved after a's
+    resolved["a again"] = check_dataset(resolved["a"])  # val.run re-checks a resolved dict
+    for key, data in resolved.items():
+        want = [str(tmp_path / key[0] / f"im{i}.jpg") for i in range(3)]
+        assert data["train"] == coco_json.JsonSplit(file, tmp_path / key[0]) and str(data["val"]) == str(file)
+        assert LoadImagesAndLabels(data["train"], 64, nc=2).im_files == want, key
+        assert create_dataloader(data["val"], 64, 2, 32, workers=0, nc=2)[1].im_files == want, key
+    by_hand = LoadImagesAndLabels(coco_json.JsonSplit(file, tmp_path / "b"), 64, nc=2)  # no check_dataset first
+    assert by_hand.im_files[0] == str(tmp_path / "b" / "im0.jpg")
+    assert LoadImagesAndLabels(str(file), 64, nc=2).im_files[0] == str(tmp_path / "ann" / "im0.jpg")  # the search
 
 
 # ---------------------------------------------------------------------------------------------- val.py on a json
@@ -277,3 +298,5 @@ def test_train_runs_on_a_json_with_no_conversion(coco128, coco128_json, tmp_path
     assert "8 images, 0 backgrounds, 0 skipped, 0 duplicate boxes dropped, 2 crowd regions not trained on" in proc.stdout
     assert f"COCOeval against {tmp_path / 'instances_eight.json'}" in proc.stdout
     assert (tmp_path / "runs" / "json" / "weights" / "best.pt").is_file()
+    saved = torch.load(tmp_path / "runs" / "json" / "weights" / "best.pt", weights_only=True)["opt"]
+    assert saved["data"] == str(data) == yaml.safe_load((tmp_path / "runs" / "json" / "opt.yaml").read_text())["data"]

@@ -34,22 +34,30 @@ class CocoJsonError(ValueError):
     """A json file that cannot be used as a dataset at all; the message is one line naming it."""
 
 
-# check_dataset records the `images:` folder of each json split it resolves, so that the loader, which is handed
-# the json path alone (train.py and val.py pass data['train'] / data['val'] on), finds the same images.
-_IMAGE_FOLDERS: dict[str, Path] = {}
+@dataclass(frozen=True)
+class JsonSplit:
+    """A json split as check_dataset resolves it: the json and the yaml's `images:` folder for it (None: found by
+    image_folder's search). It reads as the json's path (str, os.fspath, Path, f-strings), so it goes on wherever a
+    split's path goes (train.py and val.py hand data['train'] / data['val'] to the loader) and the folder with it."""
+
+    json_file: Path
+    images: Path | None = None
+
+    def __str__(self) -> str:
+        return str(self.json_file)
+
+    def __fspath__(self) -> str:
+        return str(self.json_file)
+
+    @classmethod
+    def of(cls, source) -> JsonSplit:
+        """`source` itself when it is a JsonSplit, else its json path with the folder left to the search."""
+        return source if isinstance(source, cls) else cls(Path(source).resolve())
 
 
 def is_coco_json(source) -> bool:
-    """True for a single path ending in .json (a COCO instances file)."""
-    return isinstance(source, (str, Path)) and str(source).lower().endswith(".json")
-
-
-def set_image_folder(json_file, folder) -> None:
-    _IMAGE_FOLDERS[str(Path(json_file).resolve())] = Path(folder).resolve()
-
-
-def given_image_folder(json_file) -> Path | None:
-    return _IMAGE_FOLDERS.get(str(Path(json_file).resolve()))
+    """True for a JsonSplit or a single path ending in .json (a COCO instances file)."""
+    return isinstance(source, JsonSplit) or (isinstance(source, (str, Path)) and str(source).lower().endswith(".json"))
 
 
 def load_json(json_file) -> dict:
@@ -95,7 +103,6 @@ def image_folder(json_file, data: dict | None = None, given=None) -> Path:
     of them: the json's own folder (Roboflow's layout), ROOT/images/NAME and ROOT/NAME (COCO's layouts, for
     ROOT/annotations/instances_NAME.json), ROOT/images."""
     json_file = Path(json_file).resolve()
-    given = given if given is not None else given_image_folder(json_file)
     if given is not None:
         return Path(given)
     data = data if data is not None else load_json(json_file)

@@ -249,9 +249,11 @@ def _resolve_images(value, root: Path, key: str, where) -> str | list[str]:
 
 
 def _coco_json_splits(d: dict, root: Path, jsons: dict, names, where) -> list[str]:
-    """Record the `images:` folder of each json split for the loader; the class names (the json's when the yaml
-    has none). Reads the first json only when the names must come from it."""
+    """Make each json split (resolved in d, as given in jsons) a coco_json.JsonSplit holding its `images:` folder,
+    so that a loader handed the split alone reads the yaml's images; the class names (the json's when the yaml has
+    none). Reads the first json only when the names must come from it."""
     images = d.get("images")
+    folders = {k: v.images for k, v in jsons.items() if isinstance(v, coco_json.JsonSplit)}  # a dict checked before
     if images not in (None, ""):
         per_split = images if isinstance(images, dict) else {k: images for k in jsons}
         resolved = {}
@@ -262,9 +264,11 @@ def _coco_json_splits(d: dict, root: Path, jsons: dict, names, where) -> list[st
             p = p if p.is_absolute() else root / p
             if not p.is_dir():
                 raise DatasetError(f"{where}: 'images' folder {p} does not exist")
-            coco_json.set_image_folder(d[key], p)
+            folders[key] = p.resolve()
             resolved[key] = str(p.resolve())
         d["images"] = resolved if isinstance(images, dict) else next(iter(resolved.values()))
+    for key in jsons:
+        d[key] = coco_json.JsonSplit(Path(d[key]), folders.get(key))
     if names is not None:
         return names
     key = next(iter(jsons))
@@ -280,8 +284,9 @@ def _coco_json_splits(d: dict, root: Path, jsons: dict, names, where) -> list[st
 def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     """Load and validate a dataset yaml (path, bare name or dict); return it with absolute paths.
 
-    The returned dict has path (absolute str), train, val (absolute str or list of str), test (when
-    given), names (list[str]), nc (int), yaml_file (str or None) and any other keys of the yaml.
+    The returned dict has path (absolute str), train, val (absolute str or list of str; a COCO json split is a
+    coco_json.JsonSplit), test (when given), names (list[str]), nc (int), yaml_file (str or None) and any other
+    keys of the yaml.
     Raises DatasetError naming the missing key, or every folder searched for the dataset.
     """
     if isinstance(data, dict):

@@ -402,16 +402,20 @@ def _verify_coco_image(split: coco_json.CocoSplit, i: int):
     return (LABELLED if len(labels) else BACKGROUND_EMPTY), size, labels, n_dup, msg
 
 
-def scan_coco_json(json_file, nc=None, prefix: str = "") -> dict:
-    """scan_labels for a COCO instances json: the same dict, plus im_files, image_ids, category_ids, names,
-    notes and n_crowd over the json's image entries. Bad entries are logged and marked CORRUPT."""
+def scan_coco_json(json_file, images=None, nc=None, prefix: str = "") -> dict:
+    """scan_labels for a COCO instances json whose images are in `images` (None: coco_json.image_folder's search):
+    the same dict, plus im_files, image_ids, category_ids, names, notes and n_crowd over the json's image entries.
+    Bad entries are logged and marked CORRUPT."""
     json_file = Path(json_file).resolve()
-    given = coco_json.given_image_folder(json_file)
+    given = None if images is None else str(Path(images).resolve())
     beside = json_file.with_suffix(".cache")
     fallback = user_cache_dir() / "labels" / f"{json_file.stem}-{hashlib.sha1(str(beside).encode()).hexdigest()[:16]}.cache"
 
+    def folder(image_dir):  # a cache of a given folder must not serve a load that searches (and back)
+        return given if given is not None else f"searched {image_dir}"
+
     def current(d):  # the signature the cached file list has now
-        return _coco_signature(json_file, given if given is not None else str(d["image_dir"]), d["im_files"])
+        return _coco_signature(json_file, folder(d["image_dir"]), d["im_files"])
 
     cached, where = None, None
     for candidate in (beside, fallback):
@@ -429,8 +433,7 @@ def scan_coco_json(json_file, nc=None, prefix: str = "") -> dict:
         labels = [r[2] for r in results]
         cached = {
             "version": np.array(LABEL_CACHE_VERSION),
-            "signature": np.array(_coco_signature(json_file, given if given is not None else split.image_dir,
-                                                  split.im_files)),
+            "signature": np.array(_coco_signature(json_file, folder(split.image_dir), split.im_files)),
             "status": np.array([r[0] for r in results], np.int8),
             "shapes": np.array([r[1] for r in results], np.int64).reshape(-1, 2),
             "counts": np.array([len(lb) for lb in labels], np.int64),
@@ -511,7 +514,8 @@ class LoadImagesAndLabels(Dataset):
 
         is_json = coco_json.is_coco_json(path)
         if is_json:
-            scan = scan_coco_json(path, nc=nc, prefix=prefix)
+            split = coco_json.JsonSplit.of(path)
+            scan = scan_coco_json(split.json_file, split.images, nc=nc, prefix=prefix)
             files = [str(f) for f in scan["im_files"]]
         else:
             files = list_image_files(path, prefix)
