@@ -115,7 +115,7 @@ def test_checkpoint_entries_are_fp16_for_use_and_fp32_for_resume_and_restore_bot
     with pytest.raises(KeyError, match="holds no companion EMA 'tau200' \\(it holds none\\)"):
         companion_checkpoint({"ema": {}}, "tau200")
     # A resume state of other companions, or none, is refused in one line.
-    with pytest.raises(ValueError, match=r"holds companion EMAs \['tau4'\], this run's hyp asks for \['tau4', 'tau40'\]"):
+    with pytest.raises(ValueError, match=r"holds companion EMAs \['tau4'\], this run's hyp asks for \['tau4', "):
         extended.restore({"resume": {"ema_companions": {"tau4": state["tau4"]}}, "updates": 5})
     with pytest.raises(ValueError, match=r"the checkpoint holds companion EMAs none"):
         extended.restore({"updates": 5})
