@@ -1,5 +1,7 @@
-"""SWA for a trained detector (Zhang et al. 2020, "SWA Object Detection"): extra epochs with a cyclical learning rate
-from a run's final raw model, their epoch-end checkpoints averaged uniformly, BatchNorm statistics recomputed.
+"""SWA for a trained detector (Zhang et al. 2020): cyclical-lr epochs from its raw model, averaged, BN recomputed.
+
+"SWA Object Detection": extra epochs with a cyclical learning rate from a run's final raw model, their epoch-end
+checkpoints averaged uniformly, BatchNorm statistics recomputed.
 
     python swa.py --weights runs/train/exp/weights/last.pt                 # 12 extra epochs, the paper's recipe
     python swa.py --weights runs/train/exp/weights/last.pt --epochs 6 --anneal linear --bn-batches 32

@@ -89,7 +89,7 @@ REGIMES = {
 # is YOLOv5's EMA, tau 2000 steps; tau200 is the hyp files' own since this bench.
 RECIPE_HYP = ("fliplr=0.0", "ema_tau=2000")
 QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2,
-         "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick", "swa_epochs": 2}
+         "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick", "swa_epochs": 2, "companion_taus": [200]}
 QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
                 "max_size": 30}
 COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "gain vs raw end", "gain sd", "seeds",
@@ -130,8 +130,8 @@ def parse_opt(argv=None) -> argparse.Namespace:
                    help="train (or wait for) the runs without evaluating them: another bench process reports")
     p.add_argument("--fresh", action="store_true", help="train every run again instead of reusing finished ones")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test of the bench: one seed, 2 epochs, batch 8, a tiny digits set made under "
-                        "--project/quick (flags given on the command line still win)")
+                   help="a smoke test of the bench: one seed, 2 epochs, batch 8, one companion tau, 2 SWA epochs, a "
+                        "tiny digits set made under --project/quick (flags given on the command line still win)")
     opt = p.parse_args(argv)
     if opt.quick and opt.regime:
         p.error("--quick is a recipe of its own: leave out --regime")
@@ -356,7 +356,8 @@ def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int,
     stat = weights.stat()
     bn_kind = "bn-augmented" if bn else "-"  # the recompute's batches are augmented since this bench's first run
     which = companion or ("ema" if use_ema else "raw")
-    key = f"{weights.name}|{which}|{bn_kind}|{stat.st_size}|{stat.st_mtime_ns}" + ("" if split == "test" else f"|{split}")
+    key = f"{weights.name}|{which}|{bn_kind}|{stat.st_size}|{stat.st_mtime_ns}"
+    key += "" if split == "test" else f"|{split}"  # test keys as before: caches of earlier runs stay valid
     cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     if key not in cache:
         ckpt = load_checkpoint(weights)

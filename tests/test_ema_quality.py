@@ -15,9 +15,9 @@ from bench import ema_quality
 ROOT = Path(__file__).resolve().parents[1]
 
 AVERAGED = ("EMA, end", "EMA, best val epoch", "post-hoc EMA, width chosen on val", "EMA tau 200, end",
-            "EMA tau 200, best val epoch", "EMA tau 500, end", "EMA tau 500, best val epoch", "EMA images, end",
-            "EMA images, best val epoch", "Switch EMA, end", "Switch EMA, best val epoch", "BEMA, end",
-            "BEMA, best val epoch", "BEMA burn-in 560, end", "BEMA burn-in 560, best val epoch")
+            "EMA tau 200, best val epoch", "EMA images, end", "EMA images, best val epoch", "Switch EMA, end",
+            "Switch EMA, best val epoch", "BEMA, end", "BEMA, best val epoch", "BEMA burn-in 560, end",
+            "BEMA burn-in 560, best val epoch")
 SWA_ROW = "SWA (2 extra epochs)"  # its statistics recomputed as part of SWA: no separate BN row
 ROWS = ("raw, end", "raw, best val epoch", *[m for a in AVERAGED for m in (a, f"{a} + BN recompute")], SWA_ROW)
 
@@ -42,7 +42,7 @@ def test_quick_table_has_every_model_and_sane_numbers(quick):
     # The gain is each model's mAP50-95 minus the raw model's at the end of the same run.
     raw_end = table.loc[table["model"] == "raw, end", "mAP50-95"].item()
     assert table["gain vs raw end"].to_numpy() == pytest.approx(table["mAP50-95"].to_numpy() - raw_end, abs=1e-12)
-    assert list(table["model"]) == [m for m in ema_quality.row_order([200, 500], 2) if m in ROWS]  # reading order
+    assert list(table["model"]) == [m for m in ema_quality.row_order([200], 2) if m in ROWS]  # reading order
     chosen = dict(zip(table["model"], table["chosen on val"].fillna("")))
     assert chosen["raw, best val epoch"] in ("epoch 0", "epoch 1")
     assert chosen["post-hoc EMA, width chosen on val"].startswith("sigma_rel ")
@@ -69,15 +69,15 @@ def test_each_run_trains_the_recipe_hyp_with_the_variant_keys_on_top(quick):
     switch = yaml.safe_load((quick / "switch-s0" / "hyp_in.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
     assert shipped["fliplr"] == 0.5 and ramp["fliplr"] == 0.0  # the bench's default --set
-    assert ramp["ema_tau"] == 2000 and ramp["ema_companion_taus"] == [200, 500]  # YOLOv5's tau, the others beside
+    assert ramp["ema_tau"] == 2000 and ramp["ema_companion_taus"] == [200]  # YOLOv5's tau, another beside
     assert switch["ema_switch"] is True and switch["ema_companion_taus"] == []  # companions: the ramp runs' only
     own = ("ema_switch", "ema_companion_taus")
     assert {k: v for k, v in switch.items() if k not in own} == {k: v for k, v in ramp.items() if k not in own}
     # train.py trained with what hyp_in.yaml says (its own record of the hyp in the run folder), and kept the
     # companions in every epoch checkpoint; no run of its own trains another tau.
-    assert yaml.safe_load((quick / "ramp-s0" / "hyp.yaml").read_text())["ema_companion_taus"] == [200, 500]
+    assert yaml.safe_load((quick / "ramp-s0" / "hyp.yaml").read_text())["ema_companion_taus"] == [200]
     assert sorted(torch.load(quick / "ramp-s0" / "weights" / "epoch0.pt", weights_only=True)["ema_companions"]) == \
-        ["tau200", "tau500"]
+        ["tau200"]
     assert not (quick / "tau200-s0").exists()
     # SWA: swa.py's extra epochs from the ramp run's last.pt
     swa = torch.load(quick / "swa-s0" / "weights" / "swa.pt", weights_only=True)["swa"]
