@@ -178,6 +178,7 @@ from utils.distill import Distiller, TeacherError, load_teacher  # noqa: E402
 from utils.distill import check_hyp as check_kd_hyp  # noqa: E402
 from utils.early_stopping import EarlyStopping  # noqa: E402
 from utils.ema import ModelEMA, end_of_run_plan  # noqa: E402
+from utils.ema_companions import CHECKPOINT_KEY as COMPANIONS_KEY, CompanionEMAs, companion_taus  # noqa: E402
 from utils.environment import version_line  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
@@ -294,6 +295,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
         settings_from_hyp(d)  # post-hoc EMA, Switch EMA and BatchNorm recompute settings: refused here, before
         switch_ema_enabled(d)  # anything is created on disk
         bn_recompute_batches(d)
+        companion_taus(d)
         check_kd_hyp(d)  # distillation settings
     except ValueError as e:
         raise TrainError(f"{where}: {e}") from None
@@ -560,9 +562,10 @@ class TrainStep:
                  scaler: torch.amp.GradScaler, ema: ModelEMA | None, amp_dtype: torch.dtype | None,
                  world_size: int = 1, last_opt_step: int = -1, timer=None, overflow_at=(),
                  posthoc: PosthocEMA | None = None, memory_format: torch.memory_format = MEMORY_FORMAT,
-                 distiller: Distiller | None = None):
+                 distiller: Distiller | None = None, companions: CompanionEMAs | None = None):
         self.model, self.compute_loss, self.optimizer, self.scaler, self.ema = model, compute_loss, optimizer, scaler, ema
         self.posthoc, self.memory_format, self.distiller = posthoc, memory_format, distiller
+        self.companions = companions
         self.amp_dtype, self.world_size, self.last_opt_step = amp_dtype, world_size, last_opt_step
         self.timer = timer or (lambda name: contextlib.nullcontext())
         self.overflow_at = frozenset(overflow_at)
@@ -604,6 +607,8 @@ class TrainStep:
                     self.ema.update(self.model, images=self.window_images)
                     if self.posthoc is not None:  # may write its snapshots due at this step
                         self.posthoc.update(self.model, images=self.window_images)
+                    if self.companions is not None:  # the same steps as the main EMA: only those taken
+                        self.companions.update(self.model, images=self.window_images)
             elif not stepped:
                 self.skipped.append(ni)
             self.window_images = 0
@@ -702,6 +707,7 @@ class Run:
     inference_copies: dict = field(default_factory=dict)  # id(validated model) -> its val.InferenceCopy
     started_batches: tuple | None = None  # (epoch, the train loader's iterator) started by start_epoch_batches
     writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # rank 0's checkpoints, in the background
+    companions: CompanionEMAs | None = None  # rank 0 only, when hyp ema_companion_taus lists taus
 
     @property
     def save_dir(self) -> Path:
@@ -786,11 +792,13 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     nb = len(train_loader)
     nw = warmup_iterations(hyp["warmup_epochs"], nb)
     planned = planned_optimizer_steps(nb, opt.epochs, nw, hyp["nbs"], opt.batch_size)
-    ema = posthoc = bn_batches = None
+    ema = posthoc = bn_batches = companions = None
     if procs.main or (teacher is not None and teacher.model is None):  # --teacher ema: each process its own EMA
         ema = make_ema(model, hyp, ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
     if procs.main:
         posthoc = make_posthoc(model, hyp, planned, Path(opt.save_dir) / "weights" / "posthoc")
+        companions = CompanionEMAs.from_hyp(model, hyp,
+                                            ema_planned_steps(hyp, planned, nb * opt.batch_size, opt.epochs))
         if count := bn_recompute_batches(hyp):
             bn_batches = FixedBatches.from_data(data["train"], imgsz, batch_size, gs, count, hyp, seed=opt.seed,
                                                 single_cls=opt.single_cls)
@@ -804,6 +812,11 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     if resume_ckpt is not None:
         start_epoch, best_fitness, last_opt_step, accumulate, rng_state = restore_training_state(
             resume_ckpt, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate, posthoc)
+        try:
+            if companions is not None:
+                companions.restore(resume_ckpt)
+        except ValueError as e:
+            raise TrainError(f"--resume: {e}") from None
 
     if procs.distributed:
         model = wrap_ddp(model, opt, device)
@@ -813,13 +826,15 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     overflow_at = [int(n) for n in os.getenv(OVERFLOW_HOOK_ENV, "").split(",") if n.strip()]
     distiller = Distiller(teacher, model, ema, hyp) if teacher is not None else None
     step = TrainStep(model, compute_loss, optimizer, scaler, ema, check_amp(opt.amp, device), procs.world_size,
-                     last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc, distiller=distiller)
+                     last_opt_step, timer=timer, overflow_at=overflow_at, posthoc=posthoc, distiller=distiller,
+                     companions=companions)
     run = Run(opt=opt, hyp=hyp, device=device, procs=procs, data=data, names=names, imgsz=imgsz, gs=gs,
               batch_size=batch_size, model=model, ema=ema, posthoc=posthoc, bn_batches=bn_batches, optimizer=optimizer,
               scheduler=scheduler, lf=lf, scaler=scaler, stopper=stopper, train_loader=train_loader,
               val_loader=val_loader, compute_loss=compute_loss, step=step, timer=timer, nb=nb, nw=nw,
               accumulate=accumulate, start_epoch=start_epoch, end_epoch=opt.epochs, best_fitness=best_fitness,
-              saved_epoch=start_epoch - 1 if resume_ckpt is not None else None, position=(start_epoch, -1))
+              saved_epoch=start_epoch - 1 if resume_ckpt is not None else None, position=(start_epoch, -1),
+              companions=companions)
     if procs.main:
         log_run_plan(run)
         if not opt.no_tensorboard:
@@ -911,6 +926,8 @@ def log_run_plan(run: Run) -> None:
             LOGGER.info(line)
     if run.posthoc is not None:
         LOGGER.info(run.posthoc.summary())
+    if run.companions is not None:
+        LOGGER.info(run.companions.summary())
 
 
 def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int,
@@ -1146,6 +1163,9 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
     }
     if run.posthoc is not None:
         ckpt["resume"]["posthoc"] = run.posthoc.state_dict()
+    if run.companions is not None:  # FP16 for use (kept by finished checkpoints), FP32 for exact resume
+        ckpt[COMPANIONS_KEY] = run.companions.checkpoint_weights()
+        ckpt["resume"][COMPANIONS_KEY] = run.companions.state_dict()
     return ckpt
 
 

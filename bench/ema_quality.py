@@ -1,25 +1,31 @@
 """Does the EMA make a better detector on images it never trained on? Test-split mAP of every averaged model.
 
-    python bench/ema_quality.py                          # the digits recipe, 3 seeds, every variant
+    python bench/ema_quality.py --regime short           # 1,500 optimizer steps a run, 3 seeds, every variant
+    python bench/ema_quality.py --regime long            # 10,500 optimizer steps a run
     python bench/ema_quality.py --seeds 0 1 2 3 4 --epochs 80 --variants ramp switch
     python bench/ema_quality.py --quick                  # one seed, 2 epochs, a tiny digits set (a smoke test)
 
 One recipe (data, model, image size, batch, epochs, hyp) is trained once per seed and per variant with train.py
-(as a subprocess, `--save-period 1 --deterministic`; --jobs N runs N at a time), each variant differing from the
-recipe's hyp by its own keys:
+(as a subprocess, `--save-period 1 --deterministic`; --jobs N runs N at a time). --regime picks a recipe from
+REGIMES (flags given on the command line still win); without it the flags' defaults are the recipe. Each variant
+differs from the recipe's hyp by its own keys:
   ramp    the recipe's EMA (YOLOv5's ramp, tau 2000), with post-hoc snapshots and the raw model validated
-          every epoch (train.py --posthoc --val-raw)
-  tau200  the same ramp with tau 200 steps (the hyp files' default since this bench) instead of YOLOv5's 2000:
-          an average that a run of a thousand steps actually reaches
+          every epoch (train.py --posthoc --val-raw), and a companion EMA per --companion-taus (the same ramp
+          with another tau, utils/ema_companions.py): every tau from the one raw trajectory, no run of its own
   switch  Switch EMA (`ema_switch: true`: the EMA copied into the model at every epoch end)
   bema    BEMA (bias-corrected EMA) (`ema_bema: true`)
   images  the ramp EMA with `ema_unit: images` (its horizon counted in images)
+  swa     SWA for detectors (swa.py: --swa-epochs extra epochs from the ramp run's final raw model with a cyclical
+          learning rate, their checkpoints averaged uniformly, BatchNorm recomputed); the table states its extra
+          training
 A variant whose hyp key this checkout does not know is skipped, and the output says so.
 
 Every model below is evaluated on the data's `test` split (val.run, task test), which nothing here ever chooses
 with; choices (best epoch, post-hoc width) are made on `val`:
   raw model at the end, and at its best val epoch (the epoch whose raw val fitness, results.csv, is highest);
   each variant's averaged model at the end and at its best val epoch (best.pt);
+  each companion EMA at the end and at its best val epoch (its val mAP measured here from the epoch checkpoints);
+  SWA's average (its statistics recomputed as SWA prescribes);
   the post-hoc EMA whose width posthoc_ema.py picked on val (ramp runs);
   each averaged model again with its BatchNorm statistics recomputed on --bn-batches training batches
   (utils.bn_recompute): averaging weights does not average what the statistics should be.
@@ -63,23 +69,31 @@ class Variant:
 
 VARIANTS = {
     "ramp": Variant("ramp", {}, "EMA", ("--posthoc", "--val-raw")),
-    "tau200": Variant("tau200", {"ema_tau": 200}, "EMA tau 200"),
     "switch": Variant("switch", {"ema_switch": True}, "Switch EMA"),
     "bema": Variant("bema", {"ema_bema": True}, "BEMA"),
     # BEMA's burn-in (the paper's tau): theta_0 is the model half-way through the default 30-epoch recipe
     # (1,125 steps) instead of the random initialisation its correction otherwise extrapolates from.
     "bema_burnin": Variant("bema_burnin", {"ema_bema": True, "ema_update_after_step": 560}, "BEMA burn-in 560"),
     "images": Variant("images", {"ema_unit": "images"}, "EMA images"),
+    # Not a train.py run: swa.py's extra epochs on top of the ramp run of the same seed (trained first if need be).
+    "swa": Variant("swa", {}, "SWA"),
+}
+# The recipes users train: a short run (1,000-2,000 optimizer steps, what a small custom dataset gets) and a long one
+# (>= 10,000 steps: YOLOv5's tau-2000 ramp is past 1 - exp(-5) and really averages). nbs equal to the batch makes
+# every batch one optimizer step, so steps = epochs x 2,400 / 16 on the digits set.
+REGIMES = {
+    "short": {"data": "digits.yaml", "img": 64, "batch_size": 16, "nbs": 16, "epochs": 10},  # 1,500 steps
+    "long": {"data": "digits.yaml", "img": 64, "batch_size": 16, "nbs": 16, "epochs": 70},  # 10,500 steps
 }
 # fliplr: a mirrored 2, 3 or 7 is not that digit (YOLOv5 users train text without flips). ema_tau: the ramp variant
 # is YOLOv5's EMA, tau 2000 steps; tau200 is the hyp files' own since this bench.
 RECIPE_HYP = ("fliplr=0.0", "ema_tau=2000")
 QUICK = {"epochs": 2, "seeds": [0], "img": 64, "batch_size": 8, "bn_batches": 2, "plot_points": 2,
-         "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick"}
+         "sigma_rel": [0.05, 0.15], "posthoc_num": 3, "name": "quick", "swa_epochs": 2, "companion_taus": [200]}
 QUICK_DIGITS = {"canvas": 64, "train": 48, "val": 16, "test": 24, "min_digits": 1, "max_digits": 3, "min_size": 12,
                 "max_size": 30}
 COLUMNS = ("model", "mAP50-95", "mAP50-95 sd", "mAP50", "mAP50 sd", "gain vs raw end", "gain sd", "seeds",
-           "chosen on val")
+           "chosen on val", "extra training")
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -95,6 +109,11 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30, help="epochs per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), help="EMA variants")
+    p.add_argument("--regime", choices=tuple(REGIMES), default=None,
+                   help="a recipe of REGIMES: data, --img, --batch-size, nbs (--set) and --epochs")
+    p.add_argument("--companion-taus", type=float, nargs="*", default=[200, 500],
+                   help="taus of the companion EMAs the ramp runs keep (hyp ema_companion_taus)")
+    p.add_argument("--swa-epochs", type=int, default=12, help="SWA's extra epochs (swa.py --epochs; the paper's 12)")
     p.add_argument("--bn-batches", type=int, default=16, help="training batches to recompute BatchNorm statistics on")
     p.add_argument("--sigma-rel", type=float, nargs="+", default=None,
                    help="post-hoc widths to sweep on val (posthoc_ema.py --sigma-rel; default: its own)")
@@ -106,18 +125,29 @@ def parse_opt(argv=None) -> argparse.Namespace:
                    help="torch/OpenMP threads for training and evaluation (0: torch's default); 1 is much "
                         "faster than 2 on a machine whose cores other jobs share")
     p.add_argument("--project", default=str(ROOT / "runs" / "ema_quality"), help="where the runs go")
-    p.add_argument("--name", default="digits", help="the recipe's folder under --project")
+    p.add_argument("--name", default="digits", help="the recipe's folder under --project (digits-REGIME with --regime)")
     p.add_argument("--train-only", action="store_true",
                    help="train (or wait for) the runs without evaluating them: another bench process reports")
     p.add_argument("--fresh", action="store_true", help="train every run again instead of reusing finished ones")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test of the bench: one seed, 2 epochs, batch 8, a tiny digits set made under "
-                        "--project/quick (flags given on the command line still win)")
+                   help="a smoke test of the bench: one seed, 2 epochs, batch 8, one companion tau, 2 SWA epochs, a "
+                        "tiny digits set made under --project/quick (flags given on the command line still win)")
     opt = p.parse_args(argv)
+    if opt.quick and opt.regime:
+        p.error("--quick is a recipe of its own: leave out --regime")
     if opt.quick:  # its own sizes, where the command line left the defaults
         for key, value in QUICK.items():
             if getattr(opt, key) == p.get_default(key):
                 setattr(opt, key, value)
+    if opt.regime:  # the regime's recipe, where the command line left the defaults
+        regime = REGIMES[opt.regime]
+        for key in ("data", "img", "batch_size", "epochs"):
+            if getattr(opt, key) == p.get_default(key):
+                setattr(opt, key, regime[key])
+        if not any(pair.startswith("nbs=") for pair in opt.hyp_set):
+            opt.hyp_set = [*opt.hyp_set, f"nbs={regime['nbs']}"]
+        if opt.name == p.get_default("name"):
+            opt.name = f"digits-{opt.regime}"
     return opt
 
 
@@ -141,6 +171,7 @@ from utils.bn_recompute import FixedBatches, recompute_bn_stats  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data_config import DatasetError, check_dataset  # noqa: E402
 from utils.ema import HYP_KEYS as EMA_HYP_KEYS  # noqa: E402
+from utils.ema_companions import companion_checkpoint, companion_name  # noqa: E402
 from utils.log import LOGGER, set_logging  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 
@@ -168,6 +199,7 @@ class Score:
     map50_95: float
     map50: float
     chosen: str = ""  # what val chose: an epoch, a width
+    extra: str = ""  # training beyond the recipe's run that the model needed (SWA's epochs)
 
 
 @dataclass
@@ -180,9 +212,18 @@ class Bench:
     curves: list[dict] = field(default_factory=list)  # per-epoch test mAP of the ramp runs
     skipped: list[str] = field(default_factory=list)
     train_seconds: dict = field(default_factory=dict)
+    refreshed: set = field(default_factory=set)  # run folders --fresh has trained again in this process already
 
 
 # ------------------------------------------------------------------------------------------------ training
+def variant_hyp(bench: Bench, variant: Variant) -> dict:
+    """The hyp a variant's run trains with: the recipe's, the variant's keys, and the ramp runs' companion EMAs."""
+    hyp = {**bench.recipe.hyp, **variant.hyp}
+    if variant.name == "ramp" and bench.opt.companion_taus:
+        hyp["ema_companion_taus"] = [int(t) if float(t).is_integer() else t for t in bench.opt.companion_taus]
+    return hyp
+
+
 def variant_available(variant: Variant, base_hyp: dict) -> str | None:
     """None when this checkout's train.py knows the variant's hyp keys (they are in its shipped hyp file or
     among the EMA's optional keys), else why not."""
@@ -205,19 +246,53 @@ def finished(last: Path, epochs: int) -> bool | None:
 
 def train(bench: Bench, variant: Variant, seed: int) -> Path:
     """The run of this variant and seed: reused when finished, resumed when stopped, else trained. Another bench
-    process training the same run is waited for (a lock file beside the runs), so benches can share runs."""
+    process training the same run is waited for (a lock file beside the runs), so benches can share runs. SWA
+    trains on top of the ramp run of its seed, which it gets (or waits for) first."""
+    ramp = train(bench, VARIANTS["ramp"], seed) if variant.name == "swa" else None
     folder = run_folder(bench, variant, seed)
     with open(bench.folder / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
-        return train_locked(bench, variant, seed, folder)
+        return train_swa(bench, seed, ramp, folder) if ramp is not None else train_locked(bench, variant, seed, folder)
+
+
+def swa_finished(swa_pt: Path, ramp_last: Path, epochs: int) -> bool:
+    """Whether swa_pt is SWA of this many epochs from the ramp run's last.pt as it is now."""
+    if not swa_pt.exists() or swa_pt.stat().st_mtime < ramp_last.stat().st_mtime:
+        return False
+    info = load_checkpoint(swa_pt).get("swa") or {}
+    return info.get("epochs") == epochs and Path(info.get("from", "")).resolve() == ramp_last.resolve()
+
+
+def train_swa(bench: Bench, seed: int, ramp: Path, folder: Path) -> Path:
+    """swa.py on the ramp run's final model (a subprocess, as train.py's runs): reused when done for this run."""
+    last, epochs = ramp / "weights" / "last.pt", bench.opt.swa_epochs
+    if swa_finished(folder / "weights" / "swa.pt", last, epochs):
+        LOGGER.info(f"swa seed {seed}: reusing {shown_path(folder)}")
+        return folder
+    env = dict(os.environ)
+    if bench.opt.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(bench.opt.threads)
+    cmd = [sys.executable, str(ROOT / "swa.py"), "--weights", str(last), "--epochs", str(epochs),
+           "--bn-batches", str(bench.recipe.bn_batches), "--workers", str(bench.opt.workers), "--device", "cpu",
+           "--project", str(folder.parent), "--name", folder.name, "--exist-ok"]
+    LOGGER.info(f"swa seed {seed}: {epochs} extra epochs from {shown_path(last)} into {shown_path(folder)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(folder / "swa.log", "a") as log:
+        status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    bench.train_seconds[folder.name] = time.time() - t0
+    if status != 0:
+        raise BenchError(f"swa.py failed ({status}) for seed {seed}; see {shown_path(folder / 'swa.log')}")
+    return folder
 
 
 def train_locked(bench: Bench, variant: Variant, seed: int, folder: Path) -> Path:
     stamp = folder / "bench_recipe.json"
-    hyp = {**bench.recipe.hyp, **variant.hyp}
+    hyp = variant_hyp(bench, variant)
     wanted = {**asdict(bench.recipe), "hyp": hyp, "seed": seed, "variant": variant.name}
-    if bench.opt.fresh and folder.exists():
+    if bench.opt.fresh and folder.exists() and folder.name not in bench.refreshed:  # SWA asks for its ramp run too
         shutil.rmtree(folder)
+    bench.refreshed.add(folder.name)
     if folder.exists():
         if not stamp.exists() or json.loads(stamp.read_text()) != wanted:
             raise BenchError(f"{shown_path(folder)} holds a run of another recipe; pass --fresh or another --name")
@@ -256,9 +331,9 @@ def train_locked(bench: Bench, variant: Variant, seed: int, folder: Path) -> Pat
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def test_map(bench: Bench, model: torch.nn.Module) -> tuple[float, float]:
-    """(mAP50-95, mAP50) of a model on the test split."""
-    results, _, _ = validate.run(bench.data, model=model, task="test", imgsz=bench.recipe.img,
+def test_map(bench: Bench, model: torch.nn.Module, task: str = "test") -> tuple[float, float]:
+    """(mAP50-95, mAP50) of a model on the test split (or the one `task` names)."""
+    results, _, _ = validate.run(bench.data, model=model, task=task, imgsz=bench.recipe.img,
                                  batch_size=2 * bench.recipe.batch_size, workers=bench.opt.workers, plots=False)
     return float(results[3]), float(results[2])
 
@@ -272,17 +347,22 @@ def with_bn_recomputed(bench: Bench, model: torch.nn.Module, seed: int) -> torch
     return model
 
 
-def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int) -> tuple[float, float]:
-    """Test (mAP50-95, mAP50) of a checkpoint's EMA or raw weights, optionally with BatchNorm recomputed; kept in
-    the run's test_map_cache.json (keyed by the file's size and time), so that reporting again costs nothing."""
+def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int, companion: str | None = None,
+                split: str = "test") -> tuple[float, float]:
+    """Test (or val) (mAP50-95, mAP50) of a checkpoint's EMA, raw or companion EMA weights, optionally with
+    BatchNorm recomputed; kept in the run's test_map_cache.json (keyed by the file's size and time), so that
+    reporting again costs nothing."""
     cache_file = weights.parent.parent / "test_map_cache.json" if weights.parent.name == "weights" else None
     stat = weights.stat()
     bn_kind = "bn-augmented" if bn else "-"  # the recompute's batches are augmented since this bench's first run
-    key = f"{weights.name}|{'ema' if use_ema else 'raw'}|{bn_kind}|{stat.st_size}|{stat.st_mtime_ns}"
+    which = companion or ("ema" if use_ema else "raw")
+    key = f"{weights.name}|{which}|{bn_kind}|{stat.st_size}|{stat.st_mtime_ns}"
+    key += "" if split == "test" else f"|{split}"  # test keys as before: caches of earlier runs stay valid
     cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     if key not in cache:
-        model = model_from_checkpoint(load_checkpoint(weights), use_ema=use_ema)
-        cache[key] = test_map(bench, with_bn_recomputed(bench, model, seed) if bn else model)
+        ckpt = load_checkpoint(weights)
+        model = model_from_checkpoint(companion_checkpoint(ckpt, companion) if companion else ckpt, use_ema=use_ema)
+        cache[key] = test_map(bench, with_bn_recomputed(bench, model, seed) if bn else model, split)
         if cache_file:
             tmp = cache_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(cache, indent=1))
@@ -291,12 +371,12 @@ def weights_map(bench: Bench, weights: Path, use_ema: bool, bn: bool, seed: int)
 
 
 def score(bench: Bench, name: str, seed: int, weights: Path, use_ema: bool = True, chosen: str = "",
-          bn: bool = False) -> None:
+          bn: bool = False, companion: str | None = None, extra: str = "") -> None:
     """Test mAP of a checkpoint's model (and, with bn, of the same weights with recomputed BatchNorm statistics)."""
-    bench.scores.append(Score(name, seed, *weights_map(bench, weights, use_ema, False, seed), chosen))
+    bench.scores.append(Score(name, seed, *weights_map(bench, weights, use_ema, False, seed, companion), chosen, extra))
     if bn:
-        bench.scores.append(Score(f"{name} + BN recompute", seed, *weights_map(bench, weights, use_ema, True, seed),
-                                  chosen))
+        bench.scores.append(Score(f"{name} + BN recompute", seed,
+                                  *weights_map(bench, weights, use_ema, True, seed, companion), chosen, extra))
 
 
 def results_table(run: Path) -> pd.DataFrame:
@@ -311,8 +391,47 @@ def best_epoch(df: pd.DataFrame, prefix: str) -> int:
     return int(df["epoch"].iloc[int(np.argmax(fi))])
 
 
+def companion_label(name: str) -> str:
+    """'EMA tau 200' for the companion 'tau200': the rows a separate tau-200 run once had."""
+    return f"EMA tau {name[len('tau'):]}"
+
+
+def companion_val_table(bench: Bench, run: Path, name: str, seed: int) -> pd.DataFrame:
+    """Per epoch, the companion's val mAPs (results.csv's columns for it), measured from the epoch checkpoints:
+    train.py validates only the main EMA."""
+    rows = []
+    for epoch in range(bench.recipe.epochs):
+        m, m50 = weights_map(bench, run / "weights" / f"epoch{epoch}.pt", True, False, seed, name, split="val")
+        rows.append({"epoch": epoch, f"{name}/mAP_0.5": m50, f"{name}/mAP_0.5:0.95": m})
+    return pd.DataFrame(rows)
+
+
+def evaluate_companions(bench: Bench, seed: int, run: Path) -> None:
+    """Each companion EMA of a ramp run at the end and at its best val epoch, as the main EMA."""
+    for tau in bench.opt.companion_taus:
+        name = companion_name(tau)
+        label = companion_label(name)
+        score(bench, f"{label}, end", seed, run / "weights" / "last.pt", bn=True, companion=name)
+        k = best_epoch(companion_val_table(bench, run, name, seed), name)
+        score(bench, f"{label}, best val epoch", seed, run / "weights" / f"epoch{k}.pt", chosen=f"epoch {k}",
+              bn=True, companion=name)
+
+
+def swa_label(bench: Bench) -> str:
+    return f"SWA ({bench.opt.swa_epochs} extra epochs)"
+
+
+def swa_extra(bench: Bench) -> str:
+    """SWA's training beyond the recipe's run: its epochs, and what they are as a share of the run's."""
+    n, e = bench.opt.swa_epochs, bench.recipe.epochs
+    return f"+{n} epochs (+{n / e:.0%} of the run's {e})"
+
+
 def evaluate_run(bench: Bench, variant: Variant, seed: int, run: Path) -> None:
     weights = run / "weights"
+    if variant.name == "swa":  # its statistics are recomputed already: SWA's own last step
+        score(bench, swa_label(bench), seed, weights / "swa.pt", extra=swa_extra(bench))
+        return
     df = results_table(run)
     label = variant.label
     if variant.name == "ramp":
@@ -324,6 +443,7 @@ def evaluate_run(bench: Bench, variant: Variant, seed: int, run: Path) -> None:
     score(bench, f"{label}, best val epoch", seed, weights / f"epoch{k}.pt", chosen=f"epoch {k}", bn=True)
     if variant.name == "ramp":
         evaluate_posthoc(bench, seed, run)
+        evaluate_companions(bench, seed, run)
         plot_points(bench, seed, run, df)
 
 
@@ -362,24 +482,31 @@ def plot_points(bench: Bench, seed: int, run: Path, df: pd.DataFrame) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def row_order() -> list[str]:
-    """The table's rows in reading order: the raw model, then each variant's averaged models as VARIANTS lists them."""
+def row_order(companion_taus=(), swa_epochs: int = 0) -> list[str]:
+    """The table's rows in reading order: the raw model, then each variant's averaged models as VARIANTS lists them
+    (the ramp's post-hoc EMA and companion EMAs after its own)."""
+    def both(label):
+        return [f"{label}, {kind}{bn}" for kind in ("end", "best val epoch") for bn in ("", " + BN recompute")]
     rows = ["raw, end", "raw, best val epoch"]
     for v in VARIANTS.values():
-        for kind in ("end", "best val epoch"):
-            rows += [f"{v.label}, {kind}", f"{v.label}, {kind} + BN recompute"]
+        if v.name == "swa":
+            rows.append(f"SWA ({swa_epochs} extra epochs)")
+            continue
+        rows += both(v.label)
         if v.name == "ramp":
             rows += ["post-hoc EMA, width chosen on val", "post-hoc EMA, width chosen on val + BN recompute"]
+            for tau in companion_taus:
+                rows += both(companion_label(companion_name(tau)))
     return rows
 
 
-def summary(scores: list[Score]) -> pd.DataFrame:
+def summary(scores: list[Score], order: list[str] | None = None) -> pd.DataFrame:
     """One row per model: mean and sample sd over seeds, the gain over the raw model at the end of the same seed's
     run (paired by seed: the runs of one seed share their data order, so the difference is less noisy than either),
     and what val chose for each seed, in seed order."""
     df = pd.DataFrame([asdict(s) for s in scores]).sort_values("seed", kind="stable")  # runs finish in any order
     raw_end = df[df["model"] == "raw, end"].set_index("seed")["map50_95"]
-    order = row_order()
+    order = row_order() if order is None else order
     rows = []
     for name, g in sorted(df.groupby("model"), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         def sd(x):
@@ -387,7 +514,8 @@ def summary(scores: list[Score]) -> pd.DataFrame:
         gain = g.set_index("seed")["map50_95"] - raw_end.reindex(g["seed"]).to_numpy()
         rows.append({"model": name, "mAP50-95": g["map50_95"].mean(), "mAP50-95 sd": sd(g["map50_95"]),
                      "mAP50": g["map50"].mean(), "mAP50 sd": sd(g["map50"]), "gain vs raw end": gain.mean(),
-                     "gain sd": sd(gain), "seeds": len(g), "chosen on val": ", ".join(c for c in g["chosen"] if c)})
+                     "gain sd": sd(gain), "seeds": len(g), "chosen on val": ", ".join(c for c in g["chosen"] if c),
+                     "extra training": next((x for x in g["extra"] if x), "-")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -419,7 +547,7 @@ def plot_curves(curves: list[dict], path: Path, title: str) -> Path:
 
 
 def report(bench: Bench) -> pd.DataFrame:
-    table = summary(bench.scores)
+    table = summary(bench.scores, row_order(bench.opt.companion_taus, bench.opt.swa_epochs))
     out = bench.folder
     pd.DataFrame([asdict(s) for s in bench.scores]).to_csv(out / "ema_quality.csv", index=False)
     table.to_csv(out / "ema_quality_summary.csv", index=False)
@@ -471,6 +599,10 @@ def check_opt(opt: argparse.Namespace) -> None:
              (opt.jobs >= 1, f"--jobs must be at least 1, got {opt.jobs}"),
              (opt.bn_batches >= 1, f"--bn-batches must be at least 1, got {opt.bn_batches}"),
              (opt.plot_points >= 2, f"--plot-points must be at least 2, got {opt.plot_points}"),
+             (opt.swa_epochs >= 1, f"--swa-epochs must be at least 1, got {opt.swa_epochs}"),
+             (all(t > 0 for t in opt.companion_taus), f"--companion-taus must be positive, got {opt.companion_taus}"),
+             (len({companion_name(t) for t in opt.companion_taus}) == len(opt.companion_taus),
+              f"--companion-taus lists a tau twice: {opt.companion_taus}"),
              (len(set(opt.seeds)) == len(opt.seeds), f"--seeds lists a seed twice: {opt.seeds}")]
     for ok, message in rules:
         if not ok:

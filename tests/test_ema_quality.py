@@ -1,11 +1,13 @@
-"""bench/ema_quality.py --quick: one seed of every variant trained by train.py on a tiny digits set, every model
-evaluated on the test split, the table and its files written."""
+"""bench/ema_quality.py --quick: one seed of every variant trained by train.py on a tiny digits set (the taus other
+than the ramp's as companion EMAs of its run, SWA on top of it), every model evaluated on the test split, the table
+and its files written; the regimes' recipes."""
 import json
 import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from bench import ema_quality
@@ -16,7 +18,8 @@ AVERAGED = ("EMA, end", "EMA, best val epoch", "post-hoc EMA, width chosen on va
             "EMA tau 200, best val epoch", "EMA images, end", "EMA images, best val epoch", "Switch EMA, end",
             "Switch EMA, best val epoch", "BEMA, end", "BEMA, best val epoch", "BEMA burn-in 560, end",
             "BEMA burn-in 560, best val epoch")
-ROWS = ("raw, end", "raw, best val epoch", *[m for a in AVERAGED for m in (a, f"{a} + BN recompute")])
+SWA_ROW = "SWA (2 extra epochs)"  # its statistics recomputed as part of SWA: no separate BN row
+ROWS = ("raw, end", "raw, best val epoch", *[m for a in AVERAGED for m in (a, f"{a} + BN recompute")], SWA_ROW)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +42,14 @@ def test_quick_table_has_every_model_and_sane_numbers(quick):
     # The gain is each model's mAP50-95 minus the raw model's at the end of the same run.
     raw_end = table.loc[table["model"] == "raw, end", "mAP50-95"].item()
     assert table["gain vs raw end"].to_numpy() == pytest.approx(table["mAP50-95"].to_numpy() - raw_end, abs=1e-12)
-    assert list(table["model"]) == [m for m in ema_quality.row_order() if m in ROWS]  # reading order
+    assert list(table["model"]) == [m for m in ema_quality.row_order([200], 2) if m in ROWS]  # reading order
     chosen = dict(zip(table["model"], table["chosen on val"].fillna("")))
     assert chosen["raw, best val epoch"] in ("epoch 0", "epoch 1")
     assert chosen["post-hoc EMA, width chosen on val"].startswith("sigma_rel ")
+    assert chosen["EMA tau 200, best val epoch"] in ("epoch 0", "epoch 1")
+    extra = dict(zip(table["model"], table["extra training"]))
+    assert extra[SWA_ROW] == "+2 epochs (+100% of the run's 2)"
+    assert {v for m, v in extra.items() if m != SWA_ROW} == {"-"}
 
 
 def test_quick_writes_per_seed_figures_and_the_plot(quick):
@@ -59,13 +66,22 @@ def test_quick_writes_per_seed_figures_and_the_plot(quick):
 
 def test_each_run_trains_the_recipe_hyp_with_the_variant_keys_on_top(quick):
     ramp = json.loads((quick / "ramp-s0" / "bench_recipe.json").read_text())["hyp"]
-    tau = yaml.safe_load((quick / "tau200-s0" / "hyp_in.yaml").read_text())
+    switch = yaml.safe_load((quick / "switch-s0" / "hyp_in.yaml").read_text())
     shipped = yaml.safe_load((ROOT / "hyp" / "hyp.scratch-low.yaml").read_text())
     assert shipped["fliplr"] == 0.5 and ramp["fliplr"] == 0.0  # the bench's default --set
-    assert ramp["ema_tau"] == 2000 and tau["ema_tau"] == 200  # YOLOv5's tau, and the hyp files' own
-    assert {k: v for k, v in tau.items() if k != "ema_tau"} == {k: v for k, v in ramp.items() if k != "ema_tau"}
-    # train.py trained with what hyp_in.yaml says (its own record of the hyp in the run folder).
-    assert yaml.safe_load((quick / "tau200-s0" / "hyp.yaml").read_text())["ema_tau"] == 200
+    assert ramp["ema_tau"] == 2000 and ramp["ema_companion_taus"] == [200]  # YOLOv5's tau, another beside
+    assert switch["ema_switch"] is True and switch["ema_companion_taus"] == []  # companions: the ramp runs' only
+    own = ("ema_switch", "ema_companion_taus")
+    assert {k: v for k, v in switch.items() if k not in own} == {k: v for k, v in ramp.items() if k not in own}
+    # train.py trained with what hyp_in.yaml says (its own record of the hyp in the run folder), and kept the
+    # companions in every epoch checkpoint; no run of its own trains another tau.
+    assert yaml.safe_load((quick / "ramp-s0" / "hyp.yaml").read_text())["ema_companion_taus"] == [200]
+    assert sorted(torch.load(quick / "ramp-s0" / "weights" / "epoch0.pt", weights_only=True)["ema_companions"]) == \
+        ["tau200"]
+    assert not (quick / "tau200-s0").exists()
+    # SWA: swa.py's extra epochs from the ramp run's last.pt
+    swa = torch.load(quick / "swa-s0" / "weights" / "swa.pt", weights_only=True)["swa"]
+    assert swa["epochs"] == swa["averaged"] == 2 and swa["from"] == str(quick / "ramp-s0" / "weights" / "last.pt")
     burnin = yaml.safe_load((quick / "bema_burnin-s0" / "hyp.yaml").read_text())
     assert burnin["ema_bema"] is True and burnin["ema_update_after_step"] == 560  # a key no shipped hyp file holds
 
@@ -105,3 +121,18 @@ def test_summary_pairs_gains_by_seed_and_lists_choices_in_seed_order():
     assert ema["gain vs raw end"] == pytest.approx(sum(gains) / 3)
     assert ema["gain sd"] == pytest.approx(float(pd.Series(gains).std(ddof=1)))
     assert ema["mAP50-95"] == pytest.approx((0.13 + 0.24 + 0.36) / 3) and ema["seeds"] == 3
+
+
+def test_regimes_set_the_recipe_where_the_command_line_left_the_defaults():
+    short = ema_quality.parse_opt(["--regime", "short"])
+    assert (short.data, short.img, short.batch_size, short.epochs, short.name) == ("digits.yaml", 64, 16, 10,
+                                                                                  "digits-short")
+    assert short.hyp_set == [*ema_quality.RECIPE_HYP, "nbs=16"]  # nbs = batch: every batch one optimizer step
+    long = ema_quality.parse_opt(["--regime", "long", "--epochs", "80", "--set", "nbs=32"])
+    assert (long.epochs, long.hyp_set, long.name) == (80, ["nbs=32"], "digits-long")
+    # The steps the issue asks for on the 2,400 training canvases: 1,000-2,000 short, at least 10,000 long.
+    for name, (low, high) in (("short", (1000, 2000)), ("long", (10000, math.inf))):
+        r = ema_quality.REGIMES[name]
+        assert r["nbs"] == r["batch_size"] and low <= r["epochs"] * 2400 // r["batch_size"] <= high, name
+    with pytest.raises(SystemExit):
+        ema_quality.parse_opt(["--quick", "--regime", "short"])

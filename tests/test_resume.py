@@ -221,25 +221,40 @@ def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
 
 
 def test_sigkill_then_resume_is_bit_exact_with_switch_ema_bema_and_bn_recompute(setup, tmp_path):
-    """The EMA variants keep state a resume must restore (BEMA's average and theta_0) or change the trained model
-    every epoch (Switch EMA, the recomputed BatchNorm statistics): killed mid-epoch 1 and resumed, the run ends
-    as the same run left alone."""
+    """The EMA variants keep state a resume must restore (BEMA's average and theta_0, the companion EMAs) or change
+    the trained model every epoch (Switch EMA, the recomputed BatchNorm statistics): killed mid-epoch 1 and resumed,
+    the run ends as the same run left alone, its epoch checkpoints included."""
     hyp = tmp_path / "variants.yaml"
     hyp.write_text(yaml.safe_dump({**load_hyp(str(parse_opt([]).hyp)), "ema_switch": True, "ema_bema": True,
-                                   "ema_bn_recompute": 2, "ema_update_after_step": 1}))
+                                   "ema_bn_recompute": 2, "ema_update_after_step": 1,
+                                   "ema_companion_taus": [3, 300]}))
     runs = {}
     for name, env in (("ref", {}), ("killed", {KILL_HOOK_ENV: NB + 1})):
-        runs[name] = run_train(tiny_run_args(setup["data"], setup["cfg"], tmp_path, name, EPOCHS, "--hyp", hyp), **env)
+        runs[name] = run_train(tiny_run_args(setup["data"], setup["cfg"], tmp_path, name, EPOCHS, "--hyp", hyp,
+                                             "--save-period", 1), **env)
     assert runs["ref"].returncode == 0, runs["ref"].stdout[-3000:]
     assert runs["killed"].returncode == -9, runs["killed"].stdout[-3000:]
     interrupted = load_checkpoint(tmp_path / "killed" / "weights" / "last.pt")
     assert interrupted["epoch"] == 0 and {"bema_average", "bema_anchor"} <= set(interrupted["resume"]["ema"])
+    # The companions' FP32 state in the resume state, their FP16 weights beside 'ema' (ramp EMAs beside a BEMA)
+    companions = interrupted["resume"]["ema_companions"]
+    assert sorted(companions) == sorted(interrupted["ema_companions"]) == ["tau3", "tau300"]
+    for name, state in companions.items():
+        assert state["updates"] == interrupted["updates"] and state["schedule"] == "ramp"
+        fp32 = unpacked_state_dict(state["ema"])
+        assert fp32["model.0.conv.weight"].dtype == torch.float32
+        assert torch.equal(interrupted["ema_companions"][name]["model.0.conv.weight"],
+                           fp32["model.0.conv.weight"].half())
     resumed = run_train(["--resume", tmp_path / "killed" / "weights" / "last.pt"])
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    for f in ("last.pt", "best.pt"):
+    for f in ("last.pt", "best.pt", *(f"epoch{e}.pt" for e in range(EPOCHS))):
         a = torch.load(tmp_path / "ref" / "weights" / f, weights_only=True)
         b = torch.load(tmp_path / "killed" / "weights" / f, weights_only=True)
         assert checkpoint_differences(a, b) == [], f
+        held = a["ema_companions"]  # every finished checkpoint holds the companions, FP16 like 'ema'
+        assert sorted(held) == ["tau3", "tau300"], f
+        assert all(v.dtype == torch.float16 for sd in held.values() for v in sd.values() if v.is_floating_point())
+        assert not torch.equal(held["tau3"]["model.0.conv.weight"], held["tau300"]["model.0.conv.weight"])
     last = torch.load(tmp_path / "ref" / "weights" / "last.pt", weights_only=True)
     # Switch EMA: the model ends as the (BEMA) average, BatchNorm statistics (recomputed) included
     assert all(torch.equal(last["model"][k], v) for k, v in last["ema"].items() if v.is_floating_point())

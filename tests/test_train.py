@@ -33,10 +33,11 @@ YOLOV5_HIGH_CHANGES = dict(YOLOV5_MED_CHANGES, copy_paste=0.1)
 AMP_KEYS = dict(amp_init_scale=2.0 ** 16, amp_growth_factor=2.0, amp_backoff_factor=0.5, amp_growth_interval=2000)
 OUR_KEYS = dict(nbs=64, ema_decay=0.9999, ema_tau=2000, ema_schedule="ramp", ema_update_every=1, **AMP_KEYS,
                 ema_unit="steps", posthoc_sigma_rels=[], posthoc_snapshots=32, ema_switch=False, ema_bn_recompute=0,
-                ema_bema=False, ema_bema_power=0.5, ema_bema_bias_power=0.2, ema_bema_lag=10, ema_bema_multiplier=1.0,
-                kd_weight=1.0, kd_temperature=1.0)
+                ema_companion_taus=[], ema_bema=False, ema_bema_power=0.5, ema_bema_bias_power=0.2, ema_bema_lag=10,
+                ema_bema_multiplier=1.0, kd_weight=1.0, kd_temperature=1.0)
 # Keys the modules that read them default when a hyp file lacks them (load_hyp does not fill them in).
-MODULE_DEFAULTED = ("ema_unit", "posthoc_sigma_rels", "posthoc_snapshots", "ema_switch", "ema_bn_recompute", "ema_bema",
+MODULE_DEFAULTED = ("ema_unit", "posthoc_sigma_rels", "posthoc_snapshots", "ema_switch", "ema_bn_recompute",
+                    "ema_companion_taus", "ema_bema",
                     "ema_bema_power", "ema_bema_bias_power", "ema_bema_lag", "ema_bema_multiplier")
 
 

@@ -275,11 +275,14 @@ def half_state_dict(state_dict: dict) -> dict:
 # weights and what describes them, without the optimizer's momenta (as large as the model in FP32) or resume state.
 FINISHED_KEYS = ("format", "version", "epoch", "best_fitness", "model", "ema", "updates", "opt", "hyp", "yaml", "nc",
                  "names", "date")
+# Kept too when a run has them: the companion EMAs' FP16 weights (utils/ema_companions.py).
+FINISHED_OPTIONAL_KEYS = ("ema_companions",)
 
 
 def finished_checkpoint(ckpt: dict) -> dict:
-    """The entries of ``ckpt`` that a finished checkpoint keeps (FINISHED_KEYS); a shallow copy."""
-    return {k: ckpt[k] for k in FINISHED_KEYS if k in ckpt}
+    """The entries of ``ckpt`` that a finished checkpoint keeps (FINISHED_KEYS and FINISHED_OPTIONAL_KEYS); a
+    shallow copy."""
+    return {k: ckpt[k] for k in (*FINISHED_KEYS, *FINISHED_OPTIONAL_KEYS) if k in ckpt}
 
 
 class CheckpointWriter:

@@ -92,10 +92,11 @@ HYP_KEYS = {
     "ema_sigma_rel": "sigma_rel",
     "ema_unit": "unit",
 }
-# ema_* keys that ModelEMA leaves to others: Switch EMA (utils/switch_ema.py) and the BatchNorm recompute
-# (utils/bn_recompute.py), read by the training loop, and BEMA's (utils/bema.py, a ModelEMA subclass).
+# ema_* keys that ModelEMA leaves to others: Switch EMA (utils/switch_ema.py), the BatchNorm recompute
+# (utils/bn_recompute.py) and the companion EMAs (utils/ema_companions.py), read by the training loop, and BEMA's
+# (utils/bema.py, a ModelEMA subclass).
 BEMA_HYP_KEYS = ("ema_bema", "ema_bema_power", "ema_bema_bias_power", "ema_bema_lag", "ema_bema_multiplier")
-OTHER_HYP_KEYS = ("ema_switch", "ema_bn_recompute", *BEMA_HYP_KEYS)
+OTHER_HYP_KEYS = ("ema_switch", "ema_bn_recompute", "ema_companion_taus", *BEMA_HYP_KEYS)
 DEFAULT_NBS = 64  # YOLOv5's nominal batch, when the hyp dict has no 'nbs'
 
 
