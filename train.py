@@ -1164,8 +1164,7 @@ def build_checkpoint(run: Run, epoch: int) -> dict:
     if run.posthoc is not None:
         ckpt["resume"]["posthoc"] = run.posthoc.state_dict()
     if run.companions is not None:  # FP16 for use (kept by finished checkpoints), FP32 for exact resume
-        ckpt[COMPANIONS_KEY] = run.companions.checkpoint_weights()
-        ckpt["resume"][COMPANIONS_KEY] = run.companions.state_dict()
+        ckpt[COMPANIONS_KEY], ckpt["resume"][COMPANIONS_KEY] = run.companions.checkpoint_entries()
     return ckpt
 
 

@@ -403,15 +403,16 @@ def _tensors(obj):
 
 
 def test_build_checkpoint_copies_every_device_tensor_to_the_cpu_once(tmp_path, monkeypatch):
-    """A run on a device (meta standing in for CUDA) with BEMA and a post-hoc bank: every tensor of last.pt's
+    """A run on a device (meta standing in for CUDA) with BEMA, a post-hoc bank and companion EMAs: every tensor of last.pt's
     contents is on the CPU (a bare torch.load(weights_only=True) then reads the file without CUDA), and each device
-    tensor behind them (model, EMA, BEMA's two copies, the post-hoc EMAs, the optimizer's momenta) is copied to the
+    tensor behind them (model, EMA, BEMA's two copies, the post-hoc and companion EMAs, the optimizer's momenta) is copied to the
     CPU exactly once: the FP16 weights are made on the CPU from the FP32 copies, not moved a second time."""
     import types
 
     from train import build_checkpoint
     from utils.bema import BEMA
     from utils.early_stopping import EarlyStopping
+    from utils.ema_companions import CompanionEMAs
     from utils.posthoc import PosthocEMA
 
     model = Model(copy.deepcopy(TINY_YAML), ch=3, nc=3, verbose=False).to("meta")
@@ -421,14 +422,17 @@ def test_build_checkpoint_copies_every_device_tensor_to_the_cpu_once(tmp_path, m
     optimizer.step()  # momentum buffers, on the device like their parameters
     ema = BEMA(model)
     posthoc = PosthocEMA(model, [0.05, 0.1], total_steps=10, folder=tmp_path / "posthoc")
+    companions = CompanionEMAs.from_hyp(model, {"ema_companion_taus": [200, 500]}, total_steps=10)
     run = types.SimpleNamespace(
         model=model, ema=ema, optimizer=optimizer, best_fitness=0.0, opt=types.SimpleNamespace(epochs=1),
         hyp={}, names=["a", "b", "c"], step=types.SimpleNamespace(last_opt_step=1, distiller=None), accumulate=1,
         stopper=EarlyStopping(), scaler=torch.amp.GradScaler("cpu", enabled=False),
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), posthoc=posthoc)
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0), posthoc=posthoc, tracker=None,
+        companions=companions)
     sources = [*model.state_dict().values(), *ema.ema.state_dict().values(),
                *ema.average.shadow.state_dict().values(), *ema.anchor.shadow.state_dict().values(),
                *(t for e in posthoc.emas for t in e.ema.state_dict().values()),
+               *(t for e in companions.emas.values() for t in e.ema.state_dict().values()),
                *(s["momentum_buffer"] for s in optimizer.state.values())]
     assert all(t.is_meta for t in sources)
     moves = DeviceMoves(monkeypatch)

@@ -11,8 +11,8 @@ In train.py (rank 0)::
 
     companions = CompanionEMAs.from_hyp(model, hyp, total_steps)   # None when off
     companions.update(model, images=B)                             # after every optimizer step taken
-    ckpt["ema_companions"] = companions.checkpoint_weights()       # FP16, like 'ema' (finished checkpoints too)
-    ckpt["resume"]["ema_companions"] = companions.state_dict()     # FP32, packed: exact resume
+    # FP16 like 'ema' (finished checkpoints keep it), and FP32 packed for an exact resume, from one CPU copy:
+    ckpt["ema_companions"], ckpt["resume"]["ema_companions"] = companions.checkpoint_entries()
     companions.restore(resume_ckpt)                                # --resume: FP32 state, else FP16 weights
 
 A companion's weights load as a model with ``model_from_checkpoint(companion_checkpoint(ckpt, name))``.
@@ -98,13 +98,20 @@ class CompanionEMAs:
                 + ", ".join(self.emas) + f"; their weights go into every checkpoint's '{CHECKPOINT_KEY}'")
 
     # ---------------------------------------------------------------- checkpoints
+    def checkpoint_entries(self) -> tuple[dict, dict]:
+        """({name: FP16 state dict}, :meth:`state_dict`): what every checkpoint holds for use (finished ones keep it,
+        as 'ema') and what last.pt's resume state holds, from one CPU copy of each companion's weights (packed, as
+        train.py's build_checkpoint copies the main EMA: each device tensor crosses to the host once)."""
+        state = self.state_dict()
+        return {name: half_state_dict(unpacked_state_dict(entry["ema"])) for name, entry in state.items()}, state
+
     def checkpoint_weights(self) -> dict:
         """{name: FP16 state dict}: what finished checkpoints (epochN.pt, best.pt, last.pt) hold, as 'ema'."""
-        return {name: half_state_dict(ema.ema.state_dict()) for name, ema in self.emas.items()}
+        return self.checkpoint_entries()[0]
 
     def state_dict(self) -> dict:
-        """{name: the ModelEMA state with its FP32 weights packed}: the resume state, from which a run continues
-        every companion bit-exactly."""
+        """{name: the ModelEMA state with its FP32 weights packed into CPU buffers}: the resume state, from which a
+        run continues every companion bit-exactly."""
         return {name: {**ema.state_dict(weights=False), "ema": pack_state_dict(ema.ema.state_dict())}
                 for name, ema in self.emas.items()}
 
