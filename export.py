@@ -190,8 +190,9 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
     LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)\nResults saved to {shown_path(weights.parent)}")
     if written:  # how to use it (the last format written; the others the same way)
         f = shown_path(written[-1])
+        data = "" if getattr(model, "trained_data", None) else " --data DATA.yaml"  # the file names its dataset
         LOGGER.info(f"Detect:          python detect.py --weights {f} --source IMAGE\n"
-                    f"Validate:        python val.py --weights {f}\n"
+                    f"Validate:        python val.py --weights {f}{data}\n"
                     f"PyTorch Hub:     model = torch.hub.load('.', 'custom', path='{f}', source='local')")
     return written
 

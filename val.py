@@ -5,7 +5,7 @@
     python val.py --weights best.pt --data coco128.yaml --task speed     # timing only
 
 Without --weights it validates the latest training run's best.pt; without --img, at the size the weights
-were trained at.
+were trained at; without --data, on the dataset they were trained on (a .pt's options, an exported file's metadata).
 
 train.py calls run(model=ema.ema, dataloader=...) after every epoch. run() never modifies the model it is
 given: it evaluates under torch.autocast instead of converting the weights (--half is fp16 autocast on any
@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
 
 from utils.cli import DEFAULT_IMGSZ, HelpFormatter, exit_process, shown_path  # noqa: E402
 
+DEFAULT_DATA = "coco128.yaml"  # --data when neither it nor the weights say
+
 
 class ValError(Exception):
     """A validation that cannot start (a bad --device or --task, --augment with an exported file); one line
@@ -39,7 +41,9 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector", formatter_class=HelpFormatter)
-    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml: a name in data/ or a path")
+    p.add_argument("--data", type=str, default=None,
+                   help=f"dataset yaml: a name in data/ or a path (default: the one the weights were trained on, "
+                        f"else {DEFAULT_DATA})")
     p.add_argument("--weights", type=str, default=None,
                    help="checkpoint path (default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
@@ -221,7 +225,8 @@ def run(
     """
     training = model is not None
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
-    data_dict = data if given_dict and dataloader is not None else check_dataset(data)
+    # without --data the dataset is the weights' own, known once they are loaded
+    data_dict = None if data is None and not training else data if given_dict and dataloader is not None else check_dataset(data)
     amp_dtype = amp_dtype if amp_dtype is not None else (torch.float16 if half else None)
     if training:  # called by train.py: the caller's model, device and dataloader
         device = next(model.parameters()).device
@@ -259,6 +264,14 @@ def run(
                                                                  if trained_imgsz(ckpt) else "the default"))
             model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse
             model.fuse()
+        if data_dict is None:
+            data = getattr(model, "trained_data", None)
+            LOGGER.info(f"No --data given: validating on {data}, the dataset the weights were trained on" if data else
+                        f"No --data given: validating on {DEFAULT_DATA}, the default (the weights do not say their dataset)")
+            try:
+                data_dict = check_dataset(data or DEFAULT_DATA)
+            except DatasetError as e:  # moved or renamed since training: the way out is --data
+                raise DatasetError(f"{e}; pass --data with the dataset's yaml") from None
         if not (single_cls and ckpt["nc"] == 1):
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
         del ckpt

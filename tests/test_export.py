@@ -2,6 +2,7 @@
 model's on real coco128 images, a --dynamic ONNX at other batch sizes and image sizes, val.py's mAP on the
 exported files equal to the checkpoint's, and one-line refusals."""
 import ast
+import re
 import logging
 import shutil
 import sys
@@ -55,7 +56,7 @@ def trained(tmp_path_factory):
         optimizer.step()
     sd = half_state_dict(model.state_dict())
     ckpt = dict(format="yolo-ema", version=1, epoch=STEPS - 1, best_fitness=0.0, model=sd, ema=sd, updates=STEPS,
-                opt={"imgsz": TRAIN_SIZE}, hyp=hyp, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")  # fmt: skip
+                opt={"imgsz": TRAIN_SIZE, "data": str(data)}, hyp=hyp, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")  # fmt: skip
     return save_checkpoint(ckpt, root / "weights" / "best.pt"), data
 
 
@@ -280,3 +281,30 @@ def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(train
     dims = [d.dim_value for d in onnx.load(str(weights.with_suffix(".onnx"))).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, TRAIN_SIZE, TRAIN_SIZE]
     assert f"Exporting at --img {TRAIN_SIZE}, the size the weights were trained at" in caplog.text
+
+
+def test_the_printed_validate_command_works_for_a_model_with_its_own_classes(trained, fixed, tmp_path, caplog,
+                                                                           monkeypatch):
+    """A 2-class model trained on its own dataset: val.py takes that dataset from the .pt's options and from the
+    exported file's metadata (ONNX and TorchScript), so `python val.py --weights best.torchscript`, as export.py
+    prints it, validates (coco128's 80 classes would be refused). Weights that do not name their dataset get a
+    --data placeholder in the printed command."""
+    weights, data = trained
+    (tmp_path / "own").mkdir()
+    own = copy_into(weights, tmp_path / "own")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert export.main(["--weights", str(own), "--include", "torchscript"]) == 0
+    printed = re.search(r"Validate: +python val.py (.*)", caplog.text).group(1).split()
+    assert printed == ["--weights", "own/best.torchscript"]
+    for argv in (printed, ["--weights", str(fixed[1])], ["--weights", str(own)]):  # fixed[1]: best.onnx
+        caplog.clear()
+        assert val.main(argv + ["--workers", "0", "--task", "speed", "--project", str(tmp_path / "val")]) == 0
+        assert f"No --data given: validating on {data}, the dataset the weights were trained on" in caplog.text
+
+    ckpt = torch.load(weights, weights_only=True)
+    ckpt["opt"] = {"imgsz": TRAIN_SIZE}
+    anonymous = save_checkpoint(ckpt, tmp_path / "best.pt")
+    caplog.clear()
+    assert export.main(["--weights", str(anonymous), "--include", "torchscript"]) == 0
+    assert "Validate:        python val.py --weights best.torchscript --data DATA.yaml\n" in caplog.text

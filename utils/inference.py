@@ -110,9 +110,13 @@ def default_imgsz(model: nn.Module, imgsz, command: str):
 def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
     """What an exported file records about its model (read back by the loaders below): class names as
     {index: name} and the largest stride as an int, the two keys YOLOv5's loader reads (int(stride), names as a
-    dict), then the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
-    return {"names": {i: str(n) for i, n in enumerate(model.names)}, "stride": int(max(float(s) for s in model.stride)),
+    dict), then the export's input shape (batch, 3, h, w), whether batch and size are free, the precision, and the
+    dataset yaml the weights were trained on, when known."""
+    meta = {"names": {i: str(n) for i, n in enumerate(model.names)}, "stride": int(max(float(s) for s in model.stride)),
             "shape": [int(s) for s in shape], "dynamic": bool(dynamic), "half": bool(half)}
+    if getattr(model, "trained_data", None):  # val.py of the exported file then needs no --data
+        meta["data"] = model.trained_data
+    return meta
 
 
 def _parse_meta_value(text: str):
@@ -136,6 +140,7 @@ class ExportedModel(nn.Module):
         self.names, self.nc, self.stride = [], 0, torch.tensor([32.0])
         self.fixed_shape, self.batch = None, None
         self.export_shape = None  # (h, w) the file was exported at, when it says
+        self.trained_data = None  # the dataset yaml the weights were trained on, when the file says
 
     def _configure(self, meta: dict, input_shape, output_width) -> None:
         """Names, strides and input geometry from the file's metadata (ours or YOLOv5's) and its input shape."""
@@ -148,6 +153,7 @@ class ExportedModel(nn.Module):
                                       "export it with export.py")
             names = [str(i) for i in range(output_width - 5)]
         self.names, self.nc = [str(n) for n in names], len(names)
+        self.trained_data = meta.get("data") if isinstance(meta.get("data"), str) else None
         stride = meta.get("stride", 32)  # an int, or per-level strides in files written before YOLOv5's form
         self.stride = torch.tensor(stride if isinstance(stride, (list, tuple)) else [stride], dtype=torch.float32)
         shape = meta.get("shape") or input_shape
