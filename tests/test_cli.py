@@ -126,7 +126,7 @@ def test_ctrl_c_while_finishing_says_the_weights_are_trained(tiny, tmp_path):
     weights = tmp_path / "late" / "weights"
     assert [ln for ln in out.stdout.splitlines() if "interrupted" in ln] == [
         "train: interrupted after the last epoch, while validating best.pt and plotting; the trained weights are in "
-        f"{weights / 'best.pt'} and {weights / 'last.pt'}"]
+        f"{weights / 'best.pt'} and {weights / 'last.pt'}; finish with: python train.py --resume {weights / 'last.pt'}"]
     assert load_checkpoint(weights / "last.pt")["epoch"] == 0
 
 

@@ -163,6 +163,12 @@ def test_resume_refusals_change_nothing(setup, tmp_path):
     latest, _ = prepare_resume(parse_opt(["--resume", "--project", str(tmp_path), "--epochs", "4"]))
     assert latest.resume == str(last) and latest.epochs == 4 and latest.save_dir == str(run.resolve())
 
+    with pytest.raises(TrainError) as e:  # best.pt: written by train.py, but finished
+        prepare_resume(parse_opt(["--resume", str(run / "weights" / "best.pt")]))
+    assert str(e.value) == (f"--resume: {run / 'weights' / 'best.pt'} is a finished checkpoint for evaluation and "
+                            f"fine-tuning: it keeps no resume state; resume from the run's weights/last.pt: "
+                            f"python train.py --resume {last}")
+
     (run / "notes.pt").write_text("not a checkpoint\n")
     line = refused_run(["--resume", run / "notes.pt"], run)
     assert "notes.pt" in line and "not a checkpoint" in line
@@ -200,6 +206,31 @@ def test_a_run_killed_while_stopping_early_is_finished_not_trained_further(setup
     assert len((tmp_path / "stop" / "results.csv").read_text().splitlines()) == 1 + 2
     with pytest.raises(TrainError, match="stopped early after 2 of 3 epochs; pass --epochs larger than 3"):
         prepare_resume(parse_opt(["--resume", str(last)]))
+
+
+def test_a_run_killed_while_finishing_is_resumed_to_its_end(setup, tmp_path):
+    """SIGKILL after the last epoch's checkpoint, as the final validation of best.pt begins: last.pt still holds its
+    resume state, and --resume trains nothing more, validates best.pt, writes the closing lines, exits 0 and only then
+    marks last.pt finished. The run was started at --img 63: its files store the 64 it really used (stride 32)."""
+    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path, "late", 1, "--img", 63)
+    assert run_train(args, **{KILL_HOOK_ENV: "finish"}).returncode == -9
+    weights = tmp_path / "late" / "weights"
+    killed = load_checkpoint(weights / "last.pt")
+    assert killed["epoch"] == 0 and "resume" in killed
+    assert killed["opt"]["imgsz"] == load_checkpoint(weights / "best.pt")["opt"]["imgsz"] == 64
+    assert yaml.safe_load((tmp_path / "late" / "opt.yaml").read_text())["imgsz"] == 64
+
+    out = run_train(["--resume", weights / "last.pt"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "WARNING" not in out.stdout  # 64 needs no rounding
+    lines = out.stdout.splitlines()
+    assert "All 1 epochs were trained before the run stopped; finishing it" in lines
+    assert f"Validating {weights / 'best.pt'}..." in lines and lines[-1] == f"Results saved to {tmp_path / 'late'}"
+    after = load_checkpoint(weights / "last.pt")
+    assert "resume" not in after and after["updates"] == killed["updates"]
+    assert len((tmp_path / "late" / "results.csv").read_text().splitlines()) == 1 + 1  # no epoch trained again
+    with pytest.raises(TrainError, match="finished all 1 epochs"):
+        prepare_resume(parse_opt(["--resume", str(weights / "last.pt")]))
 
 
 def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
