@@ -15,7 +15,8 @@ reachable range (a single --sigma-rel width out of reach is an error). The sweep
 val.run beside the run's main EMA and raw model (from last.pt, and best.pt when it differs), one line each,
 prints the table, writes posthoc_ema.csv and posthoc_ema.png in the run folder, and saves the candidate of best
 fitness (ties: the smaller fit error) as weights/posthoc_best.pt, a finished checkpoint that val.py, detect.py
-and train.py --weights take like best.pt. --bn-recal N recomputes the BatchNorm statistics of every averaged
+and train.py --weights take like best.pt, when it is also the best overall; when one of the run's own models has
+a higher fitness, that is said and no file is saved. One --sigma-rel X is saved as weights/posthoc_sigma<X>.pt. --bn-recal N recomputes the BatchNorm statistics of every averaged
 candidate (the post-hoc ones and the main EMA) on N batches of training images before it is validated.
 --data, --img and --single-cls default to the run's (opt.yaml).
 """
@@ -281,6 +282,12 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def overall_winner(rows: list[dict]) -> dict:
+    """The row of highest fitness among every candidate, the run's own models included; a post-hoc width wins
+    ties (it is then no worse than the weights the run already has)."""
+    return max(rows, key=lambda r: (r["fitness"], r["candidate"] == "posthoc"))
+
+
 def table(rows: list[dict]) -> str:
     lines = [("%12s" + "%13s" * 6) % COLUMNS]
     for r in rows:
@@ -291,8 +298,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(opt: argparse.Namespace) -> Path:
-    """Fit, synthesize, validate and save; returns the path of posthoc_best.pt."""
+def run(opt: argparse.Namespace) -> Path | None:
+    """Fit, synthesize, validate and save; returns the file saved: posthoc_best.pt when a post-hoc width wins the
+    sweep overall (None when one of the run's own models wins), posthoc_sigma<X>.pt for one --sigma-rel X."""
     run_dir = Path(opt.run)
     ckpt, best_ckpt, run_opt = run_files(run_dir)
     snapshots = find_snapshots(run_dir / "weights" / "posthoc")
@@ -314,7 +322,8 @@ def run(opt: argparse.Namespace) -> Path:
         if opt.bn_recal:
             prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
             state = cpu_state(averaged_model(ckpt, state, opt, device))
-        return save_best(ckpt, state, fit, float("nan"), out)
+        # its own name: a width chosen by hand is no sweep's best, and must not replace the file of one
+        return save_best(ckpt, state, fit, float("nan"), run_dir / "weights" / f"posthoc_sigma{fit.sigma_rel:.4g}.pt")
 
     fits = fit_widths(fitter, target_widths(opt.sigma_rel, opt.num, fitter.reachable()))
     prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
@@ -352,7 +361,17 @@ def run(opt: argparse.Namespace) -> Path:
         writer.writerows(rows)
     plot = plot_sweep(rows, run_dir / "posthoc_ema.png")
     LOGGER.info(f"Table in {shown_path(run_dir / 'posthoc_ema.csv')}, plot in {shown_path(plot)}")
-    return save_best(ckpt, best[1], best[0], best[2], out)
+    winner = overall_winner(rows)
+    if winner["candidate"] == "posthoc":
+        LOGGER.info(f"Best overall: post-hoc sigma_rel {winner['sigma_rel']:.4g} (fitness {winner['fitness']:.4g})")
+        return save_best(ckpt, best[1], best[0], best[2], out)
+    held = {"EMA last": "weights/last.pt", "EMA best": "weights/best.pt",
+            "raw last": "the raw weights of weights/last.pt"}[winner["candidate"]]
+    stale = f"; the {shown_path(out)} of an earlier sweep is left as it was" if out.exists() else ""
+    LOGGER.info(f"Best overall: {winner['candidate']} (fitness {winner['fitness']:.4g}), in {held}; no post-hoc width "
+                f"beats it (the best, sigma_rel {best[0].sigma_rel:.4g}, has fitness {best[2]:.4g}), so none is saved as "
+                f"posthoc_best.pt{stale}")
+    return None
 
 
 def main(argv=None) -> int:
