@@ -256,6 +256,10 @@ def run(
             amp_dtype = autocast_dtype(model, amp_dtype)
             ckpt = {"nc": model.nc}
             imgsz = model.square_size(imgsz) or DEFAULT_IMGSZ  # a fixed-size file's own size
+            if model.fixed_shape and task != "speed":  # YOLOv5 says so too ("Forcing ... square inference")
+                LOGGER.info(f"{Path(weights).name} is a fixed-size export: validating with {imgsz}x{imgsz} squares (no "
+                            f"rectangular batches), {model.batch or batch_size} images per run, as it was exported; "
+                            f"its figures can differ from its .pt's")
         else:
             ckpt = load_checkpoint(weights)
             if imgsz is None:

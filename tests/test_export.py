@@ -187,8 +187,11 @@ def test_dynamic_onnx_at_two_batch_sizes_and_image_sizes(dynamic, coco_batch):
         assert_parity(got, expected, max(size))
 
 
-def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path):
+def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path, caplog):
     weights, data = trained
+    caplog.set_level(logging.INFO, logger="yolo")
+    fixed_size_line = ("best.onnx is a fixed-size export: validating with 64x64 squares (no rectangular batches), "
+                       f"{FIXED_BATCH} images per run, as it was exported; its figures can differ from its .pt's")
     common = dict(batch_size=8, workers=0, plots=False, project=tmp_path, exist_ok=True)
     # rect batches at 64 px: the checkpoint, and the files that take any size on the same letterbox
     pt_map = val.run(data, weights=str(weights), imgsz=TRAIN_SIZE, name="pt", **common)[0][3]
@@ -196,6 +199,7 @@ def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path
     for exported in (dynamic[1], fixed[2]):  # the --dynamic ONNX, the TorchScript file
         exported_map = val.run(data, weights=str(exported), imgsz=TRAIN_SIZE, name=exported.parent.name, **common)[0][3]
         assert abs(exported_map - pt_map) <= 0.001, exported
+    assert "fixed-size export" not in caplog.text  # validated as the .pt is: nothing to say
     # the fixed 64x64 ONNX: every image letterboxed to that square (no rect batches), as the PyTorch model sees it here
     loader, _ = create_dataloader(str(data.parent / "images" / "train"), FIXED[0], 8, 32, rect=False, pad=0.0,
                                   workers=0, nc=2)  # fmt: skip
@@ -203,6 +207,7 @@ def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path
     assert square_map > 0.2 and abs(square_map - pt_map) > 0.01  # the square letterbox really is another one
     onnx_map = val.run(data, weights=str(fixed[1]), name="fixed", **common)[0][3]  # no --img: the file's own size
     assert abs(onnx_map - square_map) <= 0.001
+    assert [r.getMessage() for r in caplog.records].count(fixed_size_line) == 1  # and it says so, once
 
 
 def test_detect_runs_the_onnx_file(fixed, coco128, tmp_path):
