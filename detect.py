@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_1, UNIT_INTERVAL, HelpFormatter, check_flags, exit_process,  # noqa: E402
+                       refuse_bad_flags, shown_path)
+
+FLAG_RANGES = {"imgsz": ("--img", AT_LEAST_1), "conf_thres": ("--conf-thres", UNIT_INTERVAL),
+               "iou_thres": ("--iou-thres", UNIT_INTERVAL), "max_det": ("--max-det", AT_LEAST_1),
+               "line_thickness": ("--line-thickness", AT_LEAST_1), "vid_stride": ("--vid-stride", AT_LEAST_1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +65,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("detect", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
@@ -136,11 +142,8 @@ def run(
     exist_ok: bool = False,
 ) -> Path:
     """Detect in every image and video frame of `source`; returns the run folder."""
-    for flag, value, low, high in (("--conf-thres", conf_thres, 0, 1), ("--iou-thres", iou_thres, 0, 1)):
-        if not low <= value <= high:
-            raise ValueError(f"{flag} must be in [{low}, {high}], got {value}")
-    if min(max_det, line_thickness, vid_stride) < 1:
-        raise ValueError("--max-det, --line-thickness and --vid-stride must be at least 1")
+    check_flags(dict(imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+                     line_thickness=line_thickness, vid_stride=vid_stride), FLAG_RANGES)
     device = select_device(device)
     files = list_source_files(source)  # a bad source fails before anything is loaded or written
     if weights is None:

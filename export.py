@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import AT_LEAST_1, HelpFormatter, check_flags, exit_process, refuse_bad_flags, shown_path  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
+FLAG_RANGES = {"imgsz": ("--img", AT_LEAST_1), "batch_size": ("--batch-size", AT_LEAST_1), "opset": ("--opset", AT_LEAST_1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("export", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -61,7 +63,6 @@ from utils.inference import (  # noqa: E402
     MissingPackageError,
     default_imgsz,
     export_metadata,
-    image_size,
     inference_size,
     load_model,
     require,
@@ -127,13 +128,10 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
     unknown = [f for f in include if f not in FORMATS]
     if unknown:
         raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
-    try:
-        if imgsz:  # a bad size fails before the model is loaded; the stride rounds it later
-            image_size(imgsz)
+    try:  # a bad size fails before the model is loaded; the stride rounds it later
+        check_flags(dict(imgsz=imgsz, batch_size=batch_size, opset=opset), FLAG_RANGES)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if batch_size < 1:
-        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
     try:
         device = select_device(device)
     except ValueError as e:

@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_0, AT_LEAST_1, FlagError, HelpFormatter, Range, check_flags,  # noqa: E402
+                       exit_process, refuse_bad_flags, shown_path)
+
+FLAG_RANGES = {"sigma_rel": ("--sigma-rel", Range(0, low_open=True)), "num": ("--num", AT_LEAST_1),
+               "imgsz": ("--img", AT_LEAST_1), "batch_size": ("--batch-size", AT_LEAST_1),
+               "workers": ("--workers", AT_LEAST_0), "bn_recal": ("--bn-recal", AT_LEAST_0)}
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -60,6 +65,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("posthoc_ema", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import matplotlib  # noqa: E402
 
@@ -301,6 +307,7 @@ def table(rows: list[dict]) -> str:
 def run(opt: argparse.Namespace) -> Path | None:
     """Fit, synthesize, validate and save; returns the file saved: posthoc_best.pt when a post-hoc width wins the
     sweep overall (None when one of the run's own models wins), posthoc_sigma<X>.pt for one --sigma-rel X."""
+    check_flags(opt, FLAG_RANGES)
     run_dir = Path(opt.run)
     ckpt, best_ckpt, run_opt = run_files(run_dir)
     snapshots = find_snapshots(run_dir / "weights" / "posthoc")
@@ -380,7 +387,7 @@ def main(argv=None) -> int:
     set_logging()
     try:
         run(opt)
-    except (PosthocRunError, PosthocError, CheckpointError, DatasetError, FileNotFoundError) as e:
+    except (PosthocRunError, PosthocError, CheckpointError, DatasetError, FileNotFoundError, FlagError) as e:
         LOGGER.error(f"posthoc_ema: {e}")
         return 1
     return 0

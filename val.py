@@ -25,9 +25,13 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import DEFAULT_IMGSZ, HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_0, AT_LEAST_1, DEFAULT_IMGSZ, UNIT_INTERVAL, FlagError, HelpFormatter,  # noqa: E402
+                       check_flags, exit_process, refuse_bad_flags, shown_path)
 
 DEFAULT_DATA = "coco128.yaml"  # --data when neither it nor the weights say
+FLAG_RANGES = {"batch_size": ("--batch-size", AT_LEAST_1), "imgsz": ("--img", AT_LEAST_1),
+               "conf_thres": ("--conf-thres", UNIT_INTERVAL), "iou_thres": ("--iou-thres", UNIT_INTERVAL),
+               "max_det": ("--max-det", AT_LEAST_1), "workers": ("--workers", AT_LEAST_0)}
 
 
 class ValError(Exception):
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("val", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -224,6 +229,9 @@ def run(
     `copy_model=False` it is evaluated as it is (train.py passes its own, refreshed InferenceCopy).
     """
     training = model is not None
+    if not training:  # the command's numbers (train.py passes its own, already checked)
+        check_flags(dict(batch_size=batch_size, imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres,
+                         max_det=max_det, workers=workers), FLAG_RANGES)
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
     # without --data the dataset is the weights' own, known once they are loaded
     data_dict = None if data is None and not training else data if given_dict and dataloader is not None else check_dataset(data)
@@ -468,7 +476,7 @@ def main(argv=None) -> int:
     set_logging()
     try:
         run(**vars(opt))
-    except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError) as e:
+    except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError, FlagError) as e:
         LOGGER.error(f"val: {e}")
         return 1
     return 0

@@ -58,6 +58,46 @@ def test_bad_numeric_flags_fail_in_one_line_before_any_folder(tiny, tmp_path, ca
     assert not project.exists()
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("val", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("val", ["--img", "0"], "--img must be at least 1, got 0"),
+    ("val", ["--conf-thres", "1.5"], "--conf-thres must be in [0, 1], got 1.5"),
+    ("val", ["--iou-thres", "-0.1"], "--iou-thres must be in [0, 1], got -0.1"),
+    ("val", ["--max-det", "0"], "--max-det must be at least 1, got 0"),
+    ("val", ["--workers", "-1"], "--workers must be at least 0, got -1"),
+    ("detect", ["--source", "x.jpg", "--img", "0"], "--img must be one positive number or two (h w), got 0"),
+    ("detect", ["--source", "x.jpg", "--img", "64", "48", "32"], "--img must be one positive number or two (h w), got 64 48 32"),
+    ("detect", ["--source", "x.jpg", "--conf-thres", "2"], "--conf-thres must be in [0, 1], got 2.0"),
+    ("detect", ["--source", "x.jpg", "--iou-thres", "1.01"], "--iou-thres must be in [0, 1], got 1.01"),
+    ("detect", ["--source", "x.jpg", "--max-det", "0"], "--max-det must be at least 1, got 0"),
+    ("export", ["--img", "64", "-1"], "--img must be one positive number or two (h w), got 64 -1"),
+    ("export", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("export", ["--opset", "0"], "--opset must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--sigma-rel", "0.05", "0"], "--sigma-rel must be above 0, got 0.05 0.0"),
+    ("posthoc_ema", ["--run", "r", "--num", "0"], "--num must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--img", "-32"], "--img must be at least 1, got -32"),
+    ("posthoc_ema", ["--run", "r", "--bn-recal", "-1"], "--bn-recal must be at least 0, got -1"),
+])
+def test_numeric_flags_out_of_range_are_refused_in_one_line(script, flags, message, tmp_path, caplog):
+    """Each command's numbers are refused in one line naming the flag and its range, before anything is read or
+    made: in the process (main(), as the hub and tests call it) as from the command line, there before torch is
+    even imported (seconds saved: bad flags cost nothing)."""
+    module = __import__(script)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert module.main(flags) == 1
+    assert errors_of(caplog) == [f"{script}: {message}"]
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script + '.py'!r}, *{flags!r}]\n"
+             "try:\n"
+             f"    runpy.run_path({str(ROOT / (script + '.py'))!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.stdout.splitlines() == ["exit 1 False"], out.stdout + out.stderr
+    assert out.stderr.splitlines() == [f"{script}: {message}"]
+
+
 def test_help_lists_every_flag_with_help_and_default_without_importing_torch():
     def squeezed(x) -> str:  # argparse wraps long lines, also inside a path at its hyphens
         return "".join(str(x).split())

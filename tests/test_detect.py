@@ -284,7 +284,7 @@ def test_user_errors_are_one_line(weights, images, tmp_path, caplog):
         (["--weights", str(weights), "--source", str(tmp_path / "nowhere")], "nowhere does not exist"),
         (["--weights", str(weights), "--source", str(images[0]), "--conf-thres", "2"], "--conf-thres must be in"),
         (["--weights", str(weights), "--source", str(images[0]), "--img", "64", "0"],
-         "image size must be one positive number or two (h w), got 64 0"),
+         "--img must be one positive number or two (h w), got 64 0"),
         (["--weights", "yolov5s.pt", "--source", str(images[0])],  # YOLOv5 would download it; here it cannot
          "checkpoint yolov5s.pt not found: pretrained weights cannot be downloaded here; train from scratch with "
          "python train.py --cfg yolov5s.yaml --weights '', or give the path of a local .pt file"),

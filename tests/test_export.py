@@ -234,8 +234,8 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
         (["--weights", str(weights), "--half"], "--half export needs a CUDA device"),
         (["--weights", str(tmp_path / "gone.pt")], "gone.pt not found"),
         (["--weights", str(weights.with_suffix(".onnx"))], "already exported"),
-        (["--weights", str(weights), "--img", "0"], "image size must be one positive number or two (h w), got 0"),
-        (["--weights", str(weights), "--img", "64", "64", "64"], "image size must be one positive number or two (h w), got 64 64 64"),
+        (["--weights", str(weights), "--img", "0"], "--img must be one positive number or two (h w), got 0"),
+        (["--weights", str(weights), "--img", "64", "64", "64"], "--img must be one positive number or two (h w), got 64 64 64"),
         (["--weights", str(weights), "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ]
     for argv, text in cases:
