@@ -904,6 +904,8 @@ def log_run_plan(run: Run) -> None:
                 f"Starting training for {opt.epochs} epochs...")
     if run.posthoc is not None:
         LOGGER.info(run.posthoc.summary())
+    if run.step.distiller is not None:
+        LOGGER.info(run.step.distiller.summary())
 
 
 def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int,
