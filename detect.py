@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     p.add_argument("--save-crop", action="store_true", help="save each box's crop to crops/CLASS/")
     p.add_argument("--nosave", action="store_true", help="do not save images/videos")
+    p.add_argument("--view-img", action="store_true",
+                   help="YOLOv5's flag to show results in a window: accepted, but no window can open (OpenCV is "
+                        "installed without GUI); the annotated files are saved")
     p.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
     p.add_argument("--hide-labels", action="store_true", help="draw boxes without labels")
     p.add_argument("--hide-conf", action="store_true", help="draw labels without confidences")
@@ -132,6 +135,7 @@ def run(
     save_conf: bool = False,
     save_crop: bool = False,
     nosave: bool = False,
+    view_img: bool = False,
     line_thickness: int = 3,
     hide_labels: bool = False,
     hide_conf: bool = False,
@@ -158,6 +162,9 @@ def run(
 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    if view_img:  # opencv-python-headless (requirements.txt) has no windows to show them in
+        shown = "nothing is saved either (--nosave)" if nosave else f"see the annotated files in {shown_path(save_dir)}"
+        LOGGER.info(f"--view-img: no window can open here (OpenCV without GUI support); {shown}")
     videos = VideoWriters(save_dir, vid_stride)
     seen, totals = 0, [0.0, 0.0, 0.0]
     try:

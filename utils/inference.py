@@ -257,15 +257,23 @@ def _suffix(name: str) -> str:
     return Path(str(name).split("?")[0]).suffix[1:].lower()
 
 
+STREAM_SCHEMES = ("rtsp://", "rtmp://", "rtp://", "udp://", "tcp://", "srt://")  # what YOLOv5 opens as streams
+
+
 def list_source_files(source) -> list[str]:
     """The files of a detect.py --source: an image or video file, an image URL, a folder (its images and
     videos, sorted), a glob pattern, or a .txt file listing such paths (relative ones from its folder)."""
     text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists() and (text.isdigit() or text == "screen"):  # YOLOv5's webcam index, its screen capture
+        raise SourceError(f"--source {text}: webcams, screen capture and streams are not supported; give an image "
+                          "or video file, a folder, a glob or a .txt list of paths")
+    if text.lower().startswith(STREAM_SCHEMES):
+        raise SourceError(f"{text}: streams are not supported; record the stream to a video file first")
     if is_url(text):
         if _suffix(text) in VID_FORMATS:
             raise SourceError(f"{text}: video URLs and streams are not supported; download the file first")
         return [text]
-    path = Path(text).expanduser()
     if any(c in text for c in "*?["):
         files = sorted(glob.glob(str(path), recursive=True))
         if not files:
