@@ -370,3 +370,12 @@ def test_view_img_is_accepted_and_says_no_window_opens(weights, images, tmp_path
     assert lines == [f"--view-img: no window can open here (OpenCV without GUI support); see the annotated files in "
                      f"{tmp_path / 'viewed'}"]
     assert (tmp_path / "viewed" / images[0].name).is_file()
+
+
+def test_a_size_off_the_stride_is_warned_about_once(weights, images, tmp_path, caplog):
+    """--img 50 is 50x50: one warning that it is rounded to 64, not one per side."""
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert detect.main(["--weights", str(weights), "--source", str(images[0]), "--img", "50", "--project",
+                        str(tmp_path)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "multiple of the max stride" in r.getMessage()]
+    assert warnings == ["WARNING: --img 50 must be a multiple of the max stride 32; using 64"]

@@ -272,11 +272,16 @@ def test_val_on_exported_files_ignores_half_and_refuses_augment(trained, fixed, 
     assert not (tmp_path / "aug").exists()
 
 
-def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path):
+def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path, caplog):
     weights = copy_into(trained[0], tmp_path)
     assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50", "70"]) == 0
     model = load_model(weights.with_suffix(".torchscript"))
     assert model.export_shape == (64, 96)
+    caplog.set_level(logging.INFO, logger="yolo")
+    caplog.clear()
+    assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "multiple of the max stride" in r.getMessage()]
+    assert warnings == ["WARNING: --img 50 must be a multiple of the max stride 32; using 64"]  # once, not per side
 
 
 def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(trained, tmp_path, caplog):

@@ -489,7 +489,8 @@ def inference_size(imgsz, stride: int, fixed_shape=None) -> tuple[int, int]:
         if size != tuple(fixed_shape):
             LOGGER.info(f"The model was exported for {fixed_shape[0]}x{fixed_shape[1]} images: detecting at that size")
         return tuple(fixed_shape)
-    return tuple(check_img_size(s, stride) for s in size)
+    rounded = {s: check_img_size(s, stride) for s in dict.fromkeys(size)}  # one warning for --img 50 (50x50)
+    return tuple(rounded[s] for s in size)
 
 
 def speed_line(times, shape) -> str:
