@@ -1196,7 +1196,7 @@ def finish(run: Run, epochs_done: int, t0: float) -> None:
     sizes = ", ".join(f"{f.name} {file_size(f)}" for f in (run.best, run.last) if f.exists())
     if sizes and getattr(run.opt, "evolve", None) is None:  # an --evolve trial's weights are deleted after it
         LOGGER.info(f"Checkpoints: {sizes} (best.pt without optimizer state: for evaluation and fine-tuning)")
-    LOGGER.info(f"Results saved to {run.save_dir}")
+    LOGGER.info(f"Results saved to {shown_path(run.save_dir)}")  # as detect.py, export.py and val.py say it
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes, resume_ckpt: dict | None):

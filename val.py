@@ -426,8 +426,9 @@ def run(
         timer.merge(phases, prefix="validation/")
 
     if not training:
-        saved = f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {save_dir / 'labels'}" if save_txt else ""
-        LOGGER.info(f"Results saved to {save_dir}{saved}")
+        saved = (f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {shown_path(save_dir / 'labels')}"
+                 if save_txt else "")
+        LOGGER.info(f"Results saved to {shown_path(save_dir)}{saved}")
 
     maps = np.full(nc, map50_95)
     maps[result.classes] = result.ap50_95

@@ -216,6 +216,37 @@ def test_a_batch_larger_than_the_dataset_is_clamped_and_accumulation_follows(tin
     assert decays == [pytest.approx(0.0005 * 60 / 64)]
 
 
+def test_every_command_says_results_saved_to_the_same_way(tiny, tmp_path, caplog, monkeypatch):
+    """train.py, val.py, detect.py and export.py name their results folder alike: relative to the working folder
+    when it lies inside it (as YOLOv5 prints runs/train/exp), absolute otherwise."""
+    import detect
+    import export
+
+    monkeypatch.chdir(tmp_path)
+    args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], "runs", "exp", 1, "--noval", "--no-tensorboard"))
+    image = next((tiny["data"].parent / "images" / "train").glob("*.jpg"))
+    weights = ["--weights", "runs/exp/weights/best.pt"]
+    commands = [(train.cli, lambda: train.parse_opt(args), "runs/exp"),
+                (val.main, lambda: weights + ["--workers", "0", "--project", str(tmp_path / "v")], "v/exp"),
+                (detect.main, lambda: weights + ["--source", str(image), "--project", "d"], "d/exp"),
+                (export.main, lambda: weights, "runs/exp/weights")]
+    with one_intra_op_thread():
+        for command, argv, folder in commands:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="yolo"):
+                assert command(argv()) == 0
+            said = [ln for r in caplog.records for ln in r.getMessage().splitlines() if ln.startswith("Results saved")]
+            assert said == [f"Results saved to {folder}"], command
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(tmp_path / "runs/exp/weights/best.pt"), "--workers", "0", "--project",
+                         str(tmp_path / "v")]) == 0
+    assert f"Results saved to {tmp_path / 'v' / 'exp2'}" in caplog.text
+
+
 @pytest.mark.parametrize("flag", ["--data", "--hyp", "--cfg"])
 def test_a_binary_file_or_folder_given_as_a_yaml_fails_in_one_line(tiny, tmp_path, caplog, flag):
     binary = tmp_path / "best.pt"
