@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import HelpFormatter, args_line, exit_process, read_text_file, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, args_line, exit_process, read_text_file, refuse_bad_flags, shown_path  # noqa: E402
 
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
@@ -142,8 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_opt(opt: argparse.Namespace) -> None:
+    """Refuse numeric flags outside their meaning, in one line, before anything is created on disk."""
+    rules = [
+        (opt.epochs is None or opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
+        (opt.batch_size >= 1, f"--batch-size must be at least 1, got {opt.batch_size}"),
+        (opt.imgsz >= 1, f"--img must be a positive number of pixels, got {opt.imgsz}"),
+        (opt.workers is None or opt.workers >= 0, f"--workers must be 0 or more, got {opt.workers}"),
+        (opt.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {opt.patience}"),
+        (opt.save_period == -1 or opt.save_period >= 1,
+         f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
+        (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
+        (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
+        (opt.evolve is None or opt.evolve >= 1, f"--evolve takes a number of trials of at least 1, got {opt.evolve}"),
+        (opt.evolve is None or not opt.resume,
+         "--evolve cannot be combined with --resume: run the same --evolve command again to continue its study"),
+        (opt.evolve_heartbeat >= 1, f"--evolve-heartbeat must be at least 1 second, got {opt.evolve_heartbeat}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise TrainError(message)
+
+
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("train", check_opt, CLI_OPT, errors=(TrainError,))
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402
@@ -239,28 +262,6 @@ class Processes:
     @classmethod
     def from_env(cls) -> "Processes":
         return cls(int(os.getenv("RANK", -1)), int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("WORLD_SIZE", 1)))
-
-
-def check_opt(opt: argparse.Namespace) -> None:
-    """Refuse numeric flags outside their meaning, in one line, before anything is created on disk."""
-    rules = [
-        (opt.epochs is None or opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
-        (opt.batch_size >= 1, f"--batch-size must be at least 1, got {opt.batch_size}"),
-        (opt.imgsz >= 1, f"--img must be a positive number of pixels, got {opt.imgsz}"),
-        (opt.workers is None or opt.workers >= 0, f"--workers must be 0 or more, got {opt.workers}"),
-        (opt.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {opt.patience}"),
-        (opt.save_period == -1 or opt.save_period >= 1,
-         f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
-        (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
-        (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
-        (opt.evolve is None or opt.evolve >= 1, f"--evolve takes a number of trials of at least 1, got {opt.evolve}"),
-        (opt.evolve is None or not opt.resume,
-         "--evolve cannot be combined with --resume: run the same --evolve command again to continue its study"),
-        (opt.evolve_heartbeat >= 1, f"--evolve-heartbeat must be at least 1 second, got {opt.evolve_heartbeat}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise TrainError(message)
 
 
 def load_hyp(hyp: str | Path | dict) -> dict:

@@ -87,15 +87,29 @@ def test_numeric_flags_out_of_range_are_refused_in_one_line(script, flags, messa
     with caplog.at_level(logging.INFO, logger="yolo"):
         assert module.main(flags) == 1
     assert errors_of(caplog) == [f"{script}: {message}"]
+    assert refused_before_torch_is_imported(script, flags, tmp_path) == f"{script}: {message}"
+
+
+@pytest.mark.parametrize("flags, message", [(["--epochs", "0"], "--epochs must be at least 1, got 0"),
+                                            (["--label-smoothing", "1.0"], "--label-smoothing must be in [0, 1), got 1.0")])
+def test_train_refuses_bad_numbers_before_torch_is_imported(flags, message, tmp_path):
+    assert refused_before_torch_is_imported("train", flags, tmp_path) == f"train: {message}"
+
+
+def refused_before_torch_is_imported(script: str, flags: list[str], cwd) -> str:
+    """`python SCRIPT.py *flags` run in a fresh interpreter that reports, once it exits, its status and whether
+    torch was imported: it must exit 1 without torch (no seconds of imports for a typo). Returns its one line."""
     probe = ("import runpy, sys\n"
              f"sys.argv = [{script + '.py'!r}, *{flags!r}]\n"
              "try:\n"
              f"    runpy.run_path({str(ROOT / (script + '.py'))!r}, run_name='__main__')\n"
              "except SystemExit as e:\n"
              "    print('exit', e.code, 'torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, timeout=120)
     assert out.stdout.splitlines() == ["exit 1 False"], out.stdout + out.stderr
-    assert out.stderr.splitlines() == [f"{script}: {message}"]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
 
 
 def test_help_lists_every_flag_with_help_and_default_without_importing_torch():

@@ -89,12 +89,13 @@ def check_flags(opt, ranges: dict[str, tuple[str, Range]]) -> None:
             raise FlagError(f"{flag} must be {allowed}, got {given}")
 
 
-def refuse_bad_flags(command: str, check: Callable[[argparse.Namespace], None], opt: argparse.Namespace) -> None:
-    """At a script's start, before its imports of torch take seconds: a value that check() refuses (FlagError or
-    another ValueError) ends the process with one line, 'command: message', and exit status 1."""
+def refuse_bad_flags(command: str, check: Callable[[argparse.Namespace], None], opt: argparse.Namespace,
+                     errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
+    """At a script's start, before its imports of torch take seconds: a value that check() refuses (raising one of
+    `errors`: FlagError is a ValueError) ends the process with one line, 'command: message', and exit status 1."""
     try:
         check(opt)
-    except ValueError as e:
+    except errors as e:
         from utils.log import LOGGER, set_logging  # tqdm only: still quick
 
         set_logging()
