@@ -16,7 +16,8 @@ val.run beside the run's main EMA and raw model (from last.pt, and best.pt when 
 prints the table, writes posthoc_ema.csv and posthoc_ema.png in the run folder, and saves the candidate of best
 fitness (ties: the smaller fit error) as weights/posthoc_best.pt, a finished checkpoint that val.py, detect.py
 and train.py --weights take like best.pt, when it is also the best overall; when one of the run's own models has
-a higher fitness, that is said and no file is saved. One --sigma-rel X is saved as weights/posthoc_sigma<X>.pt. --bn-recal N recomputes the BatchNorm statistics of every averaged
+a higher fitness, that is said and the best width is saved as weights/posthoc_sigma<X>.pt instead (as one
+--sigma-rel X is). --bn-recal N recomputes the BatchNorm statistics of every averaged
 candidate (the post-hoc ones and the main EMA) on N batches of training images before it is validated.
 --data, --img and --single-cls default to the run's (opt.yaml).
 """
@@ -288,6 +289,11 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def width_file(weights_dir: Path, sigma_rel: float) -> Path:
+    """Where one post-hoc width is saved when it is not the sweep's winner overall: named for what it is."""
+    return weights_dir / f"posthoc_sigma{sigma_rel:.4g}.pt"
+
+
 def overall_winner(rows: list[dict]) -> dict:
     """The row of highest fitness among every candidate, the run's own models included; a post-hoc width wins
     ties (it is then no worse than the weights the run already has)."""
@@ -304,9 +310,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(opt: argparse.Namespace) -> Path | None:
+def run(opt: argparse.Namespace) -> Path:
     """Fit, synthesize, validate and save; returns the file saved: posthoc_best.pt when a post-hoc width wins the
-    sweep overall (None when one of the run's own models wins), posthoc_sigma<X>.pt for one --sigma-rel X."""
+    sweep overall, else posthoc_sigma<X>.pt for the best width X (and for one --sigma-rel X)."""
     check_flags(opt, FLAG_RANGES)
     run_dir = Path(opt.run)
     ckpt, best_ckpt, run_opt = run_files(run_dir)
@@ -330,7 +336,7 @@ def run(opt: argparse.Namespace) -> Path | None:
             prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
             state = cpu_state(averaged_model(ckpt, state, opt, device))
         # its own name: a width chosen by hand is no sweep's best, and must not replace the file of one
-        return save_best(ckpt, state, fit, float("nan"), run_dir / "weights" / f"posthoc_sigma{fit.sigma_rel:.4g}.pt")
+        return save_best(ckpt, state, fit, float("nan"), width_file(run_dir / "weights", fit.sigma_rel))
 
     fits = fit_widths(fitter, target_widths(opt.sigma_rel, opt.num, fitter.reachable()))
     prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
@@ -376,9 +382,9 @@ def run(opt: argparse.Namespace) -> Path | None:
             "raw last": "the raw weights of weights/last.pt"}[winner["candidate"]]
     stale = f"; the {shown_path(out)} of an earlier sweep is left as it was" if out.exists() else ""
     LOGGER.info(f"Best overall: {winner['candidate']} (fitness {winner['fitness']:.4g}), in {held}; no post-hoc width "
-                f"beats it (the best, sigma_rel {best[0].sigma_rel:.4g}, has fitness {best[2]:.4g}), so none is saved as "
-                f"posthoc_best.pt{stale}")
-    return None
+                f"beats it, so none is saved as posthoc_best.pt (the best width, sigma_rel {best[0].sigma_rel:.4g} at "
+                f"fitness {best[2]:.4g}, is saved under its own name){stale}")
+    return save_best(ckpt, best[1], best[0], best[2], width_file(run_dir / "weights", best[0].sigma_rel))
 
 
 def main(argv=None) -> int:

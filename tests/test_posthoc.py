@@ -401,7 +401,8 @@ def test_posthoc_ema_keeps_the_candidate_of_best_fitness(fake_run, monkeypatch, 
 
 def test_posthoc_ema_saves_no_width_that_the_runs_own_ema_beats(fake_run, tmp_path, monkeypatch, caplog):
     """val.run stood in for by a fitness that peaks at the run's main EMA (last.pt's): it wins overall, that is said,
-    and no post-hoc width is saved as posthoc_best.pt; one from an earlier sweep is left as it was, and said so."""
+    and the best post-hoc width is saved under its own name, not as posthoc_best.pt; one from an earlier sweep is left
+    as it was, and said so."""
     import shutil
 
     run = tmp_path / "run"
@@ -421,9 +422,13 @@ def test_posthoc_ema_saves_no_width_that_the_runs_own_ema_beats(fake_run, tmp_pa
     assert posthoc_ema.main(argv) == 0
     assert not (run / "weights" / "posthoc_best.pt").exists()
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Best overall: "))
-    assert line.startswith("Best overall: EMA last (fitness 1), in weights/last.pt; no post-hoc width beats it")
-    assert line.endswith("so none is saved as posthoc_best.pt")
-    assert "Saved sigma_rel" not in caplog.text
+    assert line.startswith("Best overall: EMA last (fitness 1), in weights/last.pt; no post-hoc width beats it, so "
+                           "none is saved as posthoc_best.pt (the best width, sigma_rel ")
+    rows = [r.split(",") for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:] if r.startswith("posthoc")]
+    top = max(rows, key=lambda r: float(r[-1]))
+    named = run / "weights" / f"posthoc_sigma{float(top[1]):.4g}.pt"  # the best width, under its own name
+    assert f"Saved sigma_rel {float(top[1]):.4g} " in caplog.text and named.is_file()
+    assert sorted(f.name for f in (run / "weights").glob("posthoc_*.pt")) == [named.name]
 
     save_checkpoint(load_checkpoint(run / "weights" / "best.pt"), run / "weights" / "posthoc_best.pt")
     caplog.clear()

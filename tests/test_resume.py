@@ -236,7 +236,7 @@ def test_a_run_killed_while_finishing_is_resumed_to_its_end(setup, tmp_path):
 def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
     """A run with posthoc_sigma_rels, then posthoc_ema.py: the sweep (widths 3 snapshots of 0.05 and 0.1 can
     reach) is validated, the winner overall named, and the best width saved as a finished checkpoint that val.py
-    loads when it is that winner (nothing saved when the run's own EMA or raw model wins)."""
+    loads when it is that winner (under its own name when the run's own EMA or raw model wins)."""
     run = tmp_path / "ref16"
     shutil.copytree(setup["ref16"], run)
     out = subprocess.run([sys.executable, str(ROOT / "posthoc_ema.py"), "--run", str(run), "--sigma-rel", "0.04",
@@ -261,7 +261,7 @@ def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
                        project=tmp_path / "val")[0][3] >= 0
     else:  # one of the run's own models is better: no post-hoc width is called best
         assert said.startswith(f"Best overall: {winners[0]} (fitness "), (said, winners)
-        assert not saved.exists()
+        assert not saved.exists() and list((run / "weights").glob("posthoc_sigma*.pt"))
 
 
 def test_sigkill_then_resume_is_bit_exact_with_switch_ema_bema_and_bn_recompute(setup, tmp_path):
