@@ -233,8 +233,10 @@ def run(
         check_flags(dict(batch_size=batch_size, imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres,
                          max_det=max_det, workers=workers), FLAG_RANGES)
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
-    # without --data the dataset is the weights' own, known once they are loaded
-    data_dict = None if data is None and not training else data if given_dict and dataloader is not None else check_dataset(data)
+    if data is None and not training:
+        data_dict = None  # without --data the dataset is the weights' own, known once they are loaded
+    else:
+        data_dict = data if given_dict and dataloader is not None else check_dataset(data)
     amp_dtype = amp_dtype if amp_dtype is not None else (torch.float16 if half else None)
     if training:  # called by train.py: the caller's model, device and dataloader
         device = next(model.parameters()).device
