@@ -1170,7 +1170,7 @@ def finish(run: Run, epochs_done: int, t0: float) -> None:
         os.kill(os.getpid(), signal.SIGINT)
     if epochs_done:
         LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-    else:
+    elif run.end_epoch == run.opt.epochs:  # resumed after its last epoch (an early-stopped run has said so)
         LOGGER.info(f"\nAll {run.end_epoch} epochs were trained before the run stopped; finishing it")
     run.writer.close()  # every epoch's files on disk (or the error of one that could not be written)
     if run.posthoc is not None:
