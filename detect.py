@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_1, UNIT_INTERVAL, HelpFormatter, check_flags, exit_process,  # noqa: E402
+                       refuse_bad_flags, shown_path)
+
+FLAG_RANGES = {"imgsz": ("--img", AT_LEAST_1), "conf_thres": ("--conf-thres", UNIT_INTERVAL),
+               "iou_thres": ("--iou-thres", UNIT_INTERVAL), "max_det": ("--max-det", AT_LEAST_1),
+               "line_thickness": ("--line-thickness", AT_LEAST_1), "vid_stride": ("--vid-stride", AT_LEAST_1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
     p.add_argument("--save-crop", action="store_true", help="save each box's crop to crops/CLASS/")
     p.add_argument("--nosave", action="store_true", help="do not save images/videos")
+    p.add_argument("--view-img", action="store_true",
+                   help="YOLOv5's flag to show results in a window: accepted, but no window can open (OpenCV is "
+                        "installed without GUI); the annotated files are saved")
     p.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
     p.add_argument("--hide-labels", action="store_true", help="draw boxes without labels")
     p.add_argument("--hide-conf", action="store_true", help="draw labels without confidences")
@@ -60,6 +68,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("detect", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import cv2  # noqa: E402
 import torch  # noqa: E402
@@ -126,6 +135,7 @@ def run(
     save_conf: bool = False,
     save_crop: bool = False,
     nosave: bool = False,
+    view_img: bool = False,
     line_thickness: int = 3,
     hide_labels: bool = False,
     hide_conf: bool = False,
@@ -136,11 +146,8 @@ def run(
     exist_ok: bool = False,
 ) -> Path:
     """Detect in every image and video frame of `source`; returns the run folder."""
-    for flag, value, low, high in (("--conf-thres", conf_thres, 0, 1), ("--iou-thres", iou_thres, 0, 1)):
-        if not low <= value <= high:
-            raise ValueError(f"{flag} must be in [{low}, {high}], got {value}")
-    if min(max_det, line_thickness, vid_stride) < 1:
-        raise ValueError("--max-det, --line-thickness and --vid-stride must be at least 1")
+    check_flags(dict(imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det,
+                     line_thickness=line_thickness, vid_stride=vid_stride), FLAG_RANGES)
     device = select_device(device)
     files = list_source_files(source)  # a bad source fails before anything is loaded or written
     if weights is None:
@@ -155,6 +162,9 @@ def run(
 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    if view_img:  # opencv-python-headless (requirements.txt) has no windows to show them in
+        shown = "nothing is saved either (--nosave)" if nosave else f"see the annotated files in {shown_path(save_dir)}"
+        LOGGER.info(f"--view-img: no window can open here (OpenCV without GUI support); {shown}")
     videos = VideoWriters(save_dir, vid_stride)
     seen, totals = 0, [0.0, 0.0, 0.0]
     try:

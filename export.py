@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import AT_LEAST_1, HelpFormatter, check_flags, exit_process, refuse_bad_flags, shown_path  # noqa: E402
 
 FORMATS = ("torchscript", "onnx", "openvino")
+FLAG_RANGES = {"imgsz": ("--img", AT_LEAST_1), "batch_size": ("--batch-size", AT_LEAST_1), "opset": ("--opset", AT_LEAST_1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("export", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import copy  # noqa: E402
 import json  # noqa: E402
@@ -70,7 +72,6 @@ from utils.inference import (  # noqa: E402
     MissingPackageError,
     default_imgsz,
     export_metadata,
-    image_size,
     inference_size,
     is_exported,
     load_model,
@@ -166,13 +167,10 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
     unknown = [f for f in include if f not in FORMATS]
     if unknown:
         raise ExportError(f"--include {' '.join(unknown)}: unknown format; choose from {', '.join(FORMATS)}")
-    try:
-        if imgsz:  # a bad size fails before the model is loaded; the stride rounds it later
-            image_size(imgsz)
+    try:  # a bad size fails before the model is loaded; the stride rounds it later
+        check_flags(dict(imgsz=imgsz, batch_size=batch_size, opset=opset), FLAG_RANGES)
     except ValueError as e:
         raise ExportError(str(e)) from None
-    if batch_size < 1:
-        raise ExportError(f"--batch-size must be at least 1, got {batch_size}")
     try:
         device = select_device(device)
     except ValueError as e:
@@ -236,8 +234,9 @@ def run(weights=None, include=("torchscript",), imgsz=None, batch_size: int = 1,
     LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)\nResults saved to {shown_path(weights.parent)}")
     if written:  # how to use it (the last format written; the others the same way)
         f = shown_path(written[-1])
+        data = "" if getattr(model, "trained_data", None) else " --data DATA.yaml"  # the file names its dataset
         LOGGER.info(f"Detect:          python detect.py --weights {f} --source IMAGE\n"
-                    f"Validate:        python val.py --weights {f}\n"
+                    f"Validate:        python val.py --weights {f}{data}\n"
                     f"PyTorch Hub:     model = torch.hub.load('.', 'custom', path='{f}', source='local')")
     return written
 

@@ -15,7 +15,9 @@ reachable range (a single --sigma-rel width out of reach is an error). The sweep
 val.run beside the run's main EMA and raw model (from last.pt, and best.pt when it differs), one line each,
 prints the table, writes posthoc_ema.csv and posthoc_ema.png in the run folder, and saves the candidate of best
 fitness (ties: the smaller fit error) as weights/posthoc_best.pt, a finished checkpoint that val.py, detect.py
-and train.py --weights take like best.pt. --bn-recal N recomputes the BatchNorm statistics of every averaged
+and train.py --weights take like best.pt, when it is also the best overall; when one of the run's own models has
+a higher fitness, that is said and the best width is saved as weights/posthoc_sigma<X>.pt instead (as one
+--sigma-rel X is). --bn-recal N recomputes the BatchNorm statistics of every averaged
 candidate (the post-hoc ones and the main EMA) on N batches of training images before it is validated.
 --data, --img and --single-cls default to the run's (opt.yaml).
 """
@@ -34,7 +36,12 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_0, AT_LEAST_1, FlagError, HelpFormatter, Range, check_flags,  # noqa: E402
+                       exit_process, refuse_bad_flags, shown_path)
+
+FLAG_RANGES = {"sigma_rel": ("--sigma-rel", Range(0, low_open=True)), "num": ("--num", AT_LEAST_1),
+               "imgsz": ("--img", AT_LEAST_1), "batch_size": ("--batch-size", AT_LEAST_1),
+               "workers": ("--workers", AT_LEAST_0), "bn_recal": ("--bn-recal", AT_LEAST_0)}
 
 
 def parse_opt(argv=None) -> argparse.Namespace:
@@ -59,6 +66,7 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("posthoc_ema", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import matplotlib  # noqa: E402
 
@@ -281,6 +289,17 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def width_file(weights_dir: Path, sigma_rel: float) -> Path:
+    """Where one post-hoc width is saved when it is not the sweep's winner overall: named for what it is."""
+    return weights_dir / f"posthoc_sigma{sigma_rel:.4g}.pt"
+
+
+def overall_winner(rows: list[dict]) -> dict:
+    """The row of highest fitness among every candidate, the run's own models included; a post-hoc width wins
+    ties (it is then no worse than the weights the run already has)."""
+    return max(rows, key=lambda r: (r["fitness"], r["candidate"] == "posthoc"))
+
+
 def table(rows: list[dict]) -> str:
     lines = [("%12s" + "%13s" * 6) % COLUMNS]
     for r in rows:
@@ -292,7 +311,9 @@ def table(rows: list[dict]) -> str:
 
 
 def run(opt: argparse.Namespace) -> Path:
-    """Fit, synthesize, validate and save; returns the path of posthoc_best.pt."""
+    """Fit, synthesize, validate and save; returns the file saved: posthoc_best.pt when a post-hoc width wins the
+    sweep overall, else posthoc_sigma<X>.pt for the best width X (and for one --sigma-rel X)."""
+    check_flags(opt, FLAG_RANGES)
     run_dir = Path(opt.run)
     ckpt, best_ckpt, run_opt = run_files(run_dir)
     snapshots = find_snapshots(run_dir / "weights" / "posthoc")
@@ -314,7 +335,8 @@ def run(opt: argparse.Namespace) -> Path:
         if opt.bn_recal:
             prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
             state = cpu_state(averaged_model(ckpt, state, opt, device))
-        return save_best(ckpt, state, fit, float("nan"), out)
+        # its own name: a width chosen by hand is no sweep's best, and must not replace the file of one
+        return save_best(ckpt, state, fit, float("nan"), width_file(run_dir / "weights", fit.sigma_rel))
 
     fits = fit_widths(fitter, target_widths(opt.sigma_rel, opt.num, fitter.reachable()))
     prepare_data(opt, run_opt, ckpt.get("hyp"), run_dir, stride)
@@ -352,7 +374,17 @@ def run(opt: argparse.Namespace) -> Path:
         writer.writerows(rows)
     plot = plot_sweep(rows, run_dir / "posthoc_ema.png")
     LOGGER.info(f"Table in {shown_path(run_dir / 'posthoc_ema.csv')}, plot in {shown_path(plot)}")
-    return save_best(ckpt, best[1], best[0], best[2], out)
+    winner = overall_winner(rows)
+    if winner["candidate"] == "posthoc":
+        LOGGER.info(f"Best overall: post-hoc sigma_rel {winner['sigma_rel']:.4g} (fitness {winner['fitness']:.4g})")
+        return save_best(ckpt, best[1], best[0], best[2], out)
+    held = {"EMA last": "weights/last.pt", "EMA best": "weights/best.pt",
+            "raw last": "the raw weights of weights/last.pt"}[winner["candidate"]]
+    stale = f"; the {shown_path(out)} of an earlier sweep is left as it was" if out.exists() else ""
+    LOGGER.info(f"Best overall: {winner['candidate']} (fitness {winner['fitness']:.4g}), in {held}; no post-hoc width "
+                f"beats it, so none is saved as posthoc_best.pt (the best width, sigma_rel {best[0].sigma_rel:.4g} at "
+                f"fitness {best[2]:.4g}, is saved under its own name){stale}")
+    return save_best(ckpt, best[1], best[0], best[2], width_file(run_dir / "weights", best[0].sigma_rel))
 
 
 def main(argv=None) -> int:
@@ -361,7 +393,7 @@ def main(argv=None) -> int:
     set_logging()
     try:
         run(opt)
-    except (PosthocRunError, PosthocError, CheckpointError, DatasetError, FileNotFoundError) as e:
+    except (PosthocRunError, PosthocError, CheckpointError, DatasetError, FileNotFoundError, FlagError) as e:
         LOGGER.error(f"posthoc_ema: {e}")
         return 1
     return 0

@@ -21,7 +21,8 @@ bit-identical to the same run left alone (given --deterministic and the same har
 
 Test hooks, environment variables naming a global training iteration N (counted from 0, at its start):
     YOLO_TEST_KILL_AT_ITER=N             the process SIGKILLs itself (once the checkpoint writes queued before it are
-                                         on disk, so that which epoch last.pt holds is certain)
+                                         on disk, so that which epoch last.pt holds is certain; =finish: as the final
+                                         validation of best.pt begins)
     YOLO_TEST_INTERRUPT_AT_ITER=N        the process sends itself SIGINT, as Ctrl-C does (=finish: once the last
                                          epoch is done, as finishing begins)
     YOLO_TEST_OVERFLOW_AT_ITER=N[,M...]  the loss of those iterations is multiplied by inf (an fp16 overflow)
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.cli import HelpFormatter, args_line, exit_process, read_text_file, shown_path  # noqa: E402
+from utils.cli import HelpFormatter, args_line, exit_process, read_text_file, refuse_bad_flags, shown_path  # noqa: E402
 
 DEFAULT_EPOCHS, DEFAULT_WORKERS = 100, 8
 DEFAULT_CFG = "yolov5s.yaml"  # the model when neither --cfg nor --weights is given (YOLOv5 starts from yolov5s)
@@ -144,8 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_opt(opt: argparse.Namespace) -> None:
+    """Refuse numeric flags outside their meaning, in one line, before anything is created on disk."""
+    rules = [
+        (opt.epochs is None or opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
+        (opt.batch_size >= 1, f"--batch-size must be at least 1, got {opt.batch_size}"),
+        (opt.imgsz >= 1, f"--img must be a positive number of pixels, got {opt.imgsz}"),
+        (opt.workers is None or opt.workers >= 0, f"--workers must be 0 or more, got {opt.workers}"),
+        (opt.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {opt.patience}"),
+        (opt.save_period == -1 or opt.save_period >= 1,
+         f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
+        (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
+        (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
+        (opt.evolve is None or opt.evolve >= 1, f"--evolve takes a number of trials of at least 1, got {opt.evolve}"),
+        (opt.evolve is None or not opt.resume,
+         "--evolve cannot be combined with --resume: run the same --evolve command again to continue its study"),
+        (opt.evolve_heartbeat >= 1, f"--evolve-heartbeat must be at least 1 second, got {opt.evolve_heartbeat}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise TrainError(message)
+
+
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("train", check_opt, CLI_OPT, errors=(TrainError,))
 
 import contextlib  # noqa: E402
 import gc  # noqa: E402
@@ -245,28 +269,6 @@ class Processes:
         return cls(int(os.getenv("RANK", -1)), int(os.getenv("LOCAL_RANK", -1)), int(os.getenv("WORLD_SIZE", 1)))
 
 
-def check_opt(opt: argparse.Namespace) -> None:
-    """Refuse numeric flags outside their meaning, in one line, before anything is created on disk."""
-    rules = [
-        (opt.epochs is None or opt.epochs >= 1, f"--epochs must be at least 1, got {opt.epochs}"),
-        (opt.batch_size >= 1, f"--batch-size must be at least 1, got {opt.batch_size}"),
-        (opt.imgsz >= 1, f"--img must be a positive number of pixels, got {opt.imgsz}"),
-        (opt.workers is None or opt.workers >= 0, f"--workers must be 0 or more, got {opt.workers}"),
-        (opt.patience >= 0, f"--patience must be 0 (off) or a number of epochs, got {opt.patience}"),
-        (opt.save_period == -1 or opt.save_period >= 1,
-         f"--save-period must be -1 (off) or a number of epochs, got {opt.save_period}"),
-        (0 <= opt.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {opt.label_smoothing}"),
-        (all(i >= 0 for i in opt.freeze), f"--freeze takes layer counts or indices of 0 or more, got {opt.freeze}"),
-        (opt.evolve is None or opt.evolve >= 1, f"--evolve takes a number of trials of at least 1, got {opt.evolve}"),
-        (opt.evolve is None or not opt.resume,
-         "--evolve cannot be combined with --resume: run the same --evolve command again to continue its study"),
-        (opt.evolve_heartbeat >= 1, f"--evolve-heartbeat must be at least 1 second, got {opt.evolve_heartbeat}"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise TrainError(message)
-
-
 def load_hyp(hyp: str | Path | dict) -> dict:
     """The hyperparameter dict from a yaml path (or a dict): every key training uses, HYP_DEFAULTS filling in
     the ones a YOLOv5 hyp file does not have."""
@@ -335,6 +337,11 @@ def prepare_resume(opt: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     saved = ckpt.get("opt")
     if not isinstance(saved, dict) or not {"data", "epochs", "imgsz", "batch_size"} <= set(saved):
         raise TrainError(f"--resume: {path} is not a training checkpoint of this project (it holds no run options)")
+    if "train_state" not in ckpt and "imported_from" not in ckpt:  # best.pt, epochN.pt, posthoc_best.pt
+        last = path.parent / "last.pt"
+        raise TrainError(f"--resume: {path} is a finished checkpoint for evaluation and fine-tuning: it keeps no "
+                         f"resume state; resume from the run's weights/last.pt"
+                         + (f": python train.py --resume {shown_path(last)}" if last.is_file() else ""))
     if "train_state" not in ckpt:
         raise TrainError(f"--resume: {path} was not written by this project's train.py (an imported YOLOv5 file?); "
                          f"start a new run from it with --weights {path}")
@@ -762,7 +769,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
     except TeacherError as e:
         raise TrainError(str(e)) from None
     gs = size_multiple(model)
-    imgsz = check_img_size(opt.imgsz, gs)
+    imgsz = opt.imgsz = check_img_size(opt.imgsz, gs)  # the checkpoints store the size the run used (63 -> 64)
     batch_size = opt.batch_size // procs.world_size  # per process
     with timer("start-up: datasets (label scan, cache, loaders)"):
         train_loader, dataset, val_loader = build_loaders(opt, hyp, data, imgsz, batch_size, gs, procs, device)
@@ -928,6 +935,8 @@ def log_run_plan(run: Run) -> None:
         LOGGER.info(run.posthoc.summary())
     if run.companions is not None:
         LOGGER.info(run.companions.summary())
+    if run.step.distiller is not None:
+        LOGGER.info(run.step.distiller.summary())
 
 
 def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stopper, ema, lf, accumulate: int,
@@ -982,7 +991,9 @@ def train_epoch(run: Run, epoch: int) -> torch.Tensor:
     """One pass over the training data; returns the mean loss items (box, obj, cls, and kd when distilling)."""
     opt, hyp, procs, device = run.opt, run.hyp, run.procs, run.device
     interrupt_hook = os.getenv(INTERRUPT_HOOK_ENV, "")
-    kill_at, interrupt_at = int(os.getenv(KILL_HOOK_ENV, -1)), int(interrupt_hook) if interrupt_hook.isdigit() else -1
+    kill_hook = os.getenv(KILL_HOOK_ENV, "")
+    kill_at = int(kill_hook) if kill_hook.isdigit() else -1
+    interrupt_at = int(interrupt_hook) if interrupt_hook.isdigit() else -1
     run.model.train()
     if run.started_batches is None or run.started_batches[0] != epoch:
         start_epoch_batches(run, epoch)
@@ -1186,20 +1197,22 @@ def save_epoch_checkpoints(run: Run, epoch: int, improved: bool) -> None:
 
 
 def finish(run: Run, epochs_done: int, t0: float) -> None:
-    """Rank 0 after the last epoch: strip the resume state, validate best.pt with plots, plot the results."""
+    """Rank 0 after the last epoch: validate best.pt with plots, plot the results, then strip the resume state.
+
+    last.pt is marked finished (its resume state stripped) only once everything else is done, so that a run killed
+    while finishing is resumed: --resume then trains no epoch and does what was left."""
     run.finishing = True
     if os.getenv(INTERRUPT_HOOK_ENV) == "finish":  # test hook, see module docstring
         os.kill(os.getpid(), signal.SIGINT)
-    LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if epochs_done:
+        LOGGER.info(f"\n{epochs_done} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    elif run.end_epoch == run.opt.epochs:  # resumed after its last epoch (an early-stopped run has said so)
+        LOGGER.info(f"\nAll {run.end_epoch} epochs were trained before the run stopped; finishing it")
     run.writer.close()  # every epoch's files on disk (or the error of one that could not be written)
     if run.posthoc is not None:
         run.posthoc.finish()  # the bank's state at the last step, before the resume state that also holds it goes
-    if run.last.exists():
-        with run.timer("checkpoints"):
-            strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
-    sizes = ", ".join(f"{f.name} {file_size(f)}" for f in (run.best, run.last) if f.exists())
-    if sizes:
-        LOGGER.info(f"Checkpoints: {sizes} (best.pt without optimizer state: for evaluation and fine-tuning)")
+    if os.getenv(KILL_HOOK_ENV) == "finish":  # test hook, see module docstring
+        os.kill(os.getpid(), signal.SIGKILL)
     if run.best.exists() and not run.opt.noval:
         LOGGER.info(f"\nValidating {run.best}...")
         final = PhaseTimer(run.device, enabled=run.timer.enabled)
@@ -1216,7 +1229,13 @@ def finish(run: Run, epochs_done: int, t0: float) -> None:
         run.tensorboard.close()
     if run.tracker is not None:
         run.tracker.finish(run.save_dir, run.best, run.results)
-    LOGGER.info(f"Results saved to {run.save_dir}")
+    if run.last.exists():
+        with run.timer("checkpoints"):
+            strip_resume_state(run.last)  # keeps the optimizer: --resume --epochs N can extend the run
+    sizes = ", ".join(f"{f.name} {file_size(f)}" for f in (run.best, run.last) if f.exists())
+    if sizes and getattr(run.opt, "evolve", None) is None:  # an --evolve trial's weights are deleted after it
+        LOGGER.info(f"Checkpoints: {sizes} (best.pt without optimizer state: for evaluation and fine-tuning)")
+    LOGGER.info(f"Results saved to {shown_path(run.save_dir)}")  # as detect.py, export.py and val.py say it
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Processes, resume_ckpt: dict | None):
@@ -1242,7 +1261,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: Proce
     except KeyboardInterrupt:
         if run.finishing:  # the weights are final: only best.pt's validation and the plots were left to do
             raise Interrupted(f"interrupted after the last epoch, while validating best.pt and plotting; the trained "
-                              f"weights are in {shown_path(run.best)} and {shown_path(run.last)}") from None
+                              f"weights are in {shown_path(run.best)} and {shown_path(run.last)}; finish with: "
+                              f"python train.py --resume {shown_path(run.last)}") from None
         at_epoch, batch = run.position
         if batch < 0 and at_epoch == run.start_epoch and run.saved_epoch is None:
             raise NothingTrained(f"interrupted in epoch {at_epoch} before its first batch") from None

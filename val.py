@@ -5,7 +5,7 @@
     python val.py --weights best.pt --data coco128.yaml --task speed     # timing only
 
 Without --weights it validates the latest training run's best.pt; without --img, at the size the weights
-were trained at.
+were trained at; without --data, on the dataset they were trained on (a .pt's options, an exported file's metadata).
 
 train.py calls run(model=ema.ema, dataloader=...) after every epoch. run() never modifies the model it is
 given: it evaluates under torch.autocast instead of converting the weights (--half is fp16 autocast on any
@@ -25,7 +25,13 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.cli import DEFAULT_IMGSZ, HelpFormatter, exit_process, shown_path  # noqa: E402
+from utils.cli import (AT_LEAST_0, AT_LEAST_1, DEFAULT_IMGSZ, UNIT_INTERVAL, FlagError, HelpFormatter,  # noqa: E402
+                       check_flags, exit_process, refuse_bad_flags, shown_path)
+
+DEFAULT_DATA = "coco128.yaml"  # --data when neither it nor the weights say
+FLAG_RANGES = {"batch_size": ("--batch-size", AT_LEAST_1), "imgsz": ("--img", AT_LEAST_1),
+               "conf_thres": ("--conf-thres", UNIT_INTERVAL), "iou_thres": ("--iou-thres", UNIT_INTERVAL),
+               "max_det": ("--max-det", AT_LEAST_1), "workers": ("--workers", AT_LEAST_0)}
 
 
 class ValError(Exception):
@@ -39,7 +45,9 @@ def parse_opt(argv=None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Validate a YOLOv5-style detector", formatter_class=HelpFormatter)
-    p.add_argument("--data", type=str, default="coco128.yaml", help="dataset yaml: a name in data/ or a path")
+    p.add_argument("--data", type=str, default=None,
+                   help=f"dataset yaml: a name in data/ or a path (default: the one the weights were trained on, "
+                        f"else {DEFAULT_DATA})")
     p.add_argument("--weights", type=str, default=None,
                    help="checkpoint path (default: the latest runs/train/*/weights/best.pt)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     CLI_OPT = parse_opt()  # --help and mistyped flags answer here, before the imports below take seconds
+    refuse_bad_flags("val", lambda opt: check_flags(opt, FLAG_RANGES), CLI_OPT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -222,8 +231,14 @@ def run(
     `copy_model=False` it is evaluated as it is (train.py passes its own, refreshed InferenceCopy).
     """
     training = model is not None
+    if not training:  # the command's numbers (train.py passes its own, already checked)
+        check_flags(dict(batch_size=batch_size, imgsz=imgsz, conf_thres=conf_thres, iou_thres=iou_thres,
+                         max_det=max_det, workers=workers), FLAG_RANGES)
     given_dict = isinstance(data, dict) and "nc" in data and "names" in data
-    data_dict = data if given_dict and dataloader is not None else check_dataset(data)
+    if data is None and not training:
+        data_dict = None  # without --data the dataset is the weights' own, known once they are loaded
+    else:
+        data_dict = data if given_dict and dataloader is not None else check_dataset(data)
     amp_dtype = amp_dtype if amp_dtype is not None else (torch.float16 if half else None)
     if training:  # called by train.py: the caller's model, device and dataloader
         device = next(model.parameters()).device
@@ -253,6 +268,10 @@ def run(
             amp_dtype = autocast_dtype(model, amp_dtype)
             ckpt = {"nc": model.nc}
             imgsz = model.square_size(imgsz) or DEFAULT_IMGSZ  # a fixed-size file's own size
+            if model.fixed_shape and task != "speed":  # YOLOv5 says so too ("Forcing ... square inference")
+                LOGGER.info(f"{Path(weights).name} is a fixed-size export: validating with {imgsz}x{imgsz} squares (no "
+                            f"rectangular batches), {model.batch or batch_size} images per run, as it was exported; "
+                            f"its figures can differ from its .pt's")
         else:
             ckpt = load_checkpoint(weights)
             if imgsz is None:
@@ -261,6 +280,14 @@ def run(
                                                                  if trained_imgsz(ckpt) else "the default"))
             model = model_from_checkpoint(ckpt, use_ema=True)  # a fresh FP32 copy: ours to fuse
             model.fuse()
+        if data_dict is None:
+            data = getattr(model, "trained_data", None)
+            LOGGER.info(f"No --data given: validating on {data}, the dataset the weights were trained on" if data else
+                        f"No --data given: validating on {DEFAULT_DATA}, the default (the weights do not say their dataset)")
+            try:
+                data_dict = check_dataset(data or DEFAULT_DATA)
+            except DatasetError as e:  # moved or renamed since training: the way out is --data
+                raise DatasetError(f"{e}; pass --data with the dataset's yaml") from None
         if not (single_cls and ckpt["nc"] == 1):
             check_checkpoint_classes(ckpt, data_dict["nc"], weights=weights, data=data_dict.get("yaml_file", data))
         del ckpt
@@ -411,8 +438,9 @@ def run(
         timer.merge(phases, prefix="validation/")
 
     if not training:
-        saved = f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {save_dir / 'labels'}" if save_txt else ""
-        LOGGER.info(f"Results saved to {save_dir}{saved}")
+        saved = (f"\n{len(list(save_dir.glob('labels/*.txt')))} label files saved to {shown_path(save_dir / 'labels')}"
+                 if save_txt else "")
+        LOGGER.info(f"Results saved to {shown_path(save_dir)}{saved}")
 
     maps = np.full(nc, map50_95)
     maps[result.classes] = result.ap50_95
@@ -476,7 +504,7 @@ def main(argv=None) -> int:
     set_logging()
     try:
         run(**vars(opt))
-    except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError) as e:
+    except (ValError, CheckpointError, DatasetError, FileNotFoundError, MissingPackageError, FlagError) as e:
         LOGGER.error(f"val: {e}")
         return 1
     return 0

@@ -59,6 +59,60 @@ def test_bad_numeric_flags_fail_in_one_line_before_any_folder(tiny, tmp_path, ca
     assert not project.exists()
 
 
+@pytest.mark.parametrize("script, flags, message", [
+    ("val", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("val", ["--img", "0"], "--img must be at least 1, got 0"),
+    ("val", ["--conf-thres", "1.5"], "--conf-thres must be in [0, 1], got 1.5"),
+    ("val", ["--iou-thres", "-0.1"], "--iou-thres must be in [0, 1], got -0.1"),
+    ("val", ["--max-det", "0"], "--max-det must be at least 1, got 0"),
+    ("val", ["--workers", "-1"], "--workers must be at least 0, got -1"),
+    ("detect", ["--source", "x.jpg", "--img", "0"], "--img must be one positive number or two (h w), got 0"),
+    ("detect", ["--source", "x.jpg", "--img", "64", "48", "32"], "--img must be one positive number or two (h w), got 64 48 32"),
+    ("detect", ["--source", "x.jpg", "--conf-thres", "2"], "--conf-thres must be in [0, 1], got 2.0"),
+    ("detect", ["--source", "x.jpg", "--iou-thres", "1.01"], "--iou-thres must be in [0, 1], got 1.01"),
+    ("detect", ["--source", "x.jpg", "--max-det", "0"], "--max-det must be at least 1, got 0"),
+    ("export", ["--img", "64", "-1"], "--img must be one positive number or two (h w), got 64 -1"),
+    ("export", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("export", ["--opset", "0"], "--opset must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--sigma-rel", "0.05", "0"], "--sigma-rel must be above 0, got 0.05 0.0"),
+    ("posthoc_ema", ["--run", "r", "--num", "0"], "--num must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("posthoc_ema", ["--run", "r", "--img", "-32"], "--img must be at least 1, got -32"),
+    ("posthoc_ema", ["--run", "r", "--bn-recal", "-1"], "--bn-recal must be at least 0, got -1"),
+])
+def test_numeric_flags_out_of_range_are_refused_in_one_line(script, flags, message, tmp_path, caplog):
+    """Each command's numbers are refused in one line naming the flag and its range, before anything is read or
+    made: in the process (main(), as the hub and tests call it) as from the command line, there before torch is
+    even imported (seconds saved: bad flags cost nothing)."""
+    module = __import__(script)
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert module.main(flags) == 1
+    assert errors_of(caplog) == [f"{script}: {message}"]
+    assert refused_before_torch_is_imported(script, flags, tmp_path) == f"{script}: {message}"
+
+
+@pytest.mark.parametrize("flags, message", [(["--epochs", "0"], "--epochs must be at least 1, got 0"),
+                                            (["--label-smoothing", "1.0"], "--label-smoothing must be in [0, 1), got 1.0")])
+def test_train_refuses_bad_numbers_before_torch_is_imported(flags, message, tmp_path):
+    assert refused_before_torch_is_imported("train", flags, tmp_path) == f"train: {message}"
+
+
+def refused_before_torch_is_imported(script: str, flags: list[str], cwd) -> str:
+    """`python SCRIPT.py *flags` run in a fresh interpreter that reports, once it exits, its status and whether
+    torch was imported: it must exit 1 without torch (no seconds of imports for a typo). Returns its one line."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script + '.py'!r}, *{flags!r}]\n"
+             "try:\n"
+             f"    runpy.run_path({str(ROOT / (script + '.py'))!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert out.stdout.splitlines() == ["exit 1 False"], out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
 def test_help_lists_every_flag_with_help_and_default_without_importing_torch():
     def squeezed(x) -> str:  # argparse wraps long lines, also inside a path at its hyphens
         return "".join(str(x).split())
@@ -127,7 +181,7 @@ def test_ctrl_c_while_finishing_says_the_weights_are_trained(tiny, tmp_path):
     weights = tmp_path / "late" / "weights"
     assert [ln for ln in out.stdout.splitlines() if "interrupted" in ln] == [
         "train: interrupted after the last epoch, while validating best.pt and plotting; the trained weights are in "
-        f"{weights / 'best.pt'} and {weights / 'last.pt'}"]
+        f"{weights / 'best.pt'} and {weights / 'last.pt'}; finish with: python train.py --resume {weights / 'last.pt'}"]
     assert load_checkpoint(weights / "last.pt")["epoch"] == 0
 
 
@@ -180,6 +234,37 @@ def test_a_batch_larger_than_the_dataset_is_clamped_and_accumulation_follows(tin
     assert (f"EMA: ramp schedule, decay 0.9999, tau 2000; at the last of the run's 1 optimizer steps its decay will "
             f"be {0.9999 * (1 - math.exp(-1 / 2000)):.4f}") in caplog.text
     assert "EMA: the ramp reaches only 0% of its ceiling in 1 optimizer steps" in caplog.text
+
+
+def test_every_command_says_results_saved_to_the_same_way(tiny, tmp_path, caplog, monkeypatch):
+    """train.py, val.py, detect.py and export.py name their results folder alike: relative to the working folder
+    when it lies inside it (as YOLOv5 prints runs/train/exp), absolute otherwise."""
+    import detect
+    import export
+
+    monkeypatch.chdir(tmp_path)
+    args = in_process_args(tiny_run_args(tiny["data"], tiny["cfg"], "runs", "exp", 1, "--noval", "--no-tensorboard"))
+    image = next((tiny["data"].parent / "images" / "train").glob("*.jpg"))
+    weights = ["--weights", "runs/exp/weights/best.pt"]
+    commands = [(train.cli, lambda: train.parse_opt(args), "runs/exp"),
+                (val.main, lambda: weights + ["--workers", "0", "--project", str(tmp_path / "v")], "v/exp"),
+                (detect.main, lambda: weights + ["--source", str(image), "--project", "d"], "d/exp"),
+                (export.main, lambda: weights, "runs/exp/weights")]
+    with one_intra_op_thread():
+        for command, argv, folder in commands:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="yolo"):
+                assert command(argv()) == 0
+            said = [ln for r in caplog.records for ln in r.getMessage().splitlines() if ln.startswith("Results saved")]
+            assert said == [f"Results saved to {folder}"], command
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        assert val.main(["--weights", str(tmp_path / "runs/exp/weights/best.pt"), "--workers", "0", "--project",
+                         str(tmp_path / "v")]) == 0
+    assert f"Results saved to {tmp_path / 'v' / 'exp2'}" in caplog.text
 
 
 @pytest.mark.parametrize("flag", ["--data", "--hyp", "--cfg"])

@@ -143,6 +143,36 @@ def test_missing_dataset_lists_searched_paths_and_failed_download(fake_repo, tmp
         check_dataset(script)
 
 
+def test_missing_dataset_says_how_to_fix_it(fake_repo, tmp_path):
+    """A fresh clone without a datasets folder beside it: the error names the three ways out, DATASETS_DIR, the
+    ../datasets folder (the repository's sibling) and, for a yaml with a download URL, running online."""
+    plain = write_yaml(tmp_path / "toy.yaml", path="toy", train="images/train", val="images/train", names=["a"])
+    with pytest.raises(DatasetError) as e:
+        check_dataset(plain)
+    msg = str(e.value)
+    assert "\n" not in msg
+    fix = msg[msg.index("to fix: "):]
+    assert "DATASETS_DIR=" in fix and f"put toy in {tmp_path / 'datasets'}" in fix
+    assert "download" not in fix  # this yaml has none to offer
+    url = (tmp_path / "nowhere" / "toy.zip").as_uri()
+    online = write_yaml(tmp_path / "online.yaml", path="toy", train="images/train", val="images/train", names=["a"],
+                        download=url)
+    with pytest.raises(DatasetError) as e:
+        check_dataset(online, autodownload=False)
+    assert "run online, so that the yaml's download fetches it" in str(e.value).split("to fix: ")[1]
+    absolute = write_yaml(tmp_path / "abs.yaml", path=str(tmp_path / "gone"), train="a", val="a", names=["a"])
+    with pytest.raises(DatasetError, match=f"to fix: put the dataset at {tmp_path / 'gone'}, or edit the yaml's 'path'"):
+        check_dataset(absolute)
+
+
+def test_readme_says_where_datasets_go_before_the_quick_start_command():
+    """The quick start's command fails without coco128 in reach: the README says where it must be first."""
+    text = (Path(data_config.__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    quick = text[text.index("## Quick start"):]
+    command = quick.index("train.py --data coco128.yaml")
+    assert "DATASETS_DIR" in quick[:command] and "../datasets" in quick[:command]
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
 def test_download_unpacks_into_first_writable_candidate(fake_repo, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("DATASETS_DIR", str(tmp_path / "env"))

@@ -284,7 +284,7 @@ def test_user_errors_are_one_line(weights, images, tmp_path, caplog):
         (["--weights", str(weights), "--source", str(tmp_path / "nowhere")], "nowhere does not exist"),
         (["--weights", str(weights), "--source", str(images[0]), "--conf-thres", "2"], "--conf-thres must be in"),
         (["--weights", str(weights), "--source", str(images[0]), "--img", "64", "0"],
-         "image size must be one positive number or two (h w), got 64 0"),
+         "--img must be one positive number or two (h w), got 64 0"),
         (["--weights", "yolov5s.pt", "--source", str(images[0])],  # YOLOv5 would download it; here it cannot
          "checkpoint yolov5s.pt not found: pretrained weights cannot be downloaded here; train from scratch with "
          "python train.py --cfg yolov5s.yaml --weights '', or give the path of a local .pt file"),
@@ -337,3 +337,45 @@ def test_a_failed_write_names_the_file_it_tried(weights, images, tmp_path, caplo
         server.server_close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"detect: could not write {blocked}"]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("0", "--source 0: webcams, screen capture and streams are not supported; give an image or video file, a "
+          "folder, a glob or a .txt list of paths"),
+    ("screen", "--source screen: webcams, screen capture and streams are not supported"),
+    ("rtsp://example.com/media.mp4", "rtsp://example.com/media.mp4: streams are not supported; record the stream to "
+                                     "a video file first"),
+])
+def test_webcams_and_streams_are_said_to_be_unsupported(weights, tmp_path, caplog, source, message):
+    """YOLOv5's --source 0 (a webcam) or a stream URL: one line saying so, not 'source 0 does not exist'."""
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert detect.main(["--weights", str(weights), "--source", source, "--project", str(tmp_path / "runs")]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"detect: {message}"), errors
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_file_named_like_a_webcam_index_is_still_read(weights, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(images[0], tmp_path / "0")  # a file called 0 (no suffix): refused as not an image, not as a webcam
+    with pytest.raises(detect.SourceError, match="0 is not an image or video"):
+        detect.list_source_files("0")
+
+
+def test_view_img_is_accepted_and_says_no_window_opens(weights, images, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert detect.main(["--weights", str(weights), "--source", str(images[0]), "--img", str(IMG), "--view-img",
+                        "--project", str(tmp_path), "--name", "viewed"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--view-img")]
+    assert lines == [f"--view-img: no window can open here (OpenCV without GUI support); see the annotated files in "
+                     f"{tmp_path / 'viewed'}"]
+    assert (tmp_path / "viewed" / images[0].name).is_file()
+
+
+def test_a_size_off_the_stride_is_warned_about_once(weights, images, tmp_path, caplog):
+    """--img 50 is 50x50: one warning that it is rounded to 64, not one per side."""
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert detect.main(["--weights", str(weights), "--source", str(images[0]), "--img", "50", "--project",
+                        str(tmp_path)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "multiple of the max stride" in r.getMessage()]
+    assert warnings == ["WARNING: --img 50 must be a multiple of the max stride 32; using 64"]

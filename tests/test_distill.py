@@ -175,6 +175,7 @@ def setup(tmp_path_factory):
         out = run_train(tiny_run_args(data, cfg, project, name, EPOCHS, "--teacher", spec))
         assert out.returncode == 0, out.stdout[-3000:]
         refs[name] = project / name
+        refs[f"{name}_out"] = out.stdout
     return {"root": root, "data": data, "cfg": cfg, "teacher": teacher, "project": project, **refs}
 
 
@@ -195,6 +196,19 @@ def test_checkpoints_and_ema_hold_the_student_only(setup):
     for name in ("ref_file", "ref_ema"):
         columns = results_columns(setup[name] / "results.csv")
         assert len(columns["train/kd_loss"]) == EPOCHS and all(v > 0 for v in columns["train/kd_loss"])
+
+
+def test_a_distilled_run_says_so_at_its_start(setup):
+    """One line before the first epoch, as --posthoc's: the teacher (its file and weights' digest, or the EMA),
+    kd_weight and kd_temperature (the hyp defaults, 1 and 1, here)."""
+    digest = weights_sha256(model_from_checkpoint(load_checkpoint(setup["teacher"])).state_dict())
+    for name, who in (("ref_file", f"{setup['teacher'].resolve()} (sha256 {digest[:12]}...)"),
+                      ("ref_ema", "the run's own EMA")):
+        out = setup[f"{name}_out"]
+        lines = [ln for ln in out.splitlines() if ln.startswith("Distillation: ")]
+        assert lines == [f"Distillation: teacher {who}, kd_weight 1, kd_temperature 1; results.csv gains a "
+                         "train/kd_loss column"]
+        assert out.index(lines[0]) < out.index("epochs completed")
 
 
 @pytest.mark.parametrize("teacher", ["file", "ema"])

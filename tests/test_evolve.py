@@ -135,6 +135,7 @@ def test_two_workers_on_one_sqlite_study_share_its_trials(tiny, tmp_path, caplog
         rows = (folder / "trials" / f"evolve-{n}" / "results.csv").read_text().splitlines()
         assert len(rows) == 2 and not (folder / "trials" / f"evolve-{n}" / "weights").exists()
     assert len(list((folder / "trials").iterdir())) == trials
+    assert all("Checkpoints: " not in log for log in logs)  # no sizes of weights that are deleted straight after
     first = min(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
     assert first.params == evolve.hyp_params(train.load_hyp(HYP), evolve.search_space(train.load_hyp(HYP)))
     check_outputs_match_storage(folder, study)

@@ -2,6 +2,7 @@
 model's on real coco128 images, a --dynamic ONNX at other batch sizes and image sizes, val.py's mAP on the
 exported files equal to the checkpoint's, and one-line refusals."""
 import ast
+import re
 import logging
 import shutil
 import sys
@@ -55,7 +56,7 @@ def trained(tmp_path_factory):
         optimizer.step()
     sd = half_state_dict(model.state_dict())
     ckpt = dict(format="yolo-ema", version=1, epoch=STEPS - 1, best_fitness=0.0, model=sd, ema=sd, updates=STEPS,
-                opt={"imgsz": TRAIN_SIZE}, hyp=hyp, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")  # fmt: skip
+                opt={"imgsz": TRAIN_SIZE, "data": str(data)}, hyp=hyp, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")  # fmt: skip
     return save_checkpoint(ckpt, root / "weights" / "best.pt"), data
 
 
@@ -186,8 +187,11 @@ def test_dynamic_onnx_at_two_batch_sizes_and_image_sizes(dynamic, coco_batch):
         assert_parity(got, expected, max(size))
 
 
-def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path):
+def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path, caplog):
     weights, data = trained
+    caplog.set_level(logging.INFO, logger="yolo")
+    fixed_size_line = ("best.onnx is a fixed-size export: validating with 64x64 squares (no rectangular batches), "
+                       f"{FIXED_BATCH} images per run, as it was exported; its figures can differ from its .pt's")
     common = dict(batch_size=8, workers=0, plots=False, project=tmp_path, exist_ok=True)
     # rect batches at 64 px: the checkpoint, and the files that take any size on the same letterbox
     pt_map = val.run(data, weights=str(weights), imgsz=TRAIN_SIZE, name="pt", **common)[0][3]
@@ -195,6 +199,7 @@ def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path
     for exported in (dynamic[1], fixed[2]):  # the --dynamic ONNX, the TorchScript file
         exported_map = val.run(data, weights=str(exported), imgsz=TRAIN_SIZE, name=exported.parent.name, **common)[0][3]
         assert abs(exported_map - pt_map) <= 0.001, exported
+    assert "fixed-size export" not in caplog.text  # validated as the .pt is: nothing to say
     # the fixed 64x64 ONNX: every image letterboxed to that square (no rect batches), as the PyTorch model sees it here
     loader, _ = create_dataloader(str(data.parent / "images" / "train"), FIXED[0], 8, 32, rect=False, pad=0.0,
                                   workers=0, nc=2)  # fmt: skip
@@ -202,6 +207,7 @@ def test_val_on_exported_models_equals_pytorch(trained, fixed, dynamic, tmp_path
     assert square_map > 0.2 and abs(square_map - pt_map) > 0.01  # the square letterbox really is another one
     onnx_map = val.run(data, weights=str(fixed[1]), name="fixed", **common)[0][3]  # no --img: the file's own size
     assert abs(onnx_map - square_map) <= 0.001
+    assert [r.getMessage() for r in caplog.records].count(fixed_size_line) == 1  # and it says so, once
 
 
 def test_detect_runs_the_onnx_file(fixed, coco128, tmp_path):
@@ -228,8 +234,8 @@ def test_user_errors_are_one_line(trained, tmp_path, monkeypatch, caplog):
         (["--weights", str(weights), "--half"], "--half export needs a CUDA device"),
         (["--weights", str(tmp_path / "gone.pt")], "gone.pt not found"),
         (["--weights", str(weights.with_suffix(".onnx"))], "already exported"),
-        (["--weights", str(weights), "--img", "0"], "image size must be one positive number or two (h w), got 0"),
-        (["--weights", str(weights), "--img", "64", "64", "64"], "image size must be one positive number or two (h w), got 64 64 64"),
+        (["--weights", str(weights), "--img", "0"], "--img must be one positive number or two (h w), got 0"),
+        (["--weights", str(weights), "--img", "64", "64", "64"], "--img must be one positive number or two (h w), got 64 64 64"),
         (["--weights", str(weights), "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ]
     for argv, text in cases:
@@ -266,11 +272,16 @@ def test_val_on_exported_files_ignores_half_and_refuses_augment(trained, fixed, 
     assert not (tmp_path / "aug").exists()
 
 
-def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path):
+def test_export_rounds_the_size_up_to_the_stride(trained, tmp_path, caplog):
     weights = copy_into(trained[0], tmp_path)
     assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50", "70"]) == 0
     model = load_model(weights.with_suffix(".torchscript"))
     assert model.export_shape == (64, 96)
+    caplog.set_level(logging.INFO, logger="yolo")
+    caplog.clear()
+    assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "50"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "multiple of the max stride" in r.getMessage()]
+    assert warnings == ["WARNING: --img 50 must be a multiple of the max stride 32; using 64"]  # once, not per side
 
 
 def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(trained, tmp_path, caplog):
@@ -345,3 +356,30 @@ def test_onnx_on_a_gpu_without_the_cuda_provider_says_it_runs_on_the_cpu(tmp_pat
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "WARNING: the installed onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu has it); best.onnx runs "
         "on the CPU, not cuda:0"]
+
+
+def test_the_printed_validate_command_works_for_a_model_with_its_own_classes(trained, fixed, tmp_path, caplog,
+                                                                           monkeypatch):
+    """A 2-class model trained on its own dataset: val.py takes that dataset from the .pt's options and from the
+    exported file's metadata (ONNX and TorchScript), so `python val.py --weights best.torchscript`, as export.py
+    prints it, validates (coco128's 80 classes would be refused). Weights that do not name their dataset get a
+    --data placeholder in the printed command."""
+    weights, data = trained
+    (tmp_path / "own").mkdir()
+    own = copy_into(weights, tmp_path / "own")
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="yolo")
+    assert export.main(["--weights", str(own), "--include", "torchscript"]) == 0
+    printed = re.search(r"Validate: +python val.py (.*)", caplog.text).group(1).split()
+    assert printed == ["--weights", "own/best.torchscript"]
+    for argv in (printed, ["--weights", str(fixed[1])], ["--weights", str(own)]):  # fixed[1]: best.onnx
+        caplog.clear()
+        assert val.main(argv + ["--workers", "0", "--task", "speed", "--project", str(tmp_path / "val")]) == 0
+        assert f"No --data given: validating on {data}, the dataset the weights were trained on" in caplog.text
+
+    ckpt = torch.load(weights, weights_only=True)
+    ckpt["opt"] = {"imgsz": TRAIN_SIZE}
+    anonymous = save_checkpoint(ckpt, tmp_path / "best.pt")
+    caplog.clear()
+    assert export.main(["--weights", str(anonymous), "--include", "torchscript"]) == 0
+    assert "Validate:        python val.py --weights best.torchscript --data DATA.yaml\n" in caplog.text

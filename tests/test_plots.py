@@ -1,9 +1,13 @@
 """utils/plots.py: boxes land where the targets say, and every figure is written as a readable image."""
+from pathlib import Path
+
 import cv2
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
+from utils import plots
 from utils.metrics import ConfusionMatrix
 from utils.plots import class_color, plot_confusion_matrix, plot_images, plot_labels, plot_mc_curve, plot_pr_curve, plot_results
 
@@ -72,3 +76,24 @@ def test_plot_results_reads_padded_csv(tmp_path):
     (tmp_path / "empty.csv").write_text("epoch,loss\n")
     with pytest.raises(ValueError, match="empty.csv"):
         plot_results(tmp_path / "empty.csv")
+
+
+@pytest.mark.parametrize("nc", [2, 9, 29])
+def test_confusion_matrix_numbers_are_large_enough_to_read_and_fit_their_cells(tmp_path, monkeypatch, nc):
+    """Each cell's number, measured on the saved figure's renderer, fits inside its cell and is as large as that
+    allows: 16 points, or at least half the cell's width (a fixed 6 points left few-class matrices unreadable)."""
+    kept = []
+    monkeypatch.setattr(plots, "_save", lambda fig, fname: kept.append(fig) or Path(fname))
+    plot_confusion_matrix(np.ones((nc + 1, nc + 1)), [f"c{i}" for i in range(nc)], tmp_path / "cm.png")
+    fig = kept[0]
+    fig.set_dpi(150)  # as _save writes it
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    cell = ax.get_window_extent(renderer).width / (nc + 1)
+    numbers = ax.texts
+    assert len(numbers) == (nc + 1) ** 2
+    for t in numbers:
+        width = t.get_window_extent(renderer).width
+        assert width < cell and (t.get_fontsize() == 16 or width > cell / 2), (t.get_fontsize(), width, cell)
+    plt.close(fig)

@@ -396,12 +396,53 @@ def test_posthoc_ema_keeps_the_candidate_of_best_fitness(fake_run, monkeypatch, 
     best = torch.load(fake_run["run"] / "weights" / "posthoc_best.pt", weights_only=True)
     assert all(torch.equal(best["ema"][k], v) for k, v in half_state_dict(peak).items())
     assert "Saved sigma_rel 0.07 " in caplog.text
+    assert "Best overall: post-hoc sigma_rel 0.07 (fitness " in caplog.text
+
+
+def test_posthoc_ema_saves_no_width_that_the_runs_own_ema_beats(fake_run, tmp_path, monkeypatch, caplog):
+    """val.run stood in for by a fitness that peaks at the run's main EMA (last.pt's): it wins overall, that is said,
+    and the best post-hoc width is saved under its own name, not as posthoc_best.pt; one from an earlier sweep is left
+    as it was, and said so."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fake_run["run"], run)
+    for old in (run / "weights").glob("posthoc_*.pt"):
+        old.unlink()
+    main_ema = load_checkpoint(run / "weights" / "last.pt")["ema"]
+
+    def fake_evaluate(model, opt, device):
+        distance = sum((v.float() - main_ema[k].float()).norm().item() for k, v in model.state_dict().items()
+                       if v.is_floating_point())
+        return 0.5, 0.3, 1.0 / (1.0 + distance)
+
+    monkeypatch.setattr(posthoc_ema, "evaluate", fake_evaluate)
+    caplog.set_level(logging.INFO, logger="yolo")
+    argv = ["--run", str(run), "--sigma-rel", "0.03", "0.15", "--num", "2"]
+    assert posthoc_ema.main(argv) == 0
+    assert not (run / "weights" / "posthoc_best.pt").exists()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Best overall: "))
+    assert line.startswith("Best overall: EMA last (fitness 1), in weights/last.pt; no post-hoc width beats it, so "
+                           "none is saved as posthoc_best.pt (the best width, sigma_rel ")
+    rows = [r.split(",") for r in (run / "posthoc_ema.csv").read_text().splitlines()[1:] if r.startswith("posthoc")]
+    top = max(rows, key=lambda r: float(r[-1]))
+    named = run / "weights" / f"posthoc_sigma{float(top[1]):.4g}.pt"  # the best width, under its own name
+    assert f"Saved sigma_rel {float(top[1]):.4g} " in caplog.text and named.is_file()
+    assert sorted(f.name for f in (run / "weights").glob("posthoc_*.pt")) == [named.name]
+
+    save_checkpoint(load_checkpoint(run / "weights" / "best.pt"), run / "weights" / "posthoc_best.pt")
+    caplog.clear()
+    assert posthoc_ema.main(argv) == 0
+    assert "of an earlier sweep is left as it was" in caplog.text
 
 
 def test_posthoc_ema_single_width_synthesizes_and_saves_it(fake_run, caplog):
     caplog.set_level(logging.INFO, logger="yolo")
-    out = fake_run["run"] / "weights" / "posthoc_best.pt"
+    out = fake_run["run"] / "weights" / "posthoc_sigma0.12.pt"  # its own name: not a sweep's best
+    best_before = (fake_run["run"] / "weights" / "posthoc_best.pt")
+    before = best_before.read_bytes() if best_before.exists() else None
     assert posthoc_ema.main(["--run", str(fake_run["run"]), "--sigma-rel", "0.12"]) == 0
+    assert (best_before.read_bytes() if best_before.exists() else None) == before  # untouched
     best = torch.load(out, weights_only=True)
     fit = ProfileFit(fake_run["snapshots"]).fit(0.12)
     want = half_state_dict(synthesize(fake_run["snapshots"], fit.coeffs))
@@ -506,7 +547,7 @@ def test_snapshot_of_the_widest_power_ema_is_accepted(tmp_path):
 
 def test_single_width_stores_no_unmeasured_fitness(fake_run):
     assert posthoc_ema.main(["--run", str(fake_run["run"]), "--sigma-rel", "0.09"]) == 0
-    best = torch.load(fake_run["run"] / "weights" / "posthoc_best.pt", weights_only=True)
+    best = torch.load(fake_run["run"] / "weights" / "posthoc_sigma0.09.pt", weights_only=True)
     assert math.isnan(best["best_fitness"])  # never validated: no number pretends it was
 
 

@@ -163,6 +163,12 @@ def test_resume_refusals_change_nothing(setup, tmp_path):
     latest, _ = prepare_resume(parse_opt(["--resume", "--project", str(tmp_path), "--epochs", "4"]))
     assert latest.resume == str(last) and latest.epochs == 4 and latest.save_dir == str(run.resolve())
 
+    with pytest.raises(TrainError) as e:  # best.pt: written by train.py, but finished
+        prepare_resume(parse_opt(["--resume", str(run / "weights" / "best.pt")]))
+    assert str(e.value) == (f"--resume: {run / 'weights' / 'best.pt'} is a finished checkpoint for evaluation and "
+                            f"fine-tuning: it keeps no resume state; resume from the run's weights/last.pt: "
+                            f"python train.py --resume {last}")
+
     (run / "notes.pt").write_text("not a checkpoint\n")
     line = refused_run(["--resume", run / "notes.pt"], run)
     assert "notes.pt" in line and "not a checkpoint" in line
@@ -202,9 +208,35 @@ def test_a_run_killed_while_stopping_early_is_finished_not_trained_further(setup
         prepare_resume(parse_opt(["--resume", str(last)]))
 
 
+def test_a_run_killed_while_finishing_is_resumed_to_its_end(setup, tmp_path):
+    """SIGKILL after the last epoch's checkpoint, as the final validation of best.pt begins: last.pt still holds its
+    resume state, and --resume trains nothing more, validates best.pt, writes the closing lines, exits 0 and only then
+    marks last.pt finished. The run was started at --img 63: its files store the 64 it really used (stride 32)."""
+    args = tiny_run_args(setup["data"], setup["cfg"], tmp_path, "late", 1, "--img", 63)
+    assert run_train(args, **{KILL_HOOK_ENV: "finish"}).returncode == -9
+    weights = tmp_path / "late" / "weights"
+    killed = load_checkpoint(weights / "last.pt")
+    assert killed["epoch"] == 0 and "resume" in killed
+    assert killed["opt"]["imgsz"] == load_checkpoint(weights / "best.pt")["opt"]["imgsz"] == 64
+    assert yaml.safe_load((tmp_path / "late" / "opt.yaml").read_text())["imgsz"] == 64
+
+    out = run_train(["--resume", weights / "last.pt"])
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "WARNING" not in out.stdout  # 64 needs no rounding
+    lines = out.stdout.splitlines()
+    assert "All 1 epochs were trained before the run stopped; finishing it" in lines
+    assert f"Validating {weights / 'best.pt'}..." in lines and lines[-1] == f"Results saved to {tmp_path / 'late'}"
+    after = load_checkpoint(weights / "last.pt")
+    assert "resume" not in after and after["updates"] == killed["updates"]
+    assert len((tmp_path / "late" / "results.csv").read_text().splitlines()) == 1 + 1  # no epoch trained again
+    with pytest.raises(TrainError, match="finished all 1 epochs"):
+        prepare_resume(parse_opt(["--resume", str(weights / "last.pt")]))
+
+
 def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
     """A run with posthoc_sigma_rels, then posthoc_ema.py: the sweep (widths 3 snapshots of 0.05 and 0.1 can
-    reach) is validated and the best is saved as a finished checkpoint that val.py loads."""
+    reach) is validated, the winner overall named, and the best width saved as a finished checkpoint that val.py
+    loads when it is that winner (under its own name when the run's own EMA or raw model wins)."""
     run = tmp_path / "ref16"
     shutil.copytree(setup["ref16"], run)
     out = subprocess.run([sys.executable, str(ROOT / "posthoc_ema.py"), "--run", str(run), "--sigma-rel", "0.04",
@@ -214,10 +246,22 @@ def test_posthoc_ema_on_a_trained_run(setup, tmp_path):
     rows = [ln.split() for ln in out.stdout.splitlines()]
     assert [r[1] for r in rows if r[:1] == ["posthoc"]] == ["0.04", "0.07483", "0.14"], out.stdout[-3000:]
     assert any(r[:2] == ["EMA", "last"] for r in rows) and any(r[:2] == ["raw", "last"] for r in rows)
-    best = torch.load(run / "weights" / "posthoc_best.pt", weights_only=True)
-    assert set(best) == set(FINISHED_KEYS) and (run / "posthoc_ema.png").is_file()
-    assert val.run(str(setup["data"]), weights=run / "weights" / "posthoc_best.pt", imgsz=64, workers=0,
-                   plots=False, project=tmp_path / "val")[0][3] >= 0
+    assert (run / "posthoc_ema.png").is_file()
+    # The winner overall is the row of highest fitness in posthoc_ema.csv (full precision), a post-hoc width on a tie
+    table = [ln.split(",") for ln in (run / "posthoc_ema.csv").read_text().splitlines()[1:]]
+    top = max(float(r[-1]) for r in table)
+    winners = [r[0] for r in table if float(r[-1]) == top]
+    said = next(ln for ln in out.stdout.splitlines() if ln.startswith("Best overall: "))
+    saved = run / "weights" / "posthoc_best.pt"
+    if "posthoc" in winners:
+        assert said.startswith("Best overall: post-hoc sigma_rel ")
+        best = torch.load(saved, weights_only=True)
+        assert set(best) == set(FINISHED_KEYS)
+        assert val.run(str(setup["data"]), weights=saved, imgsz=64, workers=0, plots=False,
+                       project=tmp_path / "val")[0][3] >= 0
+    else:  # one of the run's own models is better: no post-hoc width is called best
+        assert said.startswith(f"Best overall: {winners[0]} (fitness "), (said, winners)
+        assert not saved.exists() and list((run / "weights").glob("posthoc_sigma*.pt"))
 
 
 def test_sigkill_then_resume_is_bit_exact_with_switch_ema_bema_and_bn_recompute(setup, tmp_path):

@@ -442,6 +442,13 @@ def trained_imgsz(ckpt: dict) -> int | None:
     return int(size) if isinstance(size, (int, float)) and size > 0 else None
 
 
+def trained_data(ckpt: dict) -> str | None:
+    """The dataset yaml a checkpoint's run trained on (its --data, as given), when its options say."""
+    opt = ckpt.get("opt")
+    data = opt.get("data") if isinstance(opt, dict) else None
+    return data if isinstance(data, str) and data else None
+
+
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     """Build the model described by the checkpoint's yaml and load its EMA (or raw) weights in FP32.
     Returns the model in eval mode with names, nc, stride and trained_imgsz (None when unknown) set."""
@@ -475,6 +482,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True) -> nn.Module:
     model.nc = int(ckpt["nc"])
     model.names = [str(n) for n in ckpt["names"]]
     model.trained_imgsz = trained_imgsz(ckpt)  # what detect.py and export.py default --img to
+    model.trained_data = trained_data(ckpt)  # what val.py defaults --data to (export.py records it)
     if ckpt.get("hyp"):
         model.hyp = dict(ckpt["hyp"])
     return model.eval()

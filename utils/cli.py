@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 DEFAULT_IMGSZ = 640  # pixels: --img of val.py, detect.py and export.py when neither it nor the weights say
 
@@ -43,6 +44,63 @@ def read_text_file(path: str | Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not a yaml file: it holds binary data, not text") from None
+
+
+class FlagError(ValueError):
+    """A command-line value outside its range; the message is one line naming the flag and the range."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag takes: low <= v (low < v when low_open), v <= high when high is given."""
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        return f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL = Range(0), Range(1), Range(0, 1)
+SIZE_RULE = "one positive number or two (h w)"  # --img of detect.py and export.py, the hub's size=
+
+
+def check_flags(opt, ranges: dict[str, tuple[str, Range]]) -> None:
+    """Refuse, with FlagError, the first value of `opt` (a Namespace or a dict of its values) outside its range:
+    ranges maps each option's name to (its flag, its Range); a list value (--img h w) is checked item by item, and
+    None (not given) is not checked; an --img list must hold one or two sizes."""
+    values = opt if isinstance(opt, dict) else vars(opt)
+    for name, (flag, allowed) in ranges.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        given = " ".join(map(str, items)) or "nothing"
+        if isinstance(value, (list, tuple)) and flag == "--img":  # h w, or one size for both
+            if len(items) not in (1, 2) or not all(item in allowed for item in items):
+                raise FlagError(f"--img must be {SIZE_RULE}, got {given}")
+        elif not all(item in allowed for item in items):
+            raise FlagError(f"{flag} must be {allowed}, got {given}")
+
+
+def refuse_bad_flags(command: str, check: Callable[[argparse.Namespace], None], opt: argparse.Namespace,
+                     errors: tuple[type[Exception], ...] = (ValueError,)) -> None:
+    """At a script's start, before its imports of torch take seconds: a value that check() refuses (raising one of
+    `errors`: FlagError is a ValueError) ends the process with one line, 'command: message', and exit status 1."""
+    try:
+        check(opt)
+    except errors as e:
+        from utils.log import LOGGER, set_logging  # tqdm only: still quick
+
+        set_logging()
+        LOGGER.error(f"{command}: {e}")
+        sys.exit(1)
 
 
 def exit_process(status: int) -> NoReturn:

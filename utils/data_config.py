@@ -227,10 +227,22 @@ def resolve_dataset_root(path_value, yaml_file: Path | None, download: str | Non
                 return target.resolve()
     elif download:
         failure = f"; automatic download from {download} is disabled"
-    if make:
-        failure += f"; make it with: {make}"
+    make_it = f"; make it with: {make}" if make else ""  # last: the command to copy
     raise DatasetError(f"{where}: dataset path '{path_value}' not found; searched: "
-                       f"{', '.join(str(c) for c in searched)}{failure}")
+                       f"{', '.join(str(c) for c in searched)}{failure}; {_how_to_fix(p, download)}{make_it}")
+
+
+def _how_to_fix(p: Path, download) -> str:
+    """The end of the missing-dataset error: the ways to make the dataset findable, so that a fresh clone's
+    first command says what to do rather than only where it looked."""
+    if p.is_absolute():
+        ways = [f"put the dataset at {p}", "or edit the yaml's 'path'"]
+    else:
+        ways = [f"set DATASETS_DIR=/path/to/folder if that folder holds {p}",
+                f"or put {p} in {ROOT.parent / 'datasets'}"]
+    if download and "://" in str(download):
+        ways.append("or run online, so that the yaml's download fetches it")
+    return "to fix: " + ", ".join(ways)
 
 
 def _resolve_images(value, root: Path, key: str, where) -> str | list[str]:

@@ -179,6 +179,13 @@ class Distiller:
         self.temperature = float(hyp.get("kd_temperature", HYP_DEFAULTS["kd_temperature"]))
         self.box_gain, self.obj_gain, self.cls_gain = float(gains["box"]), float(gains["obj"]), float(gains["cls"])
 
+    def summary(self) -> str:
+        """One line for the start of the run: who teaches, and how strongly."""
+        who = ("the run's own EMA" if self.teacher.model is None
+               else f"{self.teacher.source} (sha256 {self.teacher.sha256[:12]}...)")
+        return (f"Distillation: teacher {who}, kd_weight {self.weight:g}, kd_temperature {self.temperature:g}; "
+                f"results.csv gains a train/kd_loss column")
+
     @property
     def teacher_model(self) -> nn.Module:
         return self.teacher.model if self.teacher.model is not None else self.ema.ema

@@ -58,6 +58,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 from optuna.trial import FrozenTrial, Trial, TrialState  # noqa: E402
 
+from utils.cli import shown_path  # noqa: E402
 from utils.ema import SIGMA_REL_MAX, UNITS, schedule_params  # noqa: E402
 from utils.log import LOGGER  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -317,7 +318,7 @@ class Evolution:
         best = self.study.best_trial
         LOGGER.info(f"\nevolve: study {self.study.study_name!r} has its {self.trials} trials (this worker ran "
                     f"{len(self.ran)}); best trial {best.number}, fitness {best.value:.5f}\nResults saved to "
-                    f"{self.folder}; train with them: python train.py --hyp {self.folder / 'hyp_evolve.yaml'}")
+                    f"{shown_path(self.folder)}; train with them: python train.py --hyp {self.folder / 'hyp_evolve.yaml'}")
 
     def objective(self, trial: Trial) -> float:
         ahead = sum(t.number < trial.number for t in self.study.get_trials(deepcopy=False, states=COUNTED))

@@ -122,9 +122,13 @@ def default_imgsz(model: nn.Module, imgsz, command: str):
 def export_metadata(model: nn.Module, shape, dynamic: bool, half: bool) -> dict:
     """What an exported file records about its model (read back by the loaders below): class names as
     {index: name} and the largest stride as an int, the two keys YOLOv5's loader reads (int(stride), names as a
-    dict), then the export's input shape (batch, 3, h, w), whether batch and size are free, and the precision."""
-    return {"names": {i: str(n) for i, n in enumerate(model.names)}, "stride": int(max(float(s) for s in model.stride)),
+    dict), then the export's input shape (batch, 3, h, w), whether batch and size are free, the precision, and the
+    dataset yaml the weights were trained on, when known."""
+    meta = {"names": {i: str(n) for i, n in enumerate(model.names)}, "stride": int(max(float(s) for s in model.stride)),
             "shape": [int(s) for s in shape], "dynamic": bool(dynamic), "half": bool(half)}
+    if getattr(model, "trained_data", None):  # val.py of the exported file then needs no --data
+        meta["data"] = model.trained_data
+    return meta
 
 
 def _parse_meta_value(text: str):
@@ -148,6 +152,7 @@ class ExportedModel(nn.Module):
         self.names, self.nc, self.stride = [], 0, torch.tensor([32.0])
         self.fixed_shape, self.batch = None, None
         self.export_shape = None  # (h, w) the file was exported at, when it says
+        self.trained_data = None  # the dataset yaml the weights were trained on, when the file says
 
     def _configure(self, meta: dict, input_shape, output_width) -> None:
         """Names, strides and input geometry from the file's metadata (ours or YOLOv5's) and its input shape."""
@@ -160,6 +165,7 @@ class ExportedModel(nn.Module):
                                       "export it with export.py")
             names = [str(i) for i in range(output_width - 5)]
         self.names, self.nc = [str(n) for n in names], len(names)
+        self.trained_data = meta.get("data") if isinstance(meta.get("data"), str) else None
         stride = meta.get("stride", 32)  # an int, or per-level strides in files written before YOLOv5's form
         self.stride = torch.tensor(stride if isinstance(stride, (list, tuple)) else [stride], dtype=torch.float32)
         shape = meta.get("shape") or input_shape
@@ -312,15 +318,23 @@ def _suffix(name: str) -> str:
     return Path(str(name).split("?")[0]).suffix[1:].lower()
 
 
+STREAM_SCHEMES = ("rtsp://", "rtmp://", "rtp://", "udp://", "tcp://", "srt://")  # what YOLOv5 opens as streams
+
+
 def list_source_files(source) -> list[str]:
     """The files of a detect.py --source: an image or video file, an image URL, a folder (its images and
     videos, sorted), a glob pattern, or a .txt file listing such paths (relative ones from its folder)."""
     text = str(source)
+    path = Path(text).expanduser()
+    if not path.exists() and (text.isdigit() or text == "screen"):  # YOLOv5's webcam index, its screen capture
+        raise SourceError(f"--source {text}: webcams, screen capture and streams are not supported; give an image "
+                          "or video file, a folder, a glob or a .txt list of paths")
+    if text.lower().startswith(STREAM_SCHEMES):
+        raise SourceError(f"{text}: streams are not supported; record the stream to a video file first")
     if is_url(text):
         if _suffix(text) in VID_FORMATS:
             raise SourceError(f"{text}: video URLs and streams are not supported; download the file first")
         return [text]
-    path = Path(text).expanduser()
     if any(c in text for c in "*?["):
         files = sorted(glob.glob(str(path), recursive=True))
         if not files:
@@ -536,7 +550,8 @@ def inference_size(imgsz, stride: int, fixed_shape=None) -> tuple[int, int]:
         if size != tuple(fixed_shape):
             LOGGER.info(f"The model was exported for {fixed_shape[0]}x{fixed_shape[1]} images: detecting at that size")
         return tuple(fixed_shape)
-    return tuple(check_img_size(s, stride) for s in size)
+    rounded = {s: check_img_size(s, stride) for s in dict.fromkeys(size)}  # one warning for --img 50 (50x50)
+    return tuple(rounded[s] for s in size)
 
 
 def speed_line(times, shape) -> str:

@@ -111,11 +111,16 @@ def plot_confusion_matrix(matrix, names, fname="confusion_matrix.png", normalize
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if nc < 30:  # annotate and name every cell only while it stays readable
         ticks = np.arange(nc + 1)
-        ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, labels, fontsize=7)
+        # As large as a cell holds "0.00" (the matrix is about 540 points wide), 6 to 16 points: a fixed 6 was
+        # unreadable on the few-class matrices of custom datasets
+        size = float(np.clip(540 / (nc + 1) / 3.4, 6, 16))
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=float(np.clip(size, 7, 12)))
+        ax.set_yticks(ticks, labels, fontsize=float(np.clip(size, 7, 12)))
         for (i, j), v in np.ndenumerate(shown):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=6)
+                colour = "white" if normalize and v > 0.6 else "black"  # legible on the darkest blues too
+                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center", fontsize=size,
+                        color=colour)
     ax.set(xlabel="True", ylabel="Predicted", title="Confusion Matrix" + (" (normalised per true class)" if normalize else ""))
     return _save(fig, fname)
 
