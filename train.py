@@ -765,7 +765,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
                             names, Path(opt.save_dir))
         if not opt.noautoanchor:
             with timer("start-up: autoanchor"):
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz, seed=opt.seed)
 
     # Model attributes the loss, the EMA and the checkpoints use
     model.nc, model.names = nc, names
