@@ -940,7 +940,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
         scheduler.last_epoch = start_epoch - 1
     if opt.epochs != planned:  # extended: follow the schedule stretched to the new length from here on
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * lf(start_epoch)
+            group["lr"] = base * lf(start_epoch - 1)  # epoch e trains at lf(e - 1), see build_scheduler
     LOGGER.info(f"Resuming training from {opt.resume}: epoch {start_epoch} of {opt.epochs}, "
                 f"{int(ckpt['updates'])} EMA updates so far")
     return (start_epoch, float(ckpt["best_fitness"]), int(state.get("last_opt_step", -1)),
