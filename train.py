@@ -786,7 +786,7 @@ def setup_run(hyp: dict, opt: argparse.Namespace, device: torch.device, procs: P
                             names, Path(opt.save_dir))
         if not opt.noautoanchor:
             with timer("start-up: autoanchor"):
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz, seed=opt.seed)
 
     # Model attributes the loss, the EMA and the checkpoints use
     model.nc, model.names = nc, names
@@ -979,7 +979,7 @@ def restore_training_state(ckpt: dict, opt, optimizer, scheduler, scaler, stoppe
         scheduler.last_epoch = start_epoch - 1
     if opt.epochs != planned:  # extended: follow the schedule stretched to the new length from here on
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * lf(start_epoch)
+            group["lr"] = base * lf(start_epoch - 1)  # epoch e trains at lf(e - 1), see build_scheduler
     LOGGER.info(f"Resuming training from {opt.resume}: epoch {start_epoch} of {opt.epochs}, "
                 f"{int(ckpt['updates'])} EMA updates so far")
     return (start_epoch, float(ckpt["best_fitness"]), int(state.get("last_opt_step", -1)),

@@ -64,7 +64,27 @@ def test_lr_schedules_closed_form():
     for _ in range(3):
         opt.step()
         sched.step()
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * (1 - 0.99 * 3 / 10))
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * (1 - 0.99 * 2 / 10))  # epoch 3 at lf(2), see below
+
+
+@pytest.mark.parametrize("cos", [False, True])
+def test_epoch_e_trains_at_lf_of_e_minus_1_as_in_yolov5(cos):
+    """YOLOv5's train.py builds LambdaLR(optimizer, lf), then sets scheduler.last_epoch = start_epoch - 1 (-1 for a
+    fresh run) and steps it at every epoch end; epoch e >= 1 then trains at lr0 * lf(e - 1). The same rule, run
+    here on a second optimizer, against ours, epoch by epoch."""
+    epochs, lrf, lr0 = 12, 0.01, 0.1
+    ours = build_optimizer(tiny_net(), "SGD", lr=lr0)
+    sched, lf = build_scheduler(ours, epochs, lrf, cos=cos)
+    theirs = torch.optim.SGD(tiny_net().parameters(), lr=lr0)
+    yolov5 = torch.optim.lr_scheduler.LambdaLR(theirs, lr_lambda=lf)
+    yolov5.last_epoch = 0 - 1  # start_epoch - 1
+    for epoch in range(1, epochs):
+        for o in (ours, theirs):
+            o.step()
+        sched.step()
+        yolov5.step()
+        assert [g["lr"] for g in ours.param_groups] == pytest.approx([theirs.param_groups[0]["lr"]] * 3)
+        assert theirs.param_groups[0]["lr"] == pytest.approx(lr0 * lr_factor(epochs, lrf, cos)(epoch - 1))
 
 
 def test_warmup_lr_momentum_and_accumulation():

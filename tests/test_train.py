@@ -83,7 +83,7 @@ def test_extending_an_unfinished_run_keeps_the_longer_plan_of_ema_steps():
     train.restore_training_state(ckpt, opt, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),
                                  train.EarlyStopping(), ema, lf, 1)
     assert ema.total_steps == 20
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lf(2))  # the stretched schedule, from epoch 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * lf(1))  # the stretched schedule: epoch 2 at lf(1)
 
 
 def test_parse_opt_defaults_and_resume_forms():

@@ -86,9 +86,16 @@ def lr_factor(epochs: int, lrf: float, cos: bool = False) -> Callable[[float], f
 
 def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, lrf: float, cos: bool = False
                     ) -> tuple[torch.optim.lr_scheduler.LambdaLR, Callable[[float], float]]:
-    """A per-epoch LambdaLR over `lr_factor`, and the factor itself (warm-up aims at it)."""
+    """A per-epoch LambdaLR over `lr_factor`, and the factor itself (warm-up aims at it).
+
+    The count starts one epoch behind, as YOLOv5's train.py leaves it (it sets `last_epoch = start_epoch - 1`
+    after building its LambdaLR): after warm-up, epoch e trains at lr0 * lf(e - 1), while warm-up aims at lf(e).
+    Kept so that both trainers take the same steps from the same start (bench/yolov5_train_parity.py).
+    """
     lf = lr_factor(epochs, lrf, cos)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf), lf
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    scheduler.last_epoch = -1  # the first epoch end's step lands on lf(0), so epoch 1 trains at lf(0)
+    return scheduler, lf
 
 
 def warmup_iterations(warmup_epochs: float, batches_per_epoch: int, minimum: int = 100) -> int:
