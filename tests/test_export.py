@@ -6,6 +6,7 @@ import re
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -293,6 +294,16 @@ def test_without_img_the_export_takes_the_size_the_weights_were_trained_at(train
     assert f"Exporting at --img {TRAIN_SIZE}, the size the weights were trained at" in caplog.text
 
 
+def untrained_weights(tmp_path: Path) -> Path:
+    """best.pt of a seeded, untrained 2-class tiny model that says it was trained at 64 px."""
+    torch.manual_seed(0)
+    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
+    sd = half_state_dict(model.state_dict())
+    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
+                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
+    return save_checkpoint(ckpt, tmp_path / "best.pt")
+
+
 def _script_module_to_meta(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     """The loaded file's parameters and buffers moved to the meta device, tensor by tensor: neither
     torch.jit.load(map_location="meta") nor ScriptModule.to("meta") can do it."""
@@ -310,12 +321,7 @@ def test_torchscript_holds_no_device_and_runs_on_another_device_dtype_and_size(t
     alone: a file traced on the CPU would build its grid there when run on cuda:0. The traced graph must hold no
     device constant, and the file must run on a device (meta, the stand-in for CUDA here) and a dtype (float64)
     other than the ones it was traced with, at an image size other than the traced one."""
-    torch.manual_seed(0)
-    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
-    sd = half_state_dict(model.state_dict())
-    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
-                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
-    weights = save_checkpoint(ckpt, tmp_path / "best.pt")
+    weights = untrained_weights(tmp_path)
     assert export.main(["--weights", str(weights), "--include", "torchscript", "--img", "64"]) == 0
     file = weights.with_suffix(".torchscript")
     graph = str(torch.jit.load(str(file)).inlined_graph)
@@ -341,12 +347,7 @@ def test_onnx_on_a_gpu_without_the_cuda_provider_says_it_runs_on_the_cpu(tmp_pat
     CPU provider: one warning line says so instead of a silent, slow CPU run."""
     import onnxruntime
 
-    torch.manual_seed(0)
-    model = Model(tiny_model_yaml(tmp_path), nc=2, verbose=False).eval()
-    sd = half_state_dict(model.state_dict())
-    ckpt = dict(format="yolo-ema", version=1, epoch=0, best_fitness=0.0, model=sd, ema=sd, updates=0,
-                opt={"imgsz": 64}, hyp={}, yaml=model.yaml, nc=2, names=["c0", "c1"], date="2026-01-01T00:00:00")
-    weights = save_checkpoint(ckpt, tmp_path / "best.pt")
+    weights = untrained_weights(tmp_path)
     assert export.main(["--weights", str(weights), "--include", "onnx", "--img", "64"]) == 0
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     caplog.clear()

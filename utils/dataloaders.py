@@ -277,6 +277,15 @@ def label_cache_paths(label_files, source) -> tuple[Path, Path]:
     return beside, user_cache_dir() / "labels" / f"{name}-{key}.cache"
 
 
+def _first_readable_cache(candidates, signature) -> tuple[dict | None, Path | None]:
+    """(contents, path) of the first candidate cache that is readable and current, else (None, None)."""
+    for candidate in candidates:
+        cached = _read_label_cache(candidate, signature)
+        if cached is not None:
+            return cached, candidate
+    return None, None
+
+
 def _read_label_cache(path: Path, signature) -> dict | None:
     """The cache at path when it is current: its signature equals `signature` (a str, or a function of the cached
     dict, for caches that list the files they were made from)."""
@@ -316,12 +325,7 @@ def scan_labels(im_files, label_files, nc=None, source=None, prefix: str = "") -
     """
     signature = _files_signature(im_files, label_files)
     beside, fallback = label_cache_paths(label_files, source if source is not None else im_files)
-    cached, where = None, None
-    for candidate in (beside, fallback):
-        cached = _read_label_cache(candidate, signature)
-        if cached is not None:
-            where = candidate
-            break
+    cached, where = _first_readable_cache((beside, fallback), signature)
 
     if cached is None:
         n = len(im_files)
@@ -417,12 +421,7 @@ def scan_coco_json(json_file, images=None, nc=None, prefix: str = "") -> dict:
     def current(d):  # the signature the cached file list has now
         return _coco_signature(json_file, folder(d["image_dir"]), d["im_files"])
 
-    cached, where = None, None
-    for candidate in (beside, fallback):
-        cached = _read_label_cache(candidate, current)
-        if cached is not None:
-            where = candidate
-            break
+    cached, where = _first_readable_cache((beside, fallback), current)
     if cached is None:
         try:
             split = coco_json.parse(json_file, given)
