@@ -125,14 +125,15 @@ def test_summary_pairs_gains_by_seed_and_lists_choices_in_seed_order():
 
 def test_regimes_set_the_recipe_where_the_command_line_left_the_defaults():
     short = ema_quality.parse_opt(["--regime", "short"])
-    assert (short.data, short.img, short.batch_size, short.epochs, short.name) == ("digits.yaml", 64, 16, 10,
+    assert (short.data, short.img, short.batch_size, short.epochs, short.name) == ("digits.yaml", 64, 16, 13,
                                                                                   "digits-short")
-    assert short.hyp_set == [*ema_quality.RECIPE_HYP, "nbs=16"]  # nbs = batch: every batch one optimizer step
-    long = ema_quality.parse_opt(["--regime", "long", "--epochs", "80", "--set", "nbs=32"])
-    assert (long.epochs, long.hyp_set, long.name) == (80, ["nbs=32"], "digits-long")
+    # nbs = batch: every batch one optimizer step; the scale and class gain at which the classes are learned
+    assert short.hyp_set == [*ema_quality.RECIPE_HYP, "nbs=16", "scale=0.2", "cls=4.0"]
+    long = ema_quality.parse_opt(["--regime", "long", "--epochs", "80", "--set", "nbs=32", "cls=2"])
+    assert (long.epochs, long.hyp_set, long.name) == (80, ["nbs=32", "cls=2", "scale=0.2"], "digits-long")
     # The steps the issue asks for on the 2,400 training canvases: 1,000-2,000 short, at least 10,000 long.
     for name, (low, high) in (("short", (1000, 2000)), ("long", (10000, math.inf))):
         r = ema_quality.REGIMES[name]
-        assert r["nbs"] == r["batch_size"] and low <= r["epochs"] * 2400 // r["batch_size"] <= high, name
+        assert r["hyp"]["nbs"] == r["batch_size"] and low <= r["epochs"] * 2400 // r["batch_size"] <= high, name
     with pytest.raises(SystemExit):
         ema_quality.parse_opt(["--quick", "--regime", "short"])
