@@ -128,10 +128,30 @@ model = Model('models/yolov5n.yaml', ch=3, nc=80)
 torch.save(dict(model=model.half(), ema=None, epoch=-1, best_fitness=None, optimizer=None, updates=None), {out!r})
 """
 
+# --float64: both trainers in double precision, so that float32 rounding (which parts two runs of one trainer as
+# surely as two trainers) no longer hides whether they compute the same thing. Every `.float()` (the model's, the
+# images') gives float64, new tensors default to it, and on our side the modules that name torch.float32 on purpose
+# (the loss, the EMA's storage, the model's anchors) see float64 under that name.
+FLOAT64 = r'''
+import torch, types
+torch.set_default_dtype(torch.float64)
+torch.Tensor.float = lambda self, memory_format=torch.preserve_format: self.to(torch.float64,
+                                                                               memory_format=memory_format)
+
+
+def float64_torch_for(*modules):
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+    proxy.float32 = torch.float64
+    for m in modules:
+        m.torch = proxy
+'''
+
 YOLOV5_TRAIN = """
 import os, sys, types
 sys.path.insert(0, '.')
 exec({recorder!r})
+exec({float64!r})
 src = open('train.py').read()
 line = '    nbs = 64  # nominal batch size'
 assert src.count(line) == 1, 'YOLOv5 train.py changed: no nbs line to patch'
@@ -153,7 +173,10 @@ OURS_TRAIN = """
 import sys
 sys.path.insert(0, {root!r})
 exec({recorder!r})
+exec({float64!r})
 import torch, train, models.yolo, utils.loss, utils.ema
+if {float64_on}:
+    float64_torch_for(utils.loss, utils.ema, models.yolo)
 if {contiguous}:  # the layout YOLOv5 trains in, instead of ours (channels_last), to tell its rounding apart
     train.MEMORY_FORMAT = torch.contiguous_format
     d = train.TrainStep.__init__.__defaults__
@@ -248,6 +271,11 @@ def parse_opt(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=75, help="epochs of 2 batches (75: 150 optimizer steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contiguous", action="store_true", help="our side in YOLOv5's memory layout, not channels_last")
+    p.add_argument("--float64", action="store_true",
+                   help="both trainers in double precision: what differs then is the rule, not float32 rounding")
+    p.add_argument("--rounding-floor", action="store_true",
+                   help="also train our side in the other memory layout and print, every 5 iterations, ours vs "
+                        "YOLOv5 beside ours vs ours: how fast a rounding-level difference grows in this recipe")
     p.add_argument("--keep", default=None, help="a folder to keep the runs and records in (default: a temporary one)")
     return p.parse_args(argv)
 
@@ -277,17 +305,38 @@ def main(opt) -> int:
         if font is not None and not (config / "Arial.ttf").exists():
             (config / "Arial.ttf").write_bytes(font.read_bytes())
         run(opt.yolov5_python, YOLOV5_INIT.format(seed=opt.seed, out=str(weights)), opt.yolov5, "YOLOv5's init", config)
-        common = dict(recorder=RECORDER, data=str(data), weights=str(weights), hyp=str(hyp_file), img=256, batch=8,
-                      epochs=opt.epochs, seed=opt.seed, project=str(work / "runs"))
+        float64 = FLOAT64 if opt.float64 else ""
+        common = dict(recorder=RECORDER, float64=float64, data=str(data), weights=str(weights), hyp=str(hyp_file),
+                      img=256, batch=8, epochs=opt.epochs, seed=opt.seed, project=str(work / "runs"))
         run(opt.yolov5_python, YOLOV5_TRAIN.format(nbs=8, out=str(work / "yolov5.json"), **common), opt.yolov5,
             "YOLOv5's train.py", config)
         run(sys.executable, OURS_TRAIN.format(root=str(ROOT), out=str(work / "ours.json"), contiguous=opt.contiguous,
-                                            **common), str(ROOT),
-            "our train.py", config)
+                                            float64_on=opt.float64, **common), str(ROOT), "our train.py", config)
         ours = json.loads((work / "ours.json").read_text())
         theirs = json.loads((work / "yolov5.json").read_text())
         print("\n".join(compare(ours, theirs)))
+        if opt.rounding_floor:
+            run(sys.executable, OURS_TRAIN.format(root=str(ROOT), out=str(work / "ours_other_layout.json"),
+                                                contiguous=not opt.contiguous, float64_on=opt.float64,
+                                                **dict(common, project=str(work / "runs_other_layout"))),
+                str(ROOT), "our train.py in the other memory layout", config)
+            other = json.loads((work / "ours_other_layout.json").read_text())
+            print("\n".join(growth_table(ours, theirs, other)))
     return 0
+
+
+def growth_table(ours: list[dict], theirs: list[dict], other: list[dict], every: int = 5) -> list[str]:
+    """Per iteration, how far ours is from YOLOv5 beside how far ours is from itself in the other memory layout
+    (the same rules, rounded differently): if the two grow alike, what parts the trainers is rounding."""
+    names = ("loss", "grads", "weights", "ema")
+    lines = ["", "iteration | " + " | ".join(f"{n}: ours vs YOLOv5 | {n}: ours vs ours, other layout" for n in names),
+             "|".join(["---"] * (1 + 2 * len(names)))]
+    for i in range(0, min(len(ours), len(theirs), len(other)), every):
+        cells = []
+        for n in names:
+            cells += [f"{rel_diff(ours[i][n], theirs[i][n])[0]:.1e}", f"{rel_diff(ours[i][n], other[i][n])[0]:.1e}"]
+        lines.append(f"{i} | " + " | ".join(cells))
+    return lines
 
 
 if __name__ == "__main__":
