@@ -893,9 +893,11 @@ class ModelEMA:
 
 # What the start-of-run line names when YOLOv5's ramp will not have reached averaging by the end of a run; the
 # figures are docs/ema_quality.md's (held-out digits, test mAP50-95 gain over the raw model, mean +/- sd over seeds).
-SHORT_RUN_ALTERNATIVE = ("measured alternatives: 'ema_tau: 200' in the hyp file (+0.0050 +/- 0.0029 test "
-                         "mAP50-95 over the raw model in a 1,125-step run, 3 seeds), or --posthoc to choose the width "
-                         "after training (+0.0087 +/- 0.0065); docs/ema_quality.md")
+SHORT_RUN_ALTERNATIVE = ("measured alternatives: --posthoc to choose the width after training (+0.033 +/- 0.005 test "
+                         "mAP50-95 over the raw model in a 1,950-step run, 3 seeds, where tau 2000 gives -0.0006), or "
+                         "'ema_tau' in the hyp file near a quarter of the planned steps (tau 500 there: +0.024 +/- "
+                         "0.007; a tau whose ramp reaches the ceiling early averages in the early, worse models: tau "
+                         "200 -0.074); docs/ema_quality.md")
 AVERAGING_TAUS = 3  # a ramp that has run for 3 tau is at 1 - exp(-3) = 95% of its ceiling: it averages
 
 
