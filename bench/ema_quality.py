@@ -85,11 +85,10 @@ VARIANTS = {
 # class loss stays at chance for thousands of steps; scale 0.2 (no digit drawn under the 8x8 source's resolution)
 # with class gain 4.0 (YOLOv5's nc / 80 scaling still applied) reads them within ~700 steps; neither alone does
 # (docs/ema_quality.md, "A recipe whose detector reads the digits").
+READS_THE_DIGITS = {"nbs": 16, "scale": 0.2, "cls": 4.0}
 REGIMES = {
-    "short": {"data": "digits.yaml", "img": 64, "batch_size": 16, "epochs": 13,  # 1,950 steps
-              "hyp": {"nbs": 16, "scale": 0.2, "cls": 4.0}},
-    "long": {"data": "digits.yaml", "img": 64, "batch_size": 16, "epochs": 70,  # 10,500 steps
-             "hyp": {"nbs": 16, "scale": 0.2, "cls": 4.0}},
+    "short": {"data": "digits.yaml", "img": 64, "batch_size": 16, "epochs": 13, "hyp": READS_THE_DIGITS},  # 1,950 steps
+    "long": {"data": "digits.yaml", "img": 64, "batch_size": 16, "epochs": 70, "hyp": READS_THE_DIGITS},  # 10,500
 }
 # fliplr: a mirrored 2, 3 or 7 is not that digit (YOLOv5 users train text without flips). ema_tau: the ramp variant
 # is YOLOv5's EMA, tau 2000 steps, whatever the hyp file says.

@@ -64,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.yolov5_checkout import provide_font, train_source_with_nbs  # noqa: E402
+
 SIDES = ("yolov5", "ours")
 MAP_COLUMN = "metrics/mAP_0.5:0.95"
 LAST_N = 50
@@ -270,18 +272,12 @@ class Bench:
                 shutil.copytree(Path(self.opt.yolov5), self.y5src, symlinks=True,
                                 ignore=shutil.ignore_patterns("runs", "*.pt", ".git", "__pycache__"))
             src = (self.y5src / "train.py").read_text()
-            line = "    nbs = 64  # nominal batch size"
-            if src.count(line) != 1:
-                raise SystemExit("yolov5_train_e2e: YOLOv5's train.py changed: no single nbs line to patch")
-            (self.y5src / script).write_text(src.replace(line, f"    nbs = {self.recipe['nbs']}  # patched by "
-                                                               f"bench/yolov5_train_e2e.py"))
-        # check_dataset downloads Arial.ttf into the config folder when absent; there is no internet here
-        self.y5config.mkdir(parents=True, exist_ok=True)
-        if not (self.y5config / "Arial.ttf").exists():
-            font = next(Path(self.opt.yolov5_python).absolute().parents[1].glob(
-                "lib/python*/site-packages/matplotlib/mpl-data/fonts/ttf/DejaVuSans.ttf"), None)
-            if font is not None:
-                (self.y5config / "Arial.ttf").write_bytes(font.read_bytes())
+            try:
+                patched = train_source_with_nbs(src, self.recipe["nbs"], "bench/yolov5_train_e2e.py")
+            except ValueError as e:
+                raise SystemExit(f"yolov5_train_e2e: {e}") from None
+            (self.y5src / script).write_text(patched)
+        provide_font(self.y5config, self.opt.yolov5_python)
         return script
 
     def folder(self, side: str, seed: int) -> Path:

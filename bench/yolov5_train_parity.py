@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from utils.data_config import find_data_yaml, resolve_dataset_root  # noqa: E402
 from utils.dataloaders import list_image_files  # noqa: E402
+from bench.yolov5_checkout import provide_font, train_source_with_nbs  # noqa: E402
 
 # The recorder, run in both interpreters: install(model class, loss class, EMA class, output file).
 RECORDER = r'''
@@ -152,13 +153,10 @@ import os, sys, types
 sys.path.insert(0, '.')
 exec({recorder!r})
 exec({float64!r})
-src = open('train.py').read()
-line = '    nbs = 64  # nominal batch size'
-assert src.count(line) == 1, 'YOLOv5 train.py changed: no nbs line to patch'
+src = {train_src!r}
 mod = types.ModuleType('train')
 mod.__file__ = os.path.abspath('train.py')
 sys.modules['train'] = mod
-src = src.replace(line, '    nbs = {nbs}  # patched by bench/yolov5_train_parity.py')
 exec(compile(src, mod.__file__, 'exec'), mod.__dict__)
 real = mod.create_dataloader
 mod.create_dataloader = lambda *a, **k: real(*a, **dict(k, shuffle=False))
@@ -296,20 +294,19 @@ def main(opt) -> int:
         hyp_file = work / "hyp.no-augmentation-nbs8.yaml"
         hyp_file.write_text(yaml.safe_dump({**hyp, "nbs": 8}))
         weights = work / "yolov5n_init.pt"
-        # YOLOv5's check_dataset downloads Arial.ttf into its config folder when absent; the CPU machine has no
-        # internet, and the font only draws plots (off here), so any TrueType font under that name will do.
         config = work / "yolov5_config"
-        config.mkdir(exist_ok=True)
-        font = next(Path(opt.yolov5_python).absolute().parents[1].glob("lib/python*/site-packages/matplotlib/mpl-data/"
-                                                                      "fonts/ttf/DejaVuSans.ttf"), None)
-        if font is not None and not (config / "Arial.ttf").exists():
-            (config / "Arial.ttf").write_bytes(font.read_bytes())
+        provide_font(config, opt.yolov5_python)
         run(opt.yolov5_python, YOLOV5_INIT.format(seed=opt.seed, out=str(weights)), opt.yolov5, "YOLOv5's init", config)
         float64 = FLOAT64 if opt.float64 else ""
         common = dict(recorder=RECORDER, float64=float64, data=str(data), weights=str(weights), hyp=str(hyp_file),
                       img=256, batch=8, epochs=opt.epochs, seed=opt.seed, project=str(work / "runs"))
-        run(opt.yolov5_python, YOLOV5_TRAIN.format(nbs=8, out=str(work / "yolov5.json"), **common), opt.yolov5,
-            "YOLOv5's train.py", config)
+        try:
+            train_src = train_source_with_nbs((Path(opt.yolov5) / "train.py").read_text(), 8,
+                                              "bench/yolov5_train_parity.py")
+        except ValueError as e:
+            sys.exit(f"yolov5_train_parity: {e}")
+        run(opt.yolov5_python, YOLOV5_TRAIN.format(train_src=train_src, out=str(work / "yolov5.json"), **common),
+            opt.yolov5, "YOLOv5's train.py", config)
         run(sys.executable, OURS_TRAIN.format(root=str(ROOT), out=str(work / "ours.json"), contiguous=opt.contiguous,
                                             float64_on=opt.float64, **common), str(ROOT), "our train.py", config)
         ours = json.loads((work / "ours.json").read_text())
